@@ -1,0 +1,44 @@
+# The two commands of the README: `make demo` and `make test`. Each creates or reuses the virtual
+# environment in .venv, installs the pinned set (constraints.txt locks every transitive version),
+# then does its job.
+PYTHON ?= python3.11
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+PYTEST_ARGS ?=
+
+.PHONY: install demo test lint lock clean
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check pip==26.3
+	$(BIN)/python -m pip install --disable-pip-version-check --progress-bar off \
+		-c constraints.txt -e '.[dev]'
+	@touch $@
+
+install: $(STAMP)
+
+## demo: start the local stack (Dagster UI, daemon, MLflow UI, …) and run the main job on the embedded default
+demo: $(STAMP)
+	$(BIN)/recsys demo
+
+## test: the whole suite, integration tests with real processes included
+test: $(STAMP)
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+lint: $(STAMP)
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+## lock: re-resolve the pinned set from pyproject.toml and rewrite constraints.txt
+lock:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet pip==26.3
+	.lock-venv/bin/python -m pip install --quiet '.[dev,production]'
+	.lock-venv/bin/python -m pip check
+	{ echo "# The full lock: every transitive version of the pinned set, for every install (pip install -c constraints.txt …)."; \
+	  echo "# Regenerate with: make lock"; \
+	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^recsys-assets'; } > constraints.txt
+	rm -rf .lock-venv
+
+clean:
+	rm -rf .recsys

@@ -1,0 +1,1 @@
+"""Assets by stage: ingestion → preparation → features → training → evaluation → registry → deployment → monitoring."""

@@ -1,0 +1,423 @@
+"""``recsys``: the project's command line.
+
+Every command resolves its settings from the environment (``recsys_assets.settings``), makes
+``RECSYS_HOME`` absolute and hands it to the processes it starts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import sys
+import time
+
+import click
+
+import recsys_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
+from recsys_assets.settings import Settings, load_settings
+from recsys_assets.stack.services import REPO_ROOT, ensure_home, init_dagster_storage, stack_services
+from recsys_assets.stack.supervisor import Stack, StackError
+
+
+def _settings(ctx: click.Context) -> Settings:
+    settings: Settings = ctx.obj
+    return settings
+
+
+@click.group()
+@click.option(
+    "--home", envvar="RECSYS_HOME", default=".recsys", show_default=True, help="Root of every embedded store."
+)
+@click.option("-v", "--verbose", is_flag=True, help="Log debug messages.")
+@click.pass_context
+def cli(ctx: click.Context, home: str, verbose: bool) -> None:
+    """A self-retraining music recommender on Dagster, MLflow and BentoML."""
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    for noisy in ("httpx", "alembic"):
+        logging.getLogger(noisy).setLevel(logging.DEBUG if verbose else logging.WARNING)
+    os.environ["RECSYS_HOME"] = home
+    settings = load_settings()
+    # Children (webserver, daemon, run workers) must resolve the very same locations.
+    os.environ.update(settings.child_env({}))
+    ctx.obj = settings
+
+
+# --- the local stack ----------------------------------------------------------------------------
+
+
+def _with_ports(settings: Settings, **ports: int | None) -> Settings:
+    overrides = {name: port for name, port in ports.items() if port is not None}
+    if not overrides:
+        return settings
+    env = settings.child_env()
+    env.update({f"RECSYS_{name.upper()}_PORT": str(port) for name, port in overrides.items()})
+    env.pop("RECSYS_SERVING_URL", None)
+    new = load_settings(env)
+    os.environ.update(new.child_env({}))
+    return new
+
+
+def start_stack(settings: Settings, *, with_mlflow: bool = True, with_prometheus: bool = True) -> Stack:
+    """Start the local stack and print where each service answers."""
+    ensure_home(settings)
+    init_dagster_storage(settings)
+    stack = Stack(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
+    specs = stack_services(settings, with_mlflow=with_mlflow, with_prometheus=with_prometheus)
+    click.echo(f"RECSYS_HOME={settings.home}")
+    click.echo("starting " + ", ".join(s.name for s in specs) + " …")
+    stack.start(specs)
+    for record in stack.records:
+        where = record.url or "(no UI)"
+        click.echo(f"  {record.name:<18} {where:<28} pid {record.pid}  log {record.log}")
+    return stack
+
+
+def wait_until_interrupted(stack: Stack) -> int:
+    """Block until Ctrl-C or SIGTERM, or until a process of the stack dies; then stop everything."""
+    stopping = {"signal": None}
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stopping["signal"] = signum
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
+    code = 0
+    last_refresh = 0.0
+    while stopping["signal"] is None:
+        time.sleep(0.5)
+        if time.monotonic() - last_refresh > 10:
+            stack.refresh_children()
+            last_refresh = time.monotonic()
+        dead = stack.exited()
+        if dead:
+            for record in dead:
+                click.echo(f"{record.name} (pid {record.pid}) exited; see {record.log}", err=True)
+            code = 1
+            break
+    click.echo("stopping the stack …")
+    stopped = stack.stop()
+    click.echo("stopped " + (", ".join(stopped) if stopped else "nothing"))
+    return code
+
+
+@cli.command()
+@click.option("--dagster-port", type=int, help="Dagster UI port [env RECSYS_DAGSTER_PORT, default 3000].")
+@click.option("--mlflow-port", type=int, help="MLflow UI port [env RECSYS_MLFLOW_PORT, default 5000].")
+@click.option("--bento-port", type=int, help="BentoML port [env RECSYS_BENTO_PORT, default 3001].")
+@click.option("--prometheus-port", type=int, help="Prometheus port [env RECSYS_PROMETHEUS_PORT, default 9090].")
+@click.option("--no-mlflow", is_flag=True, help="Do not start the MLflow UI.")
+@click.option("--no-prometheus", is_flag=True, help="Do not start Prometheus even if it is installed.")
+@click.option("--detach", is_flag=True, help="Start, print the URLs and return; stop with `recsys down`.")
+@click.pass_context
+def up(
+    ctx: click.Context,
+    dagster_port: int | None,
+    mlflow_port: int | None,
+    bento_port: int | None,
+    prometheus_port: int | None,
+    no_mlflow: bool,
+    no_prometheus: bool,
+    detach: bool,
+) -> None:
+    """Start the Dagster UI and daemon, the MLflow UI and Prometheus on 127.0.0.1."""
+    settings = _with_ports(
+        _settings(ctx), dagster=dagster_port, mlflow=mlflow_port, bento=bento_port, prometheus=prometheus_port
+    )
+    try:
+        stack = start_stack(settings, with_mlflow=not no_mlflow, with_prometheus=not no_prometheus)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if detach:
+        click.echo("running in the background: `recsys down` stops it")
+        return
+    click.echo("Ctrl-C stops everything")
+    sys.exit(wait_until_interrupted(stack))
+
+
+@cli.command()
+@click.pass_context
+def down(ctx: click.Context) -> None:
+    """Stop every process that `recsys up` started in this RECSYS_HOME."""
+    settings = _settings(ctx)
+    stack = Stack.load(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
+    stopped = stack.stop()
+    click.echo("stopped " + (", ".join(stopped) if stopped else "nothing (no stack was running)"))
+
+
+@cli.command()
+@click.pass_context
+def status(ctx: click.Context) -> None:
+    """Show the processes of the local stack."""
+    settings = _settings(ctx)
+    stack = Stack.load(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
+    if not stack.records:
+        click.echo("no stack is running")
+        return
+    running = {r.name for r in stack.running_records()}
+    for record in stack.records:
+        state = "running" if record.name in running else "exited"
+        click.echo(f"{record.name:<18} {state:<8} pid {record.pid:<8} {record.url or ''}")
+
+
+# --- data ---------------------------------------------------------------------------------------
+
+
+@cli.group()
+def data() -> None:
+    """Put listening data into the warehouse: simulate, stream, import."""
+
+
+def _warehouse(settings: Settings):
+    from recsys_assets.data.warehouse import Warehouse
+
+    return Warehouse(settings.warehouse_uri)
+
+
+def _parse_end(value: str | None):
+    from datetime import UTC, datetime
+
+    if value is None:
+        return None
+    try:
+        end = datetime.fromisoformat(value)
+    except ValueError:
+        raise click.BadParameter(f"{value!r} is not an ISO 8601 date or time", param_hint="--end") from None
+    return end if end.tzinfo else end.replace(tzinfo=UTC)
+
+
+@data.command()
+@click.option("--users", default=2000, show_default=True, type=click.IntRange(1))
+@click.option("--tracks", default=5000, show_default=True, type=click.IntRange(1))
+@click.option("--days", default=90, show_default=True, type=click.IntRange(1))
+@click.option("--seed", default=42, show_default=True, type=int)
+@click.option("--end", help="End of the history, ISO 8601 [default: today 00:00 UTC].")
+@click.option("--drift", help="A drift from --drift-at on, e.g. taste_shift=0.5,new_genre=0.3.")
+@click.option(
+    "--drift-at", default=0.7, show_default=True, type=click.FloatRange(0, 1), help="Fraction of the history."
+)
+@click.pass_context
+def simulate(
+    ctx: click.Context,
+    users: int,
+    tracks: int,
+    days: int,
+    seed: int,
+    end: str | None,
+    drift: str | None,
+    drift_at: float,
+) -> None:
+    """Write a simulated catalogue and listening history into the warehouse."""
+    from recsys_assets.data.simulation import simulate_history
+    from recsys_assets.data.simulator import Drift
+
+    settings = _settings(ctx)
+    ensure_home(settings)
+    try:
+        drift_spec = Drift.parse(drift)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--drift") from None
+    started = time.perf_counter()
+
+    def progress(done: int, expected: float) -> None:
+        rate = done / max(time.perf_counter() - started, 1e-9)
+        click.echo(f"  landed {done:>12,} events (~{min(done / max(expected, 1), 1):.0%}), {rate:,.0f} events/s")
+
+    report = simulate_history(
+        _warehouse(settings), settings.home, users=users, tracks=tracks, days=days, seed=seed,
+        end=_parse_end(end), drift=drift_spec, drift_at=drift_at, progress=progress,
+    )  # fmt: skip
+    click.echo(
+        f"simulated {report.events:,} events of {report.users:,} users over {report.tracks:,} tracks in "
+        f"{report.seconds:.1f}s ({report.events_per_second:,.0f} events/s; generation alone "
+        f"{report.events / max(report.generate_seconds, 1e-9):,.0f} events/s), {len(report.batches)} batches"
+    )
+
+
+@data.command()
+@click.option(
+    "--rate",
+    default=200.0,
+    show_default=True,
+    type=click.FloatRange(min=0, min_open=True),
+    help="Events per second.",
+)
+@click.option(
+    "--interval",
+    default=5.0,
+    show_default=True,
+    type=click.FloatRange(min=0.1),
+    help="Seconds between batches.",
+)
+@click.option("--duration", type=click.FloatRange(min=0), help="Stop after this many seconds [default: until Ctrl-C].")
+@click.option("--drift", help="Apply a drift first, e.g. taste_shift=0.6.")
+@click.pass_context
+def stream(ctx: click.Context, rate: float, interval: float, duration: float | None, drift: str | None) -> None:
+    """Keep appending new simulated events to the warehouse (for sensor demos)."""
+    from recsys_assets.data.simulation import stream as run_stream
+    from recsys_assets.data.simulator import Drift
+
+    settings = _settings(ctx)
+    stop = {"now": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
+    try:
+        drift_spec = Drift.parse(drift)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--drift") from None
+    try:
+        total = run_stream(
+            _warehouse(settings), settings.home, rate=rate, interval=interval, duration=duration, drift=drift_spec,
+            on_batch=lambda r: click.echo(f"  batch {r.batch_id}: {r.landed:,} events landed"),
+            should_stop=lambda: stop["now"],
+        )  # fmt: skip
+    except KeyboardInterrupt:
+        click.echo("stopped")
+        return
+    except FileNotFoundError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"streamed {total:,} events")
+
+
+@data.command(name="import")
+@click.argument("fmt", metavar="FORMAT", type=click.Choice(["movielens", "lastfm-1k", "listenbrainz", "csv"]))
+@click.argument("path", type=click.Path(path_type=str))
+@click.option("--map", "mapping", help="For csv: contract_column=csv_column,… (user_id, track_id, played_at required).")
+@click.option(
+    "--chunk-lines",
+    default=500_000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Lines per landed batch.",
+)
+@click.pass_context
+def import_(ctx: click.Context, fmt: str, path: str, mapping: str | None, chunk_lines: int) -> None:
+    """Import a public dataset file into the warehouse (idempotent)."""
+    from pathlib import Path
+
+    from recsys_assets.data.importers import UnreadableFileError, import_file, parse_mapping
+
+    settings = _settings(ctx)
+    ensure_home(settings)
+    try:
+        columns = parse_mapping(mapping) if fmt == "csv" else None
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--map") from None
+    if fmt != "csv" and mapping:
+        raise click.BadParameter("only the csv format takes a mapping", param_hint="--map")
+    started = time.perf_counter()
+
+    def progress(done: int, size: int, report) -> None:
+        note = " (already imported, skipped)" if report.skipped else ""
+        click.echo(f"  {done / max(size, 1):6.1%} of {size:,} bytes, batch {report.batch_id}: {report.landed:,} landed, "  # noqa: E501
+                   f"{report.quarantined:,} quarantined, {report.duplicates:,} duplicates{note}")  # fmt: skip
+
+    try:
+        report = import_file(
+            _warehouse(settings), fmt, Path(path), mapping=columns, chunk_lines=chunk_lines, progress=progress
+        )
+    except UnreadableFileError as exc:
+        raise click.ClickException(str(exc)) from exc
+    totals = report.totals
+    click.echo(
+        f"imported {path} as {fmt} in {time.perf_counter() - started:.1f}s: {totals['rows_in']:,} rows in, "
+        f"{totals['landed']:,} landed, {totals['quarantined']:,} quarantined, {totals['duplicates']:,} duplicates"
+    )
+
+
+@data.command(name="status")
+@click.pass_context
+def data_status(ctx: click.Context) -> None:
+    """Count what the warehouse holds."""
+    wh = _warehouse(_settings(ctx))
+    wh.init_schema()
+    for table in ("listening_events", "tracks", "users", "quarantine", "ingest_batches"):
+        click.echo(f"{table:<18} {wh.scalar(f'SELECT COUNT(*) FROM {table}'):>12,}")
+
+
+# --- the asset graph ----------------------------------------------------------------------------
+
+
+@cli.command()
+@click.argument("selection", required=False, default="*")
+@click.pass_context
+def materialize(ctx: click.Context, selection: str) -> None:
+    """Materialize SELECTION (Dagster selection syntax, default: everything) in this process."""
+    from recsys_assets.runner import materialize_selection
+
+    settings = _settings(ctx)
+    ensure_home(settings)
+    try:
+        result = materialize_selection(selection)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not result.success:
+        raise click.ClickException(f"the run {result.run_id} failed; see the Dagster UI or the log above")
+    click.echo(f"run {result.run_id} succeeded")
+
+
+@cli.command()
+@click.option("--detach", is_flag=True, help="Leave the stack running and return.")
+@click.option(
+    "--users",
+    default=1000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Simulated users, if the warehouse is empty.",
+)
+@click.option(
+    "--tracks",
+    default=4000,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Simulated tracks, if the warehouse is empty.",
+)
+@click.option(
+    "--days",
+    default=60,
+    show_default=True,
+    type=click.IntRange(1),
+    help="Days of simulated history, if the warehouse is empty.",
+)
+@click.pass_context
+def demo(ctx: click.Context, detach: bool, users: int, tracks: int, days: int) -> None:
+    """Start the local stack and run the main job on the embedded default.
+
+    An empty warehouse is first filled by the simulator.
+    """
+    from recsys_assets.data.simulation import simulate_history
+    from recsys_assets.runner import materialize_selection
+
+    settings = _settings(ctx)
+    try:
+        stack = start_stack(settings)
+    except StackError as exc:
+        raise click.ClickException(str(exc)) from exc
+    try:
+        warehouse = _warehouse(settings)
+        warehouse.init_schema()
+        if not warehouse.scalar("SELECT COUNT(*) FROM listening_events"):
+            click.echo(f"the warehouse is empty: simulating {days} days of {users:,} users over {tracks:,} tracks …")
+            report = simulate_history(warehouse, settings.home, users=users, tracks=tracks, days=days, seed=42)
+            click.echo(f"  {report.events:,} events landed in {report.seconds:.1f}s")
+        click.echo("materializing the asset graph …")
+        result = materialize_selection("*")
+    except BaseException:
+        stack.stop()
+        raise
+    click.echo(f"main job: run {result.run_id} {'succeeded' if result.success else 'FAILED'}")
+    click.echo(
+        f"open {settings.url('dagster')} (assets, runs, checks) and {settings.url('mlflow')} (experiments, models)"
+    )
+    if detach:
+        click.echo("running in the background: `recsys down` stops it")
+        return
+    click.echo("Ctrl-C stops everything")
+    sys.exit(wait_until_interrupted(stack) or (0 if result.success else 1))
+
+
+def main() -> None:
+    cli(prog_name="recsys")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,19 @@
+"""Group names, asset keys shared across modules, and the platform's default thresholds."""
+
+from __future__ import annotations
+
+# Asset groups, lowercase, one per stage of the pipeline.
+INGESTION = "ingestion"
+PREPARATION = "preparation"
+FEATURES = "features"
+TRAINING = "training"
+EVALUATION = "evaluation"
+DEPLOYMENT = "deployment"
+MONITORING = "monitoring"
+
+# Prepared datasets (directories or files under $RECSYS_HOME/prepared).
+RAW_EVENTS_DATASET = "listening_events"
+CLEAN_EVENTS_DATASET = "clean_listening_events"
+
+# Rows per extracted Parquet file: bounds the memory of one extraction step.
+EXTRACT_ROWS_PER_FILE = 2_000_000

@@ -1,0 +1,188 @@
+"""Cleaning and normalisation of landed listening events (pure polars, no Dagster).
+
+:func:`clean_events` takes a batch of landed events and the catalogue, and splits it into
+
+- clean events: de-duplicated by ``event_id``, ids stripped, ``event_type`` lower-cased, timestamps
+  in UTC, ``ms_played`` clipped to the track's duration, enriched with the catalogue (artist, genre,
+  duration), flagged ``known_user`` / ``known_track`` (events of users or tracks that the catalogue
+  does not know yet are kept: the catalogue often lags the event stream), and ``suspected_bot`` for
+  users with implausible play rates;
+- quarantined rows, each with the first contract rule it breaks, naming the field and the value;
+- a count of duplicates per batch.
+
+So that ``rows in = clean + quarantined + duplicates`` holds for every batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+
+import polars as pl
+
+from recsys_assets.data.contracts import EVENT_TYPES, QUARANTINE_SCHEMA, SOURCES
+
+EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+
+CLEAN_EXTRA_SCHEMA: dict[str, pl.DataType] = {
+    "genre": pl.String(),
+    "completion": pl.Float64(),
+    "ms_clipped": pl.Boolean(),
+    "known_user": pl.Boolean(),
+    "known_track": pl.Boolean(),
+    "suspected_bot": pl.Boolean(),
+}
+
+
+@dataclass(frozen=True)
+class CleaningRules:
+    """Thresholds of the cleaning rules (documented in the README).
+
+    Args:
+        max_ms_played: longer plays are absurd (a day by default).
+        future_tolerance: how far in the future a ``played_at`` may be (clock skew).
+        bot_plays_per_hour: a user with more plays or skips in one clock hour is flagged as a
+            suspected bot (a play every 20 s for an hour); their events are kept but excluded from
+            training.
+    """
+
+    max_ms_played: int = 24 * 3600 * 1000
+    future_tolerance: timedelta = timedelta(minutes=10)
+    bot_plays_per_hour: int = 180
+
+
+@dataclass(frozen=True)
+class CleanResult:
+    clean: pl.DataFrame
+    quarantined: pl.DataFrame  # QUARANTINE_SCHEMA
+    duplicates: pl.DataFrame  # batch_id, duplicates
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "clean": self.clean.height,
+            "quarantined": self.quarantined.height,
+            "duplicates": int(self.duplicates["duplicates"].sum()) if self.duplicates.height else 0,
+        }
+
+
+def _shown(col: str, limit: int = 80) -> pl.Expr:
+    text = pl.col(col).cast(pl.String).fill_null("null")
+    return pl.when(text.str.len_chars() > limit).then(text.str.slice(0, limit) + "…").otherwise(text)
+
+
+def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
+    """The first contract rule each row breaks (null when it breaks none)."""
+    checks = [
+        (pl.col("event_id").is_null() | (pl.col("event_id") == ""), pl.lit("event_id is empty")),
+        (pl.col("user_id").is_null() | (pl.col("user_id") == ""), pl.lit("user_id is empty")),
+        (pl.col("track_id").is_null() | (pl.col("track_id") == ""), pl.lit("track_id is empty")),
+        (
+            pl.col("event_type").is_null() | ~pl.col("event_type").is_in(EVENT_TYPES),
+            pl.format(f"event_type={{}}: not one of {', '.join(EVENT_TYPES)}", _shown("event_type")),
+        ),
+        (
+            pl.col("source").is_not_null() & ~pl.col("source").is_in(SOURCES),
+            pl.format(f"source={{}}: not one of {', '.join(SOURCES)}", _shown("source")),
+        ),
+        (pl.col("played_at").is_null(), pl.lit("played_at is empty")),
+        (pl.col("played_at") < EARLIEST, pl.format("played_at={}: before 2000-01-01", _shown("played_at"))),
+        (
+            pl.col("played_at") > now + rules.future_tolerance,
+            pl.format(f"played_at={{}}: in the future (now is {now:%Y-%m-%dT%H:%M:%SZ})", _shown("played_at")),
+        ),
+        (pl.col("ms_played") < 0, pl.format("ms_played={}: negative", _shown("ms_played"))),
+        (
+            pl.col("ms_played") > rules.max_ms_played,
+            pl.format(f"ms_played={{}}: absurd (more than {rules.max_ms_played:,} ms)", _shown("ms_played")),
+        ),
+        (
+            pl.col("track_duration_ms") <= 0,
+            pl.format("track_duration_ms={}: not positive", _shown("track_duration_ms")),
+        ),
+    ]
+    return pl.coalesce([pl.when(failed).then(message) for failed, message in checks])
+
+
+def clean_events(
+    raw: pl.DataFrame,
+    tracks: pl.DataFrame,
+    users: pl.DataFrame,
+    *,
+    now: datetime,
+    origin: str,
+    rules: CleaningRules | None = None,
+) -> CleanResult:
+    """Clean one set of landed events; see the module docstring.
+
+    Args:
+        raw: landed events (``RAW_EVENTS_SCHEMA``, with ``batch_id``).
+        tracks: the ``tracks`` catalogue.
+        users: the ``users`` catalogue.
+        now: the reference time of the "in the future" rule.
+        origin: recorded on quarantined rows (the raw file they came from).
+        rules: thresholds.
+    """
+    rules = rules or CleaningRules()
+    normalised = raw.with_columns(
+        pl.col("event_id", "user_id", "track_id", "artist_id").str.strip_chars(),
+        pl.col("event_type").str.strip_chars().str.to_lowercase(),
+        pl.col("source").str.strip_chars().str.to_lowercase().fill_null("organic"),
+        pl.col("played_at").dt.convert_time_zone("UTC"),
+    )
+    deduped = normalised.unique("event_id", keep="first", maintain_order=True)
+    duplicates = (
+        normalised.group_by("batch_id")
+        .len("rows")
+        .join(deduped.group_by("batch_id").len("kept"), on="batch_id", how="left")
+        .select("batch_id", (pl.col("rows") - pl.col("kept").fill_null(0)).alias("duplicates"))
+        .filter(pl.col("duplicates") > 0)
+    )
+    checked = deduped.with_columns(violation_reason(now, rules).alias("_reason"))
+    bad = checked.filter(pl.col("_reason").is_not_null())
+    quarantined = bad.select(
+        pl.col("batch_id"),
+        pl.lit("cleaning").alias("stage"),
+        pl.lit(origin).alias("origin"),
+        pl.lit(None, pl.Int64).alias("line_number"),
+        pl.col("event_id"),
+        pl.col("_reason").alias("reason"),
+        pl.struct(pl.all().exclude("_reason", "ingested_at", "batch_id")).struct.json_encode().alias("original"),
+    ).cast(QUARANTINE_SCHEMA)
+
+    good = checked.filter(pl.col("_reason").is_null()).drop("_reason")
+    catalogue = tracks.select(
+        "track_id",
+        pl.col("artist_id").alias("_cat_artist"),
+        pl.col("genre"),
+        pl.col("duration_ms").alias("_cat_duration"),
+    )
+    enriched = (
+        good.join(catalogue, on="track_id", how="left")
+        .with_columns(
+            pl.col("_cat_duration").is_not_null().or_(pl.col("_cat_artist").is_not_null()).alias("known_track"),
+            pl.col("user_id").is_in(users["user_id"].implode()).alias("known_user"),
+            pl.coalesce("artist_id", "_cat_artist").alias("artist_id"),
+            pl.coalesce("track_duration_ms", "_cat_duration").alias("track_duration_ms"),
+            pl.col("genre").fill_null("unknown"),
+        )
+        .with_columns(
+            (pl.col("ms_played") > pl.col("track_duration_ms")).fill_null(False).alias("ms_clipped"),
+            pl.when(pl.col("ms_played") > pl.col("track_duration_ms"))
+            .then(pl.col("track_duration_ms"))
+            .otherwise(pl.col("ms_played"))
+            .alias("ms_played"),
+        )
+        .with_columns((pl.col("ms_played") / pl.col("track_duration_ms")).alias("completion"))
+        .drop("_cat_artist", "_cat_duration")
+    )
+    listening = pl.col("event_type").is_in(("play", "skip"))
+    bots = (
+        enriched.filter(listening)
+        .group_by("user_id", pl.col("played_at").dt.truncate("1h"))
+        .len()
+        .filter(pl.col("len") > rules.bot_plays_per_hour)
+        .select("user_id")
+        .unique()
+    )
+    clean = enriched.with_columns(pl.col("user_id").is_in(bots["user_id"].implode()).alias("suspected_bot"))
+    return CleanResult(clean=clean, quarantined=quarantined, duplicates=duplicates)

@@ -1,0 +1,145 @@
+"""Features and training interactions from clean listening events (pure polars, lazy).
+
+Every function takes and returns a ``LazyFrame``, so the whole history is scanned from Parquet with
+polars' streaming engine and memory stays bounded as events grow.
+"""
+
+from __future__ import annotations
+
+import re
+
+import polars as pl
+
+from recsys_assets.data.contracts import POSITIVE_EVENT_TYPES
+
+MAX_GENRES = 24
+GENRE_PREFIX = "genre_share__"
+
+# Weights of the positives: a completed play counts by how much was heard, a like counts double.
+LIKE_WEIGHT = 2.0
+
+
+def genre_column(genre: str) -> str:
+    """A column name for a genre's share (``hip-hop`` → ``genre_share__hip_hop``)."""
+    return GENRE_PREFIX + (re.sub(r"[^0-9a-z]+", "_", genre.lower()).strip("_") or "unknown")
+
+
+def top_genres(clean: pl.LazyFrame, limit: int = MAX_GENRES) -> list[str]:
+    """The ``limit`` most played genres, most played first (ties by name)."""
+    counts = (
+        clean.filter(pl.col("event_type") == "play")
+        .group_by("genre")
+        .len()
+        .sort(["len", "genre"], descending=[True, False])
+        .head(limit)
+        .collect(engine="streaming")
+    )
+    return counts["genre"].to_list()
+
+
+def user_features(clean: pl.LazyFrame, genres: list[str]) -> pl.LazyFrame:
+    """One row per user: activity, skip rate, completion, recency and genre shares.
+
+    Args:
+        clean: clean listening events.
+        genres: the genres that get a share column (see :func:`top_genres`); the rest count as
+            ``genre_share__other``.
+    """
+    reference = clean.select(pl.col("played_at").max()).collect(engine="streaming").item()
+    play = pl.col("event_type") == "play"
+    skip = pl.col("event_type") == "skip"
+    listens = play | skip
+    shares = [
+        ((pl.col("genre") == g) & play).sum().truediv(play.sum().clip(lower_bound=1)).alias(genre_column(g))
+        for g in genres
+    ]
+    other = (
+        (~pl.col("genre").is_in(genres) & play)
+        .sum()
+        .truediv(play.sum().clip(lower_bound=1))
+        .alias(GENRE_PREFIX + "other")
+    )
+    return (
+        clean.group_by("user_id")
+        .agg(
+            play.sum().alias("plays"),
+            skip.sum().alias("skips"),
+            (pl.col("event_type") == "like").sum().alias("likes"),
+            (pl.col("event_type") == "dislike").sum().alias("dislikes"),
+            (skip.sum() / listens.sum().clip(lower_bound=1)).alias("skip_rate"),
+            pl.col("completion").filter(listens).mean().alias("completion_mean"),
+            pl.col("track_id").filter(play).n_unique().alias("distinct_tracks"),
+            pl.col("played_at").dt.date().n_unique().alias("active_days"),
+            pl.col("played_at").min().alias("first_played_at"),
+            pl.col("played_at").max().alias("last_played_at"),
+            pl.col("suspected_bot").any().alias("suspected_bot"),
+            *shares,
+            other,
+        )
+        .with_columns(
+            ((pl.lit(reference) - pl.col("last_played_at")).dt.total_seconds() / 86400.0).alias("recency_days"),
+            (pl.col("plays") / pl.col("active_days").clip(lower_bound=1)).alias("plays_per_active_day"),
+        )
+        .sort("user_id")
+    )
+
+
+def track_features(clean: pl.LazyFrame) -> pl.LazyFrame:
+    """One row per track: plays, listeners, skip rate, completion, popularity; and its artist's."""
+    play = pl.col("event_type") == "play"
+    skip = pl.col("event_type") == "skip"
+    tracks = clean.group_by("track_id").agg(
+        pl.col("artist_id").drop_nulls().first().alias("artist_id"),
+        pl.col("genre").drop_nulls().first().alias("genre"),
+        play.sum().alias("plays"),
+        skip.sum().alias("skips"),
+        (pl.col("event_type") == "like").sum().alias("likes"),
+        pl.col("user_id").filter(play).n_unique().alias("listeners"),
+        (skip.sum() / (play | skip).sum().clip(lower_bound=1)).alias("skip_rate"),
+        pl.col("completion").filter(play | skip).mean().alias("completion_mean"),
+        pl.col("played_at").max().alias("last_played_at"),
+        pl.col("known_track").all().alias("known_track"),
+    )
+    artists = (
+        clean.filter(pl.col("artist_id").is_not_null())
+        .group_by("artist_id")
+        .agg(
+            play.sum().alias("artist_plays"),
+            pl.col("user_id").filter(play).n_unique().alias("artist_listeners"),
+        )
+    )
+    return (
+        tracks.join(artists, on="artist_id", how="left")
+        .with_columns(
+            # Popularity: the share of plays, and its percentile rank among tracks (0 = least played).
+            (pl.col("plays") / pl.col("plays").sum().clip(lower_bound=1)).alias("popularity"),
+            ((pl.col("plays").rank("average") - 1) / (pl.len() - 1).clip(lower_bound=1)).alias("popularity_rank"),
+        )
+        .sort("track_id")
+    )
+
+
+def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
+    """Positive interactions, one per (user, track, instant), with weights.
+
+    Positives are non-skip plays and likes of users not flagged as bots. A play weighs its
+    completion (1 when unknown), a like :data:`LIKE_WEIGHT`; a play and a like of the same track at
+    the same instant (MovieLens ratings) make one interaction with the summed weight.
+    """
+    weight = (
+        pl.when(pl.col("event_type") == "like")
+        .then(LIKE_WEIGHT)
+        .otherwise(pl.col("completion").fill_null(1.0).clip(0.0, 1.0))
+    )
+    return (
+        clean.filter(pl.col("event_type").is_in(POSITIVE_EVENT_TYPES) & ~pl.col("suspected_bot"))
+        .with_columns(weight.alias("weight"))
+        .group_by("user_id", "track_id", "played_at")
+        .agg(
+            pl.col("artist_id").drop_nulls().first(),
+            pl.col("genre").first(),
+            pl.col("weight").sum(),
+            (pl.col("event_type") == "like").any().alias("liked"),
+        )
+        .sort("played_at", "user_id", "track_id")
+    )

@@ -1,0 +1,21 @@
+"""The code location: the one place where ``dg.Definitions`` is built."""
+
+from __future__ import annotations
+
+import dagster as dg
+
+import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from recsys_assets import checks
+from recsys_assets.assets import features, ingestion, preparation
+from recsys_assets.resources import build_resources
+from recsys_assets.settings import load_settings
+
+defs = dg.Definitions(
+    assets=[
+        ingestion.warehouse_listening_events,
+        ingestion.warehouse_catalog,
+        *dg.load_assets_from_modules([ingestion, preparation, features]),
+    ],
+    asset_checks=dg.load_asset_checks_from_modules([checks]),
+    resources=build_resources(load_settings()),
+)

@@ -1,0 +1,54 @@
+"""Helpers that turn polars frames into Dagster metadata the UI shows well."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+import dagster as dg
+import polars as pl
+
+
+def markdown_table(df: pl.DataFrame, limit: int = 10, float_digits: int = 4) -> dg.MarkdownMetadataValue:
+    """The first ``limit`` rows of ``df`` as a Markdown table."""
+    head = df.head(limit)
+    if head.width == 0:
+        return dg.MetadataValue.md("(no columns)")
+    cells = [[_cell(v, float_digits) for v in row] for row in head.iter_rows()]
+    lines = ["| " + " | ".join(head.columns) + " |", "|" + "---|" * head.width]
+    lines += ["| " + " | ".join(row) + " |" for row in cells]
+    if df.height > limit:
+        lines.append(f"\n… {df.height - limit:,} more rows")
+    if df.height == 0:
+        lines.append("\n(no rows)")
+    return dg.MetadataValue.md("\n".join(lines))
+
+
+def _cell(value: Any, float_digits: int) -> str:
+    if value is None:
+        return "∅"
+    if isinstance(value, float):
+        return f"{value:.{float_digits}g}"
+    if isinstance(value, datetime):
+        return value.strftime("%Y-%m-%d %H:%M:%S")
+    return str(value).replace("|", "\\|").replace("\n", " ")[:80]
+
+
+def counts_table(counts: Mapping[str, int], key: str = "reason", value: str = "rows") -> dg.MarkdownMetadataValue:
+    df = pl.DataFrame({key: list(counts), value: list(counts.values())}, schema={key: pl.String, value: pl.Int64})
+    return markdown_table(df.sort(value, descending=True), limit=50)
+
+
+def time_range(df: pl.DataFrame | pl.LazyFrame, column: str = "played_at") -> dict[str, dg.MetadataValue]:
+    bounds = df.lazy().select(pl.col(column).min().alias("first"), pl.col(column).max().alias("last")).collect()
+    first, last = bounds.row(0)
+    return {
+        "first_played_at": dg.MetadataValue.text(str(first) if first else "∅"),
+        "last_played_at": dg.MetadataValue.text(str(last) if last else "∅"),
+    }
+
+
+def reason_category() -> pl.Expr:
+    """A quarantine reason without its values: ``ms_played=-5: negative`` → ``ms_played: negative``."""
+    return pl.col("reason").str.replace(r"=.*?: ", ": ").str.replace_all(r"\d[\d,]*", "N")

@@ -1,0 +1,62 @@
+"""Dagster resources: thin, frozen handles on the platform's stores.
+
+Each resource is configured from environment variables through ``dg.EnvVar`` when they are set, and
+otherwise from :func:`recsys_assets.settings.load_settings`'s embedded defaults, so the code location
+works on a bare machine. A resource hands out a plain client (``get_…()``) that the library modules
+use; they never see Dagster.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import dagster as dg
+from pydantic import Field
+
+from recsys_assets.data.store import PreparedStore
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.settings import Settings
+
+
+class WarehouseResource(dg.ConfigurableResource):
+    """The warehouse the pipeline extracts from: DuckDB file or PostgreSQL, by URI."""
+
+    uri: str = Field(description="duckdb:///abs/path.duckdb or postgresql://user:pass@host/db")
+    lock_timeout_seconds: float = Field(default=120.0, description="How long to wait for a locked DuckDB file.")
+
+    def get_warehouse(self) -> Warehouse:
+        return Warehouse(self.uri, lock_timeout=self.lock_timeout_seconds)
+
+
+class PreparedDataResource(dg.ConfigurableResource):
+    """Where prepared Parquet datasets live (``$RECSYS_HOME/prepared`` by default)."""
+
+    root: str = Field(description="Directory of the prepared datasets.")
+
+    def get_store(self) -> PreparedStore:
+        return PreparedStore(Path(self.root))
+
+
+class RecsysHomeResource(dg.ConfigurableResource):
+    """The root of the embedded stores, for reports and other files the UI links to."""
+
+    home: str = Field(description="RECSYS_HOME")
+
+    @property
+    def path(self) -> Path:
+        return Path(self.home)
+
+
+def _env_or(name: str, default: str) -> str | dg.EnvVar:
+    """``dg.EnvVar(name)`` when the variable is set (the UI then shows where a value came from)."""
+    return dg.EnvVar(name) if os.environ.get(name) else default
+
+
+def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
+    """The resources of the code location, for ``settings``."""
+    return {
+        "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
+        "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
+        "recsys_home": RecsysHomeResource(home=_env_or("RECSYS_HOME", str(settings.home))),
+    }

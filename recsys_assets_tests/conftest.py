@@ -1,0 +1,35 @@
+"""Shared fixtures: every test runs against its own RECSYS_HOME in a temporary directory."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+import recsys_assets  # noqa: F401  (the one place TF_USE_LEGACY_KERAS is set, before any TensorFlow import)
+from recsys_assets.settings import Settings, load_settings
+from recsys_assets.stack.services import ensure_home
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def recsys_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """A fresh RECSYS_HOME, created as `recsys` creates it, exported to the environment."""
+    for name in list(os.environ):
+        if name.startswith("RECSYS_") or name in (
+            "DAGSTER_HOME",
+            "MLFLOW_TRACKING_URI",
+            "PROMETHEUS_URL",
+            "BENTOML_HOME",
+        ):
+            monkeypatch.delenv(name)
+    monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    settings = load_settings()
+    for name, value in settings.child_env({}).items():
+        monkeypatch.setenv(name, value)
+    ensure_home(settings)
+    return settings

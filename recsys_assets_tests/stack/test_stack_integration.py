@@ -1,0 +1,105 @@
+"""`recsys up` starts the real Dagster webserver, daemon and MLflow server, and Ctrl-C stops them all."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+
+import httpx
+import psutil
+import pytest
+
+from recsys_assets.stack.supervisor import free_port
+from recsys_assets_tests.conftest import BIN
+from recsys_assets_tests.test_definitions import EXPECTED_ASSETS
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+DAEMONS_QUERY = "{ instance { daemonHealth { allDaemonStatuses { daemonType healthy required } } } }"
+ASSETS_QUERY = "{ assetNodes { assetKey { path } } }"
+
+
+def _graphql(url: str, query: str) -> dict:
+    response = httpx.post(f"{url}/graphql", json={"query": query}, timeout=10)
+    response.raise_for_status()
+    return response.json()["data"]
+
+
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"recsys up exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+        if predicate():
+            return
+        time.sleep(0.5)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> None:
+    ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}
+    dagster_url = f"http://127.0.0.1:{ports['dagster']}"
+    mlflow_url = f"http://127.0.0.1:{ports['mlflow']}"
+    proc = subprocess.Popen(
+        [
+            str(BIN / "recsys"),
+            "up",
+            "--no-prometheus",
+            *[f"--{name}-port={port}" for name, port in ports.items()],
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    state_file = recsys_env.run_dir / "stack.json"
+    try:
+        _wait_for(state_file.exists, 60, "the state file", proc)
+
+        def server_info() -> bool:
+            try:
+                return httpx.get(f"{dagster_url}/server_info", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(server_info, 120, "/server_info", proc)
+
+        def daemons_healthy() -> bool:
+            statuses = _graphql(dagster_url, DAEMONS_QUERY)["instance"]["daemonHealth"]["allDaemonStatuses"]
+            return bool(statuses) and all(s["healthy"] for s in statuses if s["required"])
+
+        _wait_for(daemons_healthy, 120, "healthy daemons", proc)
+        statuses = _graphql(dagster_url, DAEMONS_QUERY)["instance"]["daemonHealth"]["allDaemonStatuses"]
+        required = {s["daemonType"] for s in statuses if s["required"]}
+        assert {"SENSOR", "SCHEDULER", "QUEUED_RUN_COORDINATOR"} <= required
+
+        catalogue = {"/".join(n["assetKey"]["path"]) for n in _graphql(dagster_url, ASSETS_QUERY)["assetNodes"]}
+        assert catalogue >= EXPECTED_ASSETS
+
+        def mlflow_ui() -> bool:
+            try:
+                return httpx.get(f"{mlflow_url}/health", timeout=2).status_code == 200
+            except httpx.HTTPError:
+                return False
+
+        _wait_for(mlflow_ui, 60, "the MLflow server", proc)
+        page = httpx.get(mlflow_url, timeout=10)
+        assert page.status_code == 200
+        assert "<title>MLflow</title>" in page.text
+
+        records = json.loads(state_file.read_text())
+        assert {r["name"] for r in records} == {"dagster-webserver", "dagster-daemon", "mlflow"}
+        started = {r["pid"] for r in records}
+        for record in records:
+            started |= {c.pid for c in psutil.Process(record["pid"]).children(recursive=True)}
+        assert len(started) > 3  # the code servers and web workers are children
+    finally:
+        proc.send_signal(signal.SIGINT)
+        output, _ = proc.communicate(timeout=90)
+
+    assert proc.returncode == 0, output
+    assert "stopped mlflow, dagster-daemon, dagster-webserver" in output
+    alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+    assert not state_file.exists()

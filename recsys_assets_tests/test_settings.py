@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from recsys_assets.settings import load_settings
+
+
+def test_defaults_root_everything_in_recsys_home(tmp_path: Path) -> None:
+    settings = load_settings({"RECSYS_HOME": str(tmp_path)})
+    assert settings.home == tmp_path
+    assert settings.dagster_home == tmp_path / "dagster"
+    assert settings.warehouse_uri == f"duckdb:///{tmp_path / 'warehouse.duckdb'}"
+    assert settings.mlflow_tracking_uri == f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}"
+    assert dict(settings.ports) == {"dagster": 3000, "bento": 3001, "mlflow": 5000, "prometheus": 9090}
+    assert settings.serving_url == "http://127.0.0.1:3001"
+    assert settings.environment == "embedded"
+
+
+def test_relative_home_is_made_absolute() -> None:
+    settings = load_settings({"RECSYS_HOME": "some/dir"})
+    assert settings.home.is_absolute()
+    assert settings.home.parts[-2:] == ("some", "dir")
+
+
+def test_a_postgres_warehouse_means_production() -> None:
+    settings = load_settings({"RECSYS_HOME": "/x", "RECSYS_WAREHOUSE_URI": "postgresql://u:p@db/recsys"})
+    assert settings.environment == "production"
+
+
+def test_ports_override_and_follow_through_to_the_serving_url() -> None:
+    settings = load_settings({"RECSYS_HOME": "/x", "RECSYS_BENTO_PORT": "4001"})
+    assert settings.ports["bento"] == 4001
+    assert settings.serving_url == "http://127.0.0.1:4001"
+
+
+@pytest.mark.parametrize(("value", "message"), [("abc", "'abc' is not a port number"), ("70000", "outside 1..65535")])
+def test_bad_ports_name_the_variable_and_the_value(value: str, message: str) -> None:
+    with pytest.raises(ValueError, match="RECSYS_DAGSTER_PORT") as err:
+        load_settings({"RECSYS_HOME": "/x", "RECSYS_DAGSTER_PORT": value})
+    assert message in str(err.value)
+
+
+def test_child_env_reproduces_the_settings(tmp_path: Path) -> None:
+    settings = load_settings({"RECSYS_HOME": str(tmp_path), "RECSYS_MLFLOW_PORT": "5050"})
+    assert load_settings(settings.child_env({})) == settings
+    assert settings.child_env({})["TF_USE_LEGACY_KERAS"] == "1"

@@ -1,0 +1,1 @@
+"""The BentoML recommendation service. Imports nothing from Dagster."""
