@@ -72,6 +72,7 @@ def _shown(col: str, limit: int = 80) -> pl.Expr:
 
 def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
     """The first contract rule each row breaks (null when it breaks none)."""
+    played_at = pl.col("played_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
     checks = [
         (pl.col("event_id").is_null() | (pl.col("event_id") == ""), pl.lit("event_id is empty")),
         (pl.col("user_id").is_null() | (pl.col("user_id") == ""), pl.lit("user_id is empty")),
@@ -85,10 +86,10 @@ def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
             pl.format(f"source={{}}: not one of {', '.join(SOURCES)}", _shown("source")),
         ),
         (pl.col("played_at").is_null(), pl.lit("played_at is empty")),
-        (pl.col("played_at") < EARLIEST, pl.format("played_at={}: before 2000-01-01", _shown("played_at"))),
+        (pl.col("played_at") < EARLIEST, pl.format("played_at={}: before 2000-01-01", played_at)),
         (
             pl.col("played_at") > now + rules.future_tolerance,
-            pl.format(f"played_at={{}}: in the future (now is {now:%Y-%m-%dT%H:%M:%SZ})", _shown("played_at")),
+            pl.format(f"played_at={{}}: in the future (now is {now:%Y-%m-%dT%H:%M:%SZ})", played_at),
         ),
         (pl.col("ms_played") < 0, pl.format("ms_played={}: negative", _shown("ms_played"))),
         (
