@@ -125,7 +125,7 @@ def test_a_header_only_file_is_an_error(warehouse: Warehouse, tmp_path: Path) ->
 
 
 def test_a_missing_file_is_named(warehouse: Warehouse, tmp_path: Path) -> None:
-    with pytest.raises(UnreadableFileError, match="nope.csv: no such file"):
+    with pytest.raises(UnreadableFileError, match=r"nope\.csv: no such file"):
         import_file(warehouse, "movielens", tmp_path / "nope.csv")
 
 
@@ -216,8 +216,10 @@ def test_lastfm_1k_log(warehouse: Warehouse, tmp_path: Path) -> None:
     path = write(
         tmp_path,
         "userid-timestamp-artid-artname-traid-traname.tsv",
-        "user_000001\t2009-05-04T23:08:57Z\tf1b1cf71-bd35-4e99-8624-24a6e15f133a\tDeep Dish\t\tFuck Me Im Famous (Pacha Ibiza)-09-28-2007\n"
-        "user_000001\t2009-05-04T13:54:10Z\ta7f7df4a-77d8-4f12-8acd-5c60c93f4de8\t坂本龍一\tf7c1f8f8-b935-45ed-8fc8-7def69d92a10\tThe Last Emperor (Theme)\n"
+        "user_000001\t2009-05-04T23:08:57Z\tf1b1cf71-bd35-4e99-8624-24a6e15f133a\tDeep Dish\t\t"
+        "Fuck Me Im Famous (Pacha Ibiza)-09-28-2007\n"
+        "user_000001\t2009-05-04T13:54:10Z\ta7f7df4a-77d8-4f12-8acd-5c60c93f4de8\t坂本龍一\t"
+        "f7c1f8f8-b935-45ed-8fc8-7def69d92a10\tThe Last Emperor (Theme)\n"
         "user_000002\tnot-a-time\t\tX\t\tY\n",
     )
     report = import_file(warehouse, "lastfm-1k", path)
@@ -233,7 +235,9 @@ def test_lastfm_1k_log(warehouse: Warehouse, tmp_path: Path) -> None:
 def test_listenbrainz_json_lines(warehouse: Warehouse, tmp_path: Path) -> None:
     listens = [
         {"user_name": "rob", "listened_at": 1600000000, "recording_msid": "m1",
-         "track_metadata": {"artist_name": "A", "track_name": "T", "additional_info": {"recording_mbid": "r1", "duration_ms": 200000, "artist_mbids": ["a1"]}}},
+         "track_metadata": {"artist_name": "A", "track_name": "T",
+                            "additional_info": {"recording_mbid": "r1", "duration_ms": 200000,
+                                                "artist_mbids": ["a1"]}}},
         {"user_name": "rob", "listened_at": 1600000300, "track_metadata": {"artist_name": "A", "track_name": "U"}},
         {"listened_at": 1600000600, "track_metadata": {"artist_name": "A", "track_name": "U"}},
     ]  # fmt: skip
