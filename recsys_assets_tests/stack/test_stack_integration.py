@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
+import threading
 import time
 
 import httpx
@@ -27,11 +28,11 @@ def _graphql(url: str, query: str) -> dict:
     return response.json()["data"]
 
 
-def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen) -> None:
+def _wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen, output: list[str]) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise AssertionError(f"recsys up exited ({proc.returncode}) before {what}:\n{proc.stdout.read()}")
+            raise AssertionError(f"recsys up exited ({proc.returncode}) before {what}:\n{''.join(output)}")
         if predicate():
             return
         time.sleep(0.5)
@@ -53,9 +54,15 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
         stderr=subprocess.STDOUT,
         text=True,
     )
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
     state_file = recsys_env.run_dir / "stack.json"
     try:
-        _wait_for(state_file.exists, 60, "the state file", proc)
+        # `recsys up` is up when it has printed its URLs and waits for Ctrl-C.
+        _wait_for(lambda: any("Ctrl-C stops everything" in line for line in output), 240, "the URLs", proc, output)
+        assert any(f"{dagster_url}" in line for line in output)
+        assert any(f"{mlflow_url}" in line for line in output)
 
         def server_info() -> bool:
             try:
@@ -63,13 +70,13 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
             except httpx.HTTPError:
                 return False
 
-        _wait_for(server_info, 120, "/server_info", proc)
+        _wait_for(server_info, 10, "/server_info", proc, output)
 
         def daemons_healthy() -> bool:
             statuses = _graphql(dagster_url, DAEMONS_QUERY)["instance"]["daemonHealth"]["allDaemonStatuses"]
             return bool(statuses) and all(s["healthy"] for s in statuses if s["required"])
 
-        _wait_for(daemons_healthy, 120, "healthy daemons", proc)
+        _wait_for(daemons_healthy, 10, "healthy daemons", proc, output)
         statuses = _graphql(dagster_url, DAEMONS_QUERY)["instance"]["daemonHealth"]["allDaemonStatuses"]
         required = {s["daemonType"] for s in statuses if s["required"]}
         assert {"SENSOR", "SCHEDULER", "QUEUED_RUN_COORDINATOR"} <= required
@@ -83,7 +90,7 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
             except httpx.HTTPError:
                 return False
 
-        _wait_for(mlflow_ui, 60, "the MLflow server", proc)
+        _wait_for(mlflow_ui, 10, "the MLflow server", proc, output)
         page = httpx.get(mlflow_url, timeout=10)
         assert page.status_code == 200
         assert "<title>MLflow</title>" in page.text
@@ -96,10 +103,12 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
         assert len(started) > 3  # the code servers and web workers are children
     finally:
         proc.send_signal(signal.SIGINT)
-        output, _ = proc.communicate(timeout=90)
+        proc.wait(timeout=90)
+        reader.join(timeout=10)
 
-    assert proc.returncode == 0, output
-    assert "stopped mlflow, dagster-daemon, dagster-webserver" in output
+    text = "".join(output)
+    assert proc.returncode == 0, text
+    assert "stopped mlflow, dagster-daemon, dagster-webserver" in text
     alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     assert not state_file.exists()
