@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import subprocess
@@ -68,8 +69,10 @@ def generate(events: int, directory: Path, seed: int = 11) -> Path:
         frame = frame.with_columns(
             pl.when(pl.Series(bad & (kind == 0))).then(-1_000).when(pl.Series(bad & (kind == 1))).then(10**11)
             .otherwise(pl.col("ms_played")).alias("ms_played"),
-            pl.when(pl.Series(bad & (kind == 2))).then(pl.lit("teleport")).otherwise(pl.col("event_type")).alias("event_type"),
-            pl.when(pl.Series(bad & (kind == 3))).then(pl.lit(NOW + timedelta(days=400))).otherwise(pl.col("played_at")).alias("played_at"),
+            pl.when(pl.Series(bad & (kind == 2))).then(pl.lit("teleport"))
+            .otherwise(pl.col("event_type")).alias("event_type"),
+            pl.when(pl.Series(bad & (kind == 3))).then(pl.lit(NOW + timedelta(days=400)))
+            .otherwise(pl.col("played_at")).alias("played_at"),
             pl.lit(NOW).alias("ingested_at"),
             pl.lit(file_index + 1, pl.Int64).alias("batch_id"),
         )  # fmt: skip
@@ -111,14 +114,17 @@ def run_engine(engine: str, directory: Path) -> dict:
         from recsys_assets.data import features as F
         from recsys_assets.data.cleaning import clean_events
 
-        raw = pl.read_parquet(files)
-        result = clean_events(raw, pl.read_parquet(directory / "tracks.parquet"), pl.read_parquet(directory / "users.parquet"), now=NOW, origin="bench", rules=rules)
-        del raw
+        # Lazy scan: polars reads the files inside the cleaning plan (the assets do the same per file).
+        raw = pl.scan_parquet(files)
+        tracks = pl.read_parquet(directory / "tracks.parquet")
+        result = clean_events(
+            raw, tracks, pl.read_parquet(directory / "users.parquet"), now=NOW, origin="bench", rules=rules
+        )
         clean = result.clean.lazy()
         genres = F.top_genres(clean)
-        users = F.user_features(clean, genres).collect()
-        tracks = F.track_features(clean).collect()
-        interactions = F.training_interactions(clean).collect()
+        users = F.user_features(clean, genres).collect(engine="streaming")
+        tracks = F.track_features(clean).collect(engine="streaming")
+        interactions = F.training_interactions(clean).collect(engine="streaming")
         counts = {
             "clean": result.clean.height,
             "quarantined": result.quarantined.height,
@@ -222,7 +228,7 @@ def main() -> None:
     if results["polars"]["counts"] != results["pandas"]["counts"]:
         raise SystemExit(f"the engines disagree: {results['polars']['counts']} vs {results['pandas']['counts']}")
     summary = {
-        "machine": f"{platform.node()} {platform.machine()}, {__import__('os').cpu_count()} cores, Python {platform.python_version()}",
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
         "events": int((raw / "done").read_text()),
         "polars": results["polars"],
         "pandas": results["pandas"],

@@ -13,7 +13,7 @@ from datetime import datetime
 import numpy as np
 import pandas as pd
 
-from recsys_assets.data.cleaning import EARLIEST, CleaningRules
+from recsys_assets.data.cleaning import CleaningRules
 from recsys_assets.data.contracts import EVENT_TYPES, POSITIVE_EVENT_TYPES, SOURCES
 from recsys_assets.data.features import LIKE_WEIGHT, genre_column
 
@@ -39,7 +39,7 @@ def clean_events(raw: pd.DataFrame, tracks: pd.DataFrame, users: pd.DataFrame, n
         deduped["event_type"].isna() | ~deduped["event_type"].isin(EVENT_TYPES),
         deduped["source"].notna() & ~deduped["source"].isin(SOURCES),
         deduped["played_at"].isna(),
-        deduped["played_at"] < pd.Timestamp(EARLIEST),
+        deduped["played_at"] < pd.Timestamp(rules.earliest),
         deduped["played_at"] > now_ts + rules.future_tolerance,
         deduped["ms_played"] < 0,
         deduped["ms_played"] > rules.max_ms_played,
@@ -66,7 +66,7 @@ def clean_events(raw: pd.DataFrame, tracks: pd.DataFrame, users: pd.DataFrame, n
         if first.any():
             hit = deduped[first]
             text = label(hit)
-            reason[first] = text if isinstance(text, pd.Series) else text
+            reason[first] = text
         failed |= first
     quarantined = deduped[failed].assign(reason=reason[failed], stage="cleaning")
 
@@ -140,7 +140,9 @@ def user_features(clean: pd.DataFrame, genres: list[str]) -> pd.DataFrame:
 
 
 def track_features(clean: pd.DataFrame) -> pd.DataFrame:
-    d = clean.assign(play=clean["event_type"] == "play", skip=clean["event_type"] == "skip", like=clean["event_type"] == "like")
+    d = clean.assign(
+        play=clean["event_type"] == "play", skip=clean["event_type"] == "skip", like=clean["event_type"] == "like"
+    )
     d["listen"] = d["play"] | d["skip"]
     g = d.groupby("track_id", sort=True)
     out = pd.DataFrame(
@@ -178,6 +180,6 @@ def training_interactions(clean: pd.DataFrame) -> pd.DataFrame:
     )
     positives["liked"] = positives["event_type"] == "like"
     out = positives.groupby(["user_id", "track_id", "played_at"], sort=False).agg(
-        artist_id=("artist_id", "first"), genre=("genre", "first"), weight=("weight", "sum"), liked=("liked", "any")
+        weight=("weight", "sum"), liked=("liked", "any")
     )
-    return out.reset_index().sort_values(["played_at", "user_id", "track_id"])
+    return out.reset_index()

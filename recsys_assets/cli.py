@@ -334,6 +334,86 @@ def data_status(ctx: click.Context) -> None:
         click.echo(f"{table:<18} {wh.scalar(f'SELECT COUNT(*) FROM {table}'):>12,}")
 
 
+# --- the model registry -------------------------------------------------------------------------
+
+
+@cli.group()
+def model() -> None:
+    """The MLflow model registry: list versions, promote, roll back."""
+
+
+def _registry(settings: Settings):
+    from recsys_assets.ml.registry import Registry
+
+    root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
+    return Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "registry")
+
+
+def _who() -> str:
+    import getpass
+
+    return f"{getpass.getuser()} via recsys CLI"
+
+
+@model.command(name="list")
+@click.option("--history", is_flag=True, help="Show every alias move of every version.")
+@click.pass_context
+def model_list(ctx: click.Context, history: bool) -> None:
+    """List the versions of recsys-two-tower with their aliases, status and lineage."""
+    from recsys_assets.ml.registry import MODEL_NAME, RegistryError
+
+    try:
+        versions = _registry(_settings(ctx)).versions()
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if not versions:
+        click.echo(f"{MODEL_NAME} has no versions yet")
+        return
+    click.echo(
+        f"{'version':>7}  {'aliases':<20} {'status':<12} {'created (UTC)':<20} {'cutoff':<26} {'train rows':>10}"
+    )
+    for v in versions:
+        rows = v.lineage("train_interactions") or "-"
+        click.echo(
+            f"{v.version:>7}  {','.join(v.aliases) or '-':<20} {v.status or '-':<12} "
+            f"{v.created_at:%Y-%m-%d %H:%M:%S}  {v.lineage('cutoff') or '-':<26} {rows:>10}"
+        )
+        if history:
+            for event in v.history:
+                move = f"{event['action']} (from {event['from']} to {event['to']})"
+                click.echo(f"{'':>9}{event['at']}  {move}: {event['reason']} [{event['by']}]")
+
+
+@model.command(name="promote")
+@click.option("--version", "version", type=int, help="The version to make champion [default: the challenger].")
+@click.option("--reason", default="promoted by hand", show_default=True)
+@click.pass_context
+def model_promote(ctx: click.Context, version: int | None, reason: str) -> None:
+    """Make a version (default: the challenger) the champion."""
+    from recsys_assets.ml.registry import RegistryError
+
+    try:
+        promoted = _registry(_settings(ctx)).promote(version, reason=reason, by=_who())
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"champion is now version {promoted.version}")
+
+
+@model.command(name="rollback")
+@click.option("--to", "to", type=int, help="The version to make champion [default: the previous champion].")
+@click.option("--reason", default="rolled back by hand", show_default=True)
+@click.pass_context
+def model_rollback(ctx: click.Context, to: int | None, reason: str) -> None:
+    """Move the champion alias back to an earlier version, atomically, and record it."""
+    from recsys_assets.ml.registry import RegistryError
+
+    try:
+        champion = _registry(_settings(ctx)).rollback(to, reason=reason, by=_who())
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"champion is now version {champion.version}")
+
+
 # --- the asset graph ----------------------------------------------------------------------------
 
 

@@ -8,6 +8,7 @@ PREPARATION = "preparation"
 FEATURES = "features"
 TRAINING = "training"
 EVALUATION = "evaluation"
+REGISTRY = "registry"
 DEPLOYMENT = "deployment"
 MONITORING = "monitoring"
 
@@ -17,3 +18,6 @@ CLEAN_EVENTS_DATASET = "clean_listening_events"
 
 # Rows per extracted Parquet file: bounds the memory of one extraction step.
 EXTRACT_ROWS_PER_FILE = 2_000_000
+
+# The tag that the run coordinator limits to one run at a time (dagster.yaml): retrains never overlap.
+RETRAIN_TAG = "recsys/retrain"

@@ -52,3 +52,27 @@ def time_range(df: pl.DataFrame | pl.LazyFrame, column: str = "played_at") -> di
 def reason_category() -> pl.Expr:
     """A quarantine reason without its values: ``ms_played=-5: negative`` → ``ms_played: negative``."""
     return pl.col("reason").str.replace(r"=.*?: ", ": ").str.replace_all(r"\d[\d,]*", "N")
+
+
+def plot_markdown(fig, alt: str = "plot") -> dg.MarkdownMetadataValue:
+    """A matplotlib figure embedded in Markdown metadata (the UI renders it inline)."""
+    import base64
+    import io
+
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=90, bbox_inches="tight")
+    plt.close(fig)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{encoded})")
+
+
+def figure(width: float = 6.0, height: float = 3.2):
+    """A new matplotlib figure and axes on the non-interactive backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt.subplots(figsize=(width, height))

@@ -16,6 +16,7 @@ from pydantic import Field
 
 from recsys_assets.data.store import PreparedStore
 from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import Registry
 from recsys_assets.settings import Settings
 
 
@@ -38,6 +39,21 @@ class PreparedDataResource(dg.ConfigurableResource):
         return PreparedStore(Path(self.root))
 
 
+class MLflowResource(dg.ConfigurableResource):
+    """MLflow tracking and model registry (SQLite file by default, or an MLflow server)."""
+
+    tracking_uri: str = Field(description="sqlite:////abs/mlflow.db or http://host:5000")
+    artifact_root: str | None = Field(
+        default=None, description="Absolute directory of the experiment's artifacts (embedded store only)."
+    )
+    cache_dir: str = Field(description="Where downloaded model versions are cached.")
+
+    def get_registry(self) -> Registry:
+        return Registry(
+            self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
+        )
+
+
 class RecsysHomeResource(dg.ConfigurableResource):
     """The root of the embedded stores, for reports and other files the UI links to."""
 
@@ -46,6 +62,14 @@ class RecsysHomeResource(dg.ConfigurableResource):
     @property
     def path(self) -> Path:
         return Path(self.home)
+
+    @property
+    def models_dir(self) -> Path:
+        return self.path / "models"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.path / "reports"
 
 
 def _env_or(name: str, default: str) -> str | dg.EnvVar:
@@ -59,4 +83,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
         "recsys_home": RecsysHomeResource(home=_env_or("RECSYS_HOME", str(settings.home))),
+        "mlflow": MLflowResource(
+            tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
+            artifact_root=str(settings.mlflow_artifacts_dir)
+            if settings.mlflow_tracking_uri.startswith("sqlite")
+            else None,
+            cache_dir=str(settings.home / "models" / "registry"),
+        ),
     }

@@ -27,6 +27,10 @@ class CleaningConfig(dg.Config):
     future_tolerance_minutes: int = Field(
         default=10, description="How far in the future a played_at may be before it is quarantined."
     )
+    earliest: str = Field(
+        default="2000-01-01",
+        description="Events before this date (ISO) are implausible and quarantined; MovieLens needs 1995-01-01.",
+    )
     bot_plays_per_hour: int = Field(
         default=CleaningRules.bot_plays_per_hour,
         description="Users with more plays or skips in one hour are flagged suspected bots.",
@@ -37,6 +41,7 @@ class CleaningConfig(dg.Config):
             max_ms_played=self.max_ms_played,
             future_tolerance=timedelta(minutes=self.future_tolerance_minutes),
             bot_plays_per_hour=self.bot_plays_per_hour,
+            earliest=datetime.fromisoformat(self.earliest).replace(tzinfo=UTC),
         )
 
 

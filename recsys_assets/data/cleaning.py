@@ -41,13 +41,16 @@ class CleaningRules:
     Args:
         max_ms_played: longer plays are absurd (a day by default).
         future_tolerance: how far in the future a ``played_at`` may be (clock skew).
+        earliest: older events are implausible for a streaming service (2000-01-01); a historical
+            dataset such as MovieLens (ratings from 1996) sets it earlier.
         bot_plays_per_hour: a user with more plays or skips in one clock hour is flagged as a
             suspected bot (a play every 20 s for an hour); their events are kept but excluded from
-            training.
+            training. Only events with a known ``ms_played`` count (a burst of ratings is no bot).
     """
 
     max_ms_played: int = 24 * 3600 * 1000
     future_tolerance: timedelta = timedelta(minutes=10)
+    earliest: datetime = EARLIEST
     bot_plays_per_hour: int = 180
 
 
@@ -70,10 +73,10 @@ def _shown(col: str, limit: int = 80) -> pl.Expr:
     return pl.when(text.str.len_chars() > limit).then(text.str.slice(0, limit) + "…").otherwise(text)
 
 
-def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
-    """The first contract rule each row breaks (null when it breaks none)."""
+def contract_rules(now: datetime, rules: CleaningRules) -> list[tuple[pl.Expr, pl.Expr]]:
+    """The contract's rules, in order: (broken?, message naming the field and the value)."""
     played_at = pl.col("played_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
-    checks = [
+    return [
         (pl.col("event_id").is_null() | (pl.col("event_id") == ""), pl.lit("event_id is empty")),
         (pl.col("user_id").is_null() | (pl.col("user_id") == ""), pl.lit("user_id is empty")),
         (pl.col("track_id").is_null() | (pl.col("track_id") == ""), pl.lit("track_id is empty")),
@@ -86,7 +89,10 @@ def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
             pl.format(f"source={{}}: not one of {', '.join(SOURCES)}", _shown("source")),
         ),
         (pl.col("played_at").is_null(), pl.lit("played_at is empty")),
-        (pl.col("played_at") < EARLIEST, pl.format("played_at={}: before 2000-01-01", played_at)),
+        (
+            pl.col("played_at") < rules.earliest,
+            pl.format(f"played_at={{}}: before {rules.earliest:%Y-%m-%d}", played_at),
+        ),
         (
             pl.col("played_at") > now + rules.future_tolerance,
             pl.format(f"played_at={{}}: in the future (now is {now:%Y-%m-%dT%H:%M:%SZ})", played_at),
@@ -101,11 +107,19 @@ def violation_reason(now: datetime, rules: CleaningRules) -> pl.Expr:
             pl.format("track_duration_ms={}: not positive", _shown("track_duration_ms")),
         ),
     ]
-    return pl.coalesce([pl.when(failed).then(message) for failed, message in checks])
+
+
+def _first_broken_rule(checks: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
+    """The index of the first rule each row breaks (null if none): a small integer per row, so the
+    messages are only ever formatted for the rows that break a rule."""
+    expr = pl.when(checks[0][0].fill_null(False)).then(pl.lit(0, pl.Int8))
+    for i, (broken, _) in enumerate(checks[1:], start=1):
+        expr = expr.when(broken.fill_null(False)).then(pl.lit(i, pl.Int8))
+    return expr.otherwise(pl.lit(None, pl.Int8))
 
 
 def clean_events(
-    raw: pl.DataFrame,
+    raw: pl.DataFrame | pl.LazyFrame,
     tracks: pl.DataFrame,
     users: pl.DataFrame,
     *,
@@ -114,6 +128,9 @@ def clean_events(
     rules: CleaningRules | None = None,
 ) -> CleanResult:
     """Clean one set of landed events; see the module docstring.
+
+    The whole cleaning is one lazy polars plan, collected once (clean rows, quarantine and duplicate
+    counts together), so intermediate copies of the batch are never all alive at once.
 
     Args:
         raw: landed events (``RAW_EVENTS_SCHEMA``, with ``batch_id``).
@@ -124,43 +141,35 @@ def clean_events(
         rules: thresholds.
     """
     rules = rules or CleaningRules()
-    normalised = raw.with_columns(
+    checks = contract_rules(now, rules)
+    normalised = raw.lazy().with_columns(
         pl.col("event_id", "user_id", "track_id", "artist_id").str.strip_chars(),
         pl.col("event_type").str.strip_chars().str.to_lowercase(),
         pl.col("source").str.strip_chars().str.to_lowercase().fill_null("organic"),
         pl.col("played_at").dt.convert_time_zone("UTC"),
     )
-    deduped = normalised.unique("event_id", keep="first", maintain_order=True)
+    # A repeated event_id is a duplicate of its first occurrence, across the whole input.
+    normalised = normalised.with_columns(pl.col("event_id").is_first_distinct().alias("_first"))
     duplicates = (
         normalised.group_by("batch_id")
-        .len("rows")
-        .join(deduped.group_by("batch_id").len("kept"), on="batch_id", how="left")
-        .select("batch_id", (pl.col("rows") - pl.col("kept").fill_null(0)).alias("duplicates"))
+        .agg((~pl.col("_first")).sum().cast(pl.Int64).alias("duplicates"))
         .filter(pl.col("duplicates") > 0)
+        .sort("batch_id")
     )
-    checked = deduped.with_columns(violation_reason(now, rules).alias("_reason"))
-    bad = checked.filter(pl.col("_reason").is_not_null())
-    quarantined = bad.select(
-        pl.col("batch_id"),
-        pl.lit("cleaning").alias("stage"),
-        pl.lit(origin).alias("origin"),
-        pl.lit(None, pl.Int64).alias("line_number"),
-        pl.col("event_id"),
-        pl.col("_reason").alias("reason"),
-        pl.struct(pl.all().exclude("_reason", "ingested_at", "batch_id")).struct.json_encode().alias("original"),
-    ).cast(QUARANTINE_SCHEMA)
-
-    good = checked.filter(pl.col("_reason").is_null()).drop("_reason")
-    catalogue = tracks.select(
+    checked = normalised.filter(pl.col("_first")).drop("_first").with_columns(_first_broken_rule(checks).alias("_rule"))
+    bad = checked.filter(pl.col("_rule").is_not_null())
+    catalogue = tracks.lazy().select(
         "track_id",
         pl.col("artist_id").alias("_cat_artist"),
         pl.col("genre"),
         pl.col("duration_ms").alias("_cat_duration"),
     )
     enriched = (
-        good.join(catalogue, on="track_id", how="left")
+        checked.filter(pl.col("_rule").is_null())
+        .drop("_rule")
+        .join(catalogue, on="track_id", how="left", maintain_order="left")
         .with_columns(
-            pl.col("_cat_duration").is_not_null().or_(pl.col("_cat_artist").is_not_null()).alias("known_track"),
+            (pl.col("_cat_duration").is_not_null() | pl.col("_cat_artist").is_not_null()).alias("known_track"),
             pl.col("user_id").is_in(users["user_id"].implode()).alias("known_user"),
             pl.coalesce("artist_id", "_cat_artist").alias("artist_id"),
             pl.coalesce("track_duration_ms", "_cat_duration").alias("track_duration_ms"),
@@ -176,14 +185,27 @@ def clean_events(
         .with_columns((pl.col("ms_played") / pl.col("track_duration_ms")).alias("completion"))
         .drop("_cat_artist", "_cat_duration")
     )
-    listening = pl.col("event_type").is_in(("play", "skip"))
+    # A user is a suspected bot if any clock hour of theirs has too many plays or skips. Only
+    # listening with a known ms_played counts: a burst of MovieLens ratings is not a bot.
     bots = (
-        enriched.filter(listening)
+        enriched.filter(pl.col("event_type").is_in(("play", "skip")) & pl.col("ms_played").is_not_null())
         .group_by("user_id", pl.col("played_at").dt.truncate("1h"))
         .len()
         .filter(pl.col("len") > rules.bot_plays_per_hour)
         .select("user_id")
         .unique()
     )
-    clean = enriched.with_columns(pl.col("user_id").is_in(bots["user_id"].implode()).alias("suspected_bot"))
-    return CleanResult(clean=clean, quarantined=quarantined, duplicates=duplicates)
+    clean, bad_df, duplicates_df, bots_df = pl.collect_all([enriched, bad, duplicates, bots])
+    clean = clean.with_columns(pl.col("user_id").is_in(bots_df["user_id"].implode()).alias("suspected_bot"))
+    # The messages are formatted on the (few) rejected rows only.
+    reason = pl.coalesce([pl.when(pl.col("_rule") == i).then(message) for i, (_, message) in enumerate(checks)])
+    quarantined = bad_df.select(
+        pl.col("batch_id"),
+        pl.lit("cleaning").alias("stage"),
+        pl.lit(origin).alias("origin"),
+        pl.lit(None, pl.Int64).alias("line_number"),
+        pl.col("event_id"),
+        reason.alias("reason"),
+        pl.struct(pl.all().exclude("_rule", "ingested_at", "batch_id")).struct.json_encode().alias("original"),
+    ).cast(QUARANTINE_SCHEMA)
+    return CleanResult(clean=clean, quarantined=quarantined, duplicates=duplicates_df)

@@ -90,11 +90,13 @@ def test_valid_rows_are_normalised_and_enriched() -> None:
 
 
 def test_duplicates_are_counted_per_batch_and_conservation_holds() -> None:
-    df = pl.concat([raw(), raw(), raw(event_id="e2", batch_id=2), raw(event_id="e3", batch_id=2, ms_played=-1)])
+    df = pl.concat(
+        [raw(), raw(), raw(event_id="e2", batch_id=2), raw(event_id="e3", batch_id=2, ms_played=-1), raw(batch_id=3)]
+    )
     result = clean(df)
-    assert result.duplicates.rows() == [(1, 1)]
+    assert result.duplicates.rows() == [(1, 1), (3, 1)]  # e1 again in batch 1, and again in batch 3
     stats = result.stats()
-    assert stats == {"clean": 2, "quarantined": 1, "duplicates": 1}
+    assert stats == {"clean": 2, "quarantined": 1, "duplicates": 2}
     assert df.height == sum(stats.values())
 
 
@@ -115,3 +117,10 @@ def test_missing_ms_played_stays_unknown() -> None:
     result = clean(raw(ms_played=None))
     assert result.clean["ms_played"].to_list() == [None]
     assert result.clean["completion"].to_list() == [None]
+
+
+def test_rating_bursts_without_ms_played_are_not_bots() -> None:
+    start = NOW - timedelta(hours=3)
+    burst = [raw(event_id=f"r{i}", played_at=start + timedelta(seconds=5 * i), ms_played=None) for i in range(300)]
+    result = clean(pl.concat(burst))
+    assert not result.clean["suspected_bot"].any()

@@ -1,0 +1,179 @@
+"""Training: the two-tower model, trained on the temporal train side and tracked in MLflow."""
+
+# No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
+# definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
+
+import json
+import shutil
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from recsys_assets.constants import RETRAIN_TAG, TRAINING
+from recsys_assets.metadata import figure, markdown_table, plot_markdown
+from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
+from recsys_assets.ml.two_tower import TwoTowerParams
+from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
+
+_DEFAULTS = TwoTowerParams()
+
+
+class TwoTowerConfig(dg.Config):
+    """Hyperparameters of the two-tower model and the holdout protocol it is judged on."""
+
+    protocol: str = Field(default="global", description="Holdout protocol: 'global' (temporal cutoff) or 'user'.")
+    embedding_dim: int = Field(default=_DEFAULTS.embedding_dim, description="Width of both towers' output.")
+    learning_rate: float = Field(default=_DEFAULTS.learning_rate, description="Adagrad learning rate.")
+    batch_size: int = Field(default=_DEFAULTS.batch_size, description="Training pairs per batch (in-batch negatives).")
+    max_epochs: int = Field(default=_DEFAULTS.max_epochs, description="Upper bound on epochs.")
+    patience: int = Field(default=_DEFAULTS.patience, description="Epochs without validation gain before stopping.")
+    temperature: float = Field(default=_DEFAULTS.temperature, description="Softmax temperature of the retrieval loss.")
+    l2: float = Field(default=_DEFAULTS.l2, description="L2 penalty on the id embeddings.")
+    use_user_features: bool = Field(default=True, description="Feed genre shares and activity to the query tower.")
+    logq_correction: bool = Field(default=True, description="Correct in-batch negatives for popularity.")
+    refit: str = Field(
+        default=_DEFAULTS.refit,
+        description="After early stopping: 'warm' (a few more epochs on the whole train side), 'scratch' "
+        "(retrain on it for the best number of epochs) or 'none'.",
+    )
+    refit_epochs: int = Field(default=_DEFAULTS.refit_epochs, description="Epochs of the warm refit.")
+    min_train_pairs: int = Field(default=_DEFAULTS.min_train_pairs, description="Refuse to train on fewer pairs.")
+    seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
+
+    def params(self) -> TwoTowerParams:
+        if self.protocol not in PROTOCOLS:
+            raise ValueError(f"protocol={self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+        fields = TwoTowerParams.__dataclass_fields__
+        return TwoTowerParams(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+
+def _loss_plot(history: list[dict]):
+    fig, ax = figure()
+    epochs = [h for h in history if h.get("phase") != "refit"]
+    ax.plot([h["epoch"] for h in epochs], [h["loss"] for h in epochs], marker="o", label="training loss")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("loss")
+    if any("val_recall@20" in h for h in epochs):
+        twin = ax.twinx()
+        twin.plot([h["epoch"] for h in epochs], [h.get("val_recall@20") for h in epochs], color="tab:orange",
+                  marker="s", label="validation recall@20")  # fmt: skip
+        twin.set_ylabel("validation recall@20")
+    ax.set_title("two-tower training")
+    return plot_markdown(fig, "training curves")
+
+
+@dg.asset(
+    group_name=TRAINING,
+    deps=["training_interactions", "track_features"],
+    kinds={"tensorflow", "mlflow"},
+    tags={RETRAIN_TAG: "true"},
+)
+def two_tower_model(
+    context: dg.AssetExecutionContext,
+    config: TwoTowerConfig,
+    prepared: PreparedDataResource,
+    mlflow: MLflowResource,
+    recsys_home: RecsysHomeResource,
+) -> dg.Output[dict]:
+    """Two-tower retrieval model (TFRS), trained on the temporal train side, exported as one version directory.
+
+    The split, the training history and the lineage (cutoff, row counts, data hash) go to an MLflow
+    run; the version directory (towers as SavedModels, embeddings, vocabularies, seen lists,
+    popularity fallback) is logged as the run's pyfunc model. Registration waits for the gate.
+    """
+    from recsys_assets.ml.artifacts import export_model
+    from recsys_assets.ml.two_tower import train_two_tower
+
+    params = config.params()
+    registry = mlflow.get_registry()
+    registry.check()  # an unreachable store fails now, not after the training
+    store = prepared.get_store()
+    interactions = store.scan_table("training_interactions").collect()
+    tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()
+    split = temporal_split(interactions, config.protocol)
+    validation = validation_split(split.train, config.protocol)
+    lineage = {
+        "protocol": split.protocol,
+        "cutoff": split.cutoff.isoformat() if split.cutoff else None,
+        "data_hash": data_hash(interactions),
+        "interactions": interactions.height,
+        "max_played_at": interactions["played_at"].max().isoformat(),
+        **split.sizes(),
+    }
+    context.log.info(f"split: {json.dumps(lineage)}")
+    run_id = registry.start_run(
+        run_name=f"dagster-{context.run.run_id[:8]}",
+        tags={
+            "dagster.run_id": context.run.run_id,
+            "dagster.asset": "two_tower_model",
+            "recsys.protocol": split.protocol,
+        },
+    )
+    candidates = recsys_home.models_dir / "candidates"
+    model_dir = candidates / run_id
+    split_dir = candidates / f"{run_id}.split"
+    try:
+        trained = train_two_tower(
+            split.train,
+            tracks,
+            (validation.train, validation.holdout),
+            params,
+            progress=lambda record: context.log.info(f"epoch {record}"),
+        )
+        manifest = {
+            "mlflow_run_id": run_id,
+            "dagster_run_id": context.run.run_id,
+            "params": params.__dict__,
+            "data": lineage,
+            "best_epoch": trained.best_epoch,
+            "train_seconds": trained.train_seconds,
+        }
+        export_model(trained, split.train, manifest, model_dir)
+        split_dir.mkdir(parents=True, exist_ok=True)
+        split.train.write_parquet(split_dir / "train.parquet")
+        split.holdout.write_parquet(split_dir / "holdout.parquet")
+        registry.log_run(
+            run_id,
+            params={**params.__dict__, "protocol": split.protocol},
+            metrics={
+                "train_seconds": trained.train_seconds,
+                "examples_per_second": trained.examples_per_second,
+                "best_epoch": trained.best_epoch,
+            },
+            history=trained.history,
+            tags={f"recsys.{k}": str(v) for k, v in lineage.items()},
+        )
+        model_uri = registry.log_model(run_id, model_dir)
+        registry.end_run(run_id)
+    except BaseException:
+        registry.end_run(run_id, status="FAILED")
+        shutil.rmtree(model_dir, ignore_errors=True)
+        shutil.rmtree(split_dir, ignore_errors=True)
+        raise
+    history = pl.DataFrame(trained.history)
+    value = {
+        "mlflow_run_id": run_id,
+        "model_uri": model_uri,
+        "model_dir": str(model_dir),
+        "split_dir": str(split_dir),
+        "lineage": lineage,
+        "params": params.__dict__,
+    }
+    return dg.Output(
+        value,
+        metadata={
+            "mlflow_run_id": dg.MetadataValue.text(run_id),
+            "model_uri": dg.MetadataValue.text(model_uri),
+            "model_dir": dg.MetadataValue.path(str(model_dir)),
+            "cutoff": dg.MetadataValue.text(str(lineage["cutoff"])),
+            "train_interactions": dg.MetadataValue.int(lineage["train_interactions"]),
+            "train_pairs": dg.MetadataValue.int(trained.pairs),
+            "best_epoch": dg.MetadataValue.int(trained.best_epoch),
+            "train_seconds": dg.MetadataValue.float(round(trained.train_seconds, 2)),
+            "examples_per_second": dg.MetadataValue.float(round(trained.examples_per_second, 1)),
+            "data_hash": dg.MetadataValue.text(lineage["data_hash"]),
+            "history": markdown_table(history, limit=60),
+            "training_curves": _loss_plot(trained.history),
+        },
+    )

@@ -1,0 +1,44 @@
+"""Baselines for the offline comparison: EASE (Steck, 2019).
+
+Popularity, the baseline every evaluation reports, is :func:`recsys_assets.ml.metrics.popularity_scorer`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+
+from recsys_assets.ml.metrics import Scorer
+
+
+def ease_scorer(train: pl.DataFrame, items: np.ndarray, l2: float) -> Scorer:
+    """EASE: item-item weights B = I - P / diag(P) with P = (XᵀX + λI)⁻¹, X the binary user×item matrix.
+
+    Args:
+        train: positives of the train side (``user_id``, ``track_id``).
+        items: the ranked tracks (the evaluation's item order).
+        l2: λ.
+    """
+    pairs = train.select("user_id", "track_id").unique()
+    item_index = pl.DataFrame({"track_id": items, "col": np.arange(len(items))})
+    users = pairs["user_id"].unique().sort()
+    user_index = pl.DataFrame({"user_id": users, "row": np.arange(len(users))})
+    coo = pairs.join(item_index, on="track_id").join(user_index, on="user_id")
+    x = np.zeros((len(users), len(items)), dtype=np.float32)
+    x[coo["row"].to_numpy(), coo["col"].to_numpy()] = 1.0
+    gram = (x.T @ x).astype(np.float64)
+    gram[np.diag_indices_from(gram)] += l2
+    p = np.linalg.inv(gram)
+    b = (p / -np.diag(p)).astype(np.float32)
+    np.fill_diagonal(b, 0.0)
+    rows = dict(zip(users.to_list(), range(len(users)), strict=True))
+
+    def score(user_ids: np.ndarray) -> np.ndarray:
+        r = [rows.get(str(u), -1) for u in user_ids]
+        known = np.array([i >= 0 for i in r])
+        out = np.zeros((len(user_ids), len(items)), dtype=np.float32)
+        if known.any():
+            out[known] = x[[i for i in r if i >= 0]] @ b
+        return out
+
+    return score

@@ -1,0 +1,351 @@
+"""MLflow tracking and the model registry: runs, versions, aliases and their history.
+
+- One experiment (``recsys-two-tower``) with an absolute artifact location; one run per training with
+  params, per-epoch metrics, data lineage (cutoff, row counts, data hash) and the model version's
+  directory logged as a pyfunc model ("models from code", see ``pyfunc_model.py``).
+- Registered model ``recsys-two-tower``: a blessed model becomes a new version with alias
+  ``challenger``; the very first becomes ``champion`` at once. Aliases move in one registry call, and
+  every move is recorded on the versions it touches as a ``recsys.event.<n>`` tag (JSON: when,
+  action, from, to, why, by) plus a ``recsys.status`` tag.
+- Nothing is half-registered: if a step after the version's creation fails, the version is deleted
+  before the error is raised.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+MODEL_NAME = "recsys-two-tower"
+EXPERIMENT = "recsys-two-tower"
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PIP_REQUIREMENTS = ["recsys-assets", "mlflow==3.17.2", "numpy", "pandas", "polars==2.1.0"]
+
+
+class RegistryError(RuntimeError):
+    """The registry cannot be reached or refused an operation; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    version: int
+    aliases: list[str]
+    run_id: str | None
+    created_at: datetime
+    tags: dict[str, str]
+
+    @property
+    def status(self) -> str:
+        return self.tags.get("recsys.status", "")
+
+    @property
+    def history(self) -> list[dict]:
+        events = [json.loads(v) for k, v in self.tags.items() if k.startswith("recsys.event.")]
+        return sorted(events, key=lambda e: (e["at"], e.get("seq", 0)))
+
+    def lineage(self, key: str) -> str | None:
+        return self.tags.get(f"recsys.{key}")
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+class Registry:
+    """The MLflow store of one deployment.
+
+    Args:
+        tracking_uri: ``sqlite:////abs/mlflow.db``, ``http://mlflow:5000``, …
+        artifact_root: where the experiment's artifacts go (absolute); ``None`` lets the server decide.
+        cache_dir: where downloaded model versions are kept.
+    """
+
+    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path):
+        self.tracking_uri = tracking_uri
+        self.artifact_root = artifact_root
+        self.cache_dir = cache_dir
+
+    def client(self):
+        from mlflow import MlflowClient
+
+        return MlflowClient(tracking_uri=self.tracking_uri, registry_uri=self.tracking_uri)
+
+    @contextmanager
+    def _errors(self, what: str) -> Iterator[None]:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            yield
+        except (MlflowException, OSError) as exc:
+            raise RegistryError(f"{what} failed on the MLflow store {self.tracking_uri}: {exc}") from exc
+
+    # --- reachability -------------------------------------------------------------------------
+
+    def check(self) -> None:
+        """Fail fast, naming the store, if it cannot be reached or written."""
+        if self.tracking_uri.startswith("sqlite:///"):
+            db = Path(self.tracking_uri.removeprefix("sqlite:///"))
+            try:
+                db.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise RegistryError(f"the MLflow store {self.tracking_uri} is not writable: {exc}") from exc
+        elif self.tracking_uri.startswith(("http://", "https://")):
+            import httpx
+
+            try:
+                httpx.get(f"{self.tracking_uri.rstrip('/')}/health", timeout=5.0).raise_for_status()
+            except httpx.HTTPError as exc:
+                raise RegistryError(f"cannot reach the MLflow store {self.tracking_uri}: {exc}") from exc
+        with self._errors("reaching the store"):
+            self.client().search_experiments(max_results=1)
+
+    def experiment_id(self) -> str:
+        with self._errors("creating the experiment"):
+            client = self.client()
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is not None:
+                return experiment.experiment_id
+            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+            return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+    # --- runs ---------------------------------------------------------------------------------
+
+    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
+        with self._errors("creating the training run"):
+            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def log_run(
+        self,
+        run_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        history: list[dict] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Log params, final metrics, per-epoch metrics (as steps) and tags in one batch."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = int(time.time() * 1000)
+        metric_rows = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None]
+        for step, record in enumerate(history or [], start=1):
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "epoch":
+                    prefix = "refit_" if record.get("phase") == "refit" else ""
+                    metric_rows.append(Metric(f"{prefix}{k}".replace("@", "_at_"), float(v), ts, step))
+        metric_rows = [Metric(m.key.replace("@", "_at_"), m.value, m.timestamp, m.step) for m in metric_rows]
+        with self._errors("logging the run"):
+            client = self.client()
+            for start in range(0, max(len(metric_rows), 1), 900):
+                client.log_batch(
+                    run_id,
+                    metrics=metric_rows[start : start + 900],
+                    params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()] if start == 0 else [],
+                    tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()] if start == 0 else [],
+                )
+
+    def log_model(self, run_id: str, model_dir: Path) -> str:
+        """Log the version directory as the run's pyfunc model; return the model URI."""
+        import mlflow
+
+        with self._errors("logging the model"):
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={"model_dir": str(model_dir)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+        return info.model_uri
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        with self._errors("closing the run"):
+            self.client().set_terminated(run_id, status=status)
+
+    # --- versions -----------------------------------------------------------------------------
+
+    def _version(self, mv) -> VersionInfo:
+        return VersionInfo(
+            version=int(mv.version),
+            aliases=list(mv.aliases or []),
+            run_id=mv.run_id,
+            created_at=datetime.fromtimestamp(mv.creation_timestamp / 1000, UTC),
+            tags=dict(mv.tags or {}),
+        )
+
+    def versions(self) -> list[VersionInfo]:
+        from mlflow.exceptions import MlflowException
+
+        with self._errors("listing the versions"):
+            try:
+                found = self.client().search_model_versions(f"name='{MODEL_NAME}'")
+            except MlflowException as exc:
+                if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
+                    return []
+                raise
+        return sorted((self._version(mv) for mv in found), key=lambda v: v.version)
+
+    def by_alias(self, alias: str) -> VersionInfo | None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mv = self.client().get_model_version_by_alias(MODEL_NAME, alias)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE", "NOT_FOUND"):
+                return None
+            raise RegistryError(f"reading the alias {alias} failed on {self.tracking_uri}: {exc}") from exc
+        return self._version(mv)
+
+    def get(self, version: int) -> VersionInfo:
+        with self._errors(f"reading version {version}"):
+            return self._version(self.client().get_model_version(MODEL_NAME, str(version)))
+
+    def register(self, *, model_uri: str, run_id: str, lineage: dict[str, Any], reason: str, by: str) -> VersionInfo:
+        """Create a version: ``challenger``, or ``champion`` if there is none yet.
+
+        Raises:
+            RegistryError: the registry refused; the version, if created, has been deleted.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        with self._errors("creating the registered model"):
+            try:
+                client.create_registered_model(
+                    MODEL_NAME, description="Two-tower retrieval model (TFRS) of recsys-assets."
+                )
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        champion = self.by_alias(CHAMPION)
+        with self._errors("creating the version"):
+            mv = client.create_model_version(MODEL_NAME, source=model_uri, run_id=run_id, tags={
+                **{f"recsys.{k}": str(v) for k, v in lineage.items()},
+            })  # fmt: skip
+        version = int(mv.version)
+        try:
+            if champion is None:
+                self._move(CHAMPION, version, action="registered as the first champion", reason=reason, by=by)
+            else:
+                self._move(CHALLENGER, version, action="registered as challenger", reason=reason, by=by)
+        except BaseException:
+            log.exception("registering version %d failed: deleting it", version)
+            client.delete_model_version(MODEL_NAME, str(version))
+            raise
+        return self.get(version)
+
+    def _move(self, alias: str, version: int, *, action: str, reason: str, by: str) -> VersionInfo | None:
+        """Point ``alias`` at ``version`` (one call) and record the move on both versions."""
+        client = self.client()
+        previous = self.by_alias(alias)
+        with self._errors(f"moving {alias} to version {version}"):
+            client.set_registered_model_alias(MODEL_NAME, alias, str(version))
+            event = {
+                "at": _now(),
+                "seq": time.monotonic_ns(),
+                "action": action,
+                "alias": alias,
+                "from": previous.version if previous else None,
+                "to": version,
+                "reason": reason,
+                "by": by,
+            }
+            for v in {version, previous.version if previous else None} - {None}:
+                n = len([k for k in self.get(v).tags if k.startswith("recsys.event.")])
+                client.set_model_version_tag(MODEL_NAME, str(v), f"recsys.event.{n:04d}", json.dumps(event))
+            client.set_model_version_tag(MODEL_NAME, str(version), "recsys.status", alias)
+            if previous and previous.version != version and alias == CHAMPION:
+                client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", "retired")
+        return previous
+
+    def promote(self, version: int | None = None, *, reason: str, by: str) -> VersionInfo:
+        """Make ``version`` (default: the challenger) the champion; the challenger alias is cleared."""
+        challenger = self.by_alias(CHALLENGER)
+        if version is None:
+            if challenger is None:
+                raise RegistryError("there is no challenger to promote")
+            version = challenger.version
+        self._move(CHAMPION, version, action="promoted to champion", reason=reason, by=by)
+        if challenger is not None and challenger.version == version:
+            with self._errors("clearing the challenger alias"):
+                self.client().delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+        return self.get(version)
+
+    def reject_challenger(self, *, reason: str, by: str) -> VersionInfo:
+        """The canary lost: clear the challenger alias and record why (the champion stays)."""
+        challenger = self.by_alias(CHALLENGER)
+        if challenger is None:
+            raise RegistryError("there is no challenger to roll back")
+        client = self.client()
+        with self._errors("rolling back the challenger"):
+            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+            n = len([k for k in challenger.tags if k.startswith("recsys.event.")])
+            event = {"at": _now(), "seq": time.monotonic_ns(), "action": "challenger rolled back", "alias": CHALLENGER,
+                     "from": challenger.version, "to": None, "reason": reason, "by": by}  # fmt: skip
+            client.set_model_version_tag(
+                MODEL_NAME, str(challenger.version), f"recsys.event.{n:04d}", json.dumps(event)
+            )
+            client.set_model_version_tag(MODEL_NAME, str(challenger.version), "recsys.status", "rolled_back")
+        return self.get(challenger.version)
+
+    def rollback(self, to: int | None = None, *, reason: str, by: str) -> VersionInfo:
+        """Move ``champion`` back: to ``to``, or to the version that was champion before this one."""
+        current = self.by_alias(CHAMPION)
+        if current is None:
+            raise RegistryError("there is no champion to roll back")
+        if to is None:
+            before = [
+                e["from"]
+                for e in current.history
+                if e["alias"] == CHAMPION and e["to"] == current.version and e["from"]
+            ]
+            if not before:
+                raise RegistryError(f"version {current.version} has no earlier champion to roll back to; use --to")
+            to = before[-1]
+        if to == current.version:
+            raise RegistryError(f"version {to} is already the champion")
+        existing = {v.version for v in self.versions()}
+        if to not in existing:
+            raise RegistryError(f"version {to} does not exist (versions: {sorted(existing)})")
+        self._move(CHAMPION, to, action="rolled back to", reason=reason, by=by)
+        with self._errors("marking the rolled-back version"):
+            self.client().set_model_version_tag(MODEL_NAME, str(current.version), "recsys.status", "rolled_back")
+        return self.get(to)
+
+    # --- artifacts ----------------------------------------------------------------------------
+
+    def download(self, version: int) -> Path:
+        """The version's model directory, downloaded once into the cache."""
+        import mlflow
+
+        target = self.cache_dir / f"v{version}"
+        if (target / "manifest.json").exists():
+            return target
+        tmp = self.cache_dir / f".v{version}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        with self._errors(f"downloading version {version}"):
+            mlflow.set_tracking_uri(self.tracking_uri)
+            local = Path(
+                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/{version}", dst_path=str(tmp))
+            )
+        model_dir = next(local.rglob("manifest.json")).parent
+        shutil.rmtree(target, ignore_errors=True)
+        model_dir.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target

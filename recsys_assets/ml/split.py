@@ -1,0 +1,125 @@
+"""The temporal holdout protocols of the evaluation (exact, so numbers compare across systems).
+
+- *global temporal* (the gate's default): sort the positive interactions by ``played_at``; the cutoff
+  is the ``played_at`` of the interaction at index ⌊0.9·n⌋ (0-based); train is ``played_at < cutoff``,
+  holdout ``played_at ≥ cutoff``.
+- *per-user temporal*: for each user with at least 5 positive interactions, the latest ⌈0.2·n⌉ are
+  held out (ties in ``played_at`` broken by ``track_id`` compared as strings); users with fewer keep
+  all of theirs in train.
+
+Positive interactions are de-duplicated on (user, track, ``played_at``) before splitting. Training uses
+the distinct (user, track) pairs of the train side. The same functions carve the validation split out
+of the train side for early stopping.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from datetime import datetime
+
+import polars as pl
+
+PROTOCOLS = ("global", "user")
+HOLDOUT_FRACTION_GLOBAL = 0.1
+HOLDOUT_FRACTION_USER = 0.2
+MIN_USER_INTERACTIONS = 5
+
+
+class SplitError(ValueError):
+    """The data cannot be split as the protocol says; the message says why."""
+
+
+@dataclass(frozen=True)
+class Split:
+    protocol: str
+    train: pl.DataFrame  # positive interactions (user_id, track_id, played_at, …) of the train side
+    holdout: pl.DataFrame
+    cutoff: datetime | None  # the global protocol's cutoff
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "train_interactions": self.train.height,
+            "holdout_interactions": self.holdout.height,
+            "train_pairs": self.train.select("user_id", "track_id").n_unique(),
+            "train_users": self.train["user_id"].n_unique(),
+            "train_tracks": self.train["track_id"].n_unique(),
+        }
+
+
+def positives(interactions: pl.DataFrame) -> pl.DataFrame:
+    """Positive interactions de-duplicated on (user, track, played_at), in a canonical order."""
+    return interactions.unique(["user_id", "track_id", "played_at"], keep="first").sort(
+        "played_at", "user_id", "track_id"
+    )
+
+
+def global_temporal_split(interactions: pl.DataFrame, fraction: float = HOLDOUT_FRACTION_GLOBAL) -> Split:
+    """Split at the ``played_at`` of the interaction at index ⌊(1 - fraction)·n⌋.
+
+    Raises:
+        SplitError: too few interactions, or every timestamp equal (nothing would be held out
+            or nothing trained on).
+    """
+    df = positives(interactions)
+    n = df.height
+    if n < 2:
+        raise SplitError(f"{n} positive interactions: at least 2 are needed to split train and holdout")
+    index = math.floor((1 - fraction) * n)
+    cutoff = df["played_at"][index]
+    train = df.filter(pl.col("played_at") < cutoff)
+    holdout = df.filter(pl.col("played_at") >= cutoff)
+    if train.is_empty():
+        raise SplitError(
+            f"all {n} positive interactions are at or after the cutoff {cutoff} (identical timestamps?): "
+            "nothing is left to train on; use the per-user protocol"
+        )
+    return Split("global", train, holdout, cutoff)
+
+
+def per_user_temporal_split(
+    interactions: pl.DataFrame, fraction: float = HOLDOUT_FRACTION_USER, min_interactions: int = MIN_USER_INTERACTIONS
+) -> Split:
+    """Hold out each eligible user's latest ⌈fraction·n⌉ positives.
+
+    Raises:
+        SplitError: no user has enough interactions to hold any out.
+    """
+    df = positives(interactions)
+    if df.is_empty():
+        raise SplitError("no positive interactions to split")
+    ranked = df.sort("user_id", "played_at", "track_id").with_columns(
+        pl.int_range(pl.len()).over("user_id").alias("_rank"),
+        pl.len().over("user_id").alias("_n"),
+    )
+    held = (pl.col("_n") >= min_interactions) & (
+        pl.col("_rank") >= pl.col("_n") - (pl.col("_n") * fraction).ceil().cast(pl.Int64)
+    )
+    holdout = ranked.filter(held).drop("_rank", "_n").sort("played_at", "user_id", "track_id")
+    train = ranked.filter(~held).drop("_rank", "_n").sort("played_at", "user_id", "track_id")
+    if holdout.is_empty():
+        raise SplitError(f"no user has {min_interactions} or more positive interactions: nothing can be held out")
+    return Split("user", train, holdout, None)
+
+
+def temporal_split(interactions: pl.DataFrame, protocol: str) -> Split:
+    if protocol == "global":
+        return global_temporal_split(interactions)
+    if protocol == "user":
+        return per_user_temporal_split(interactions)
+    raise SplitError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+
+
+def validation_split(train: pl.DataFrame, protocol: str) -> Split:
+    """The validation split for early stopping: the same protocol applied to the train side."""
+    return temporal_split(train, protocol)
+
+
+def data_hash(interactions: pl.DataFrame) -> str:
+    """A digest of the interactions' (user, track, time) content, independent of row order."""
+    keyed = positives(interactions).select("user_id", "track_id", "played_at")
+    digest = hashlib.sha256()
+    digest.update(str(keyed.height).encode())
+    digest.update(keyed.hash_rows(seed=0).sort().to_numpy().tobytes())
+    return digest.hexdigest()[:16]

@@ -1,0 +1,483 @@
+"""The TensorFlow Recommenders two-tower retrieval model (plain module: no Dagster).
+
+- Query tower: user id embedding and the user's features (genre shares of their training-window
+  positives, activity, like share) → a dense projection.
+- Candidate tower: track id, artist and genre embeddings → a dense projection.
+- ``tfrs.tasks.Retrieval`` with in-batch negatives, a logQ correction for the popularity of in-batch
+  candidates, and sample weights from the interactions.
+
+The towers train on integer indices (ids are mapped to rows once, with polars, so no string lookups
+run per batch); the exported SavedModels wrap them with ``StringLookup`` layers built from the same
+vocabularies (row 0 is the out-of-vocabulary slot), so they take exactly the string keys that serving
+sends. Training is seeded; early stopping watches recall@20 on a validation split carved out of the
+training side the same temporal way as the holdout; the most recent interactions (the validation
+part) are then learned by a short refit on the whole training side.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+import polars as pl
+
+import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from recsys_assets.ml.metrics import EvalSet, build_eval_set, ranking_metrics, recommend
+
+log = logging.getLogger(__name__)
+
+OOV = "[OOV]"
+REFIT_MODES = ("warm", "scratch", "none")
+MAX_QUERY_GENRES = 24
+
+
+class TrainingError(ValueError):
+    """The data cannot train a model; the message says why (raised before TensorFlow runs)."""
+
+
+@dataclass(frozen=True)
+class TwoTowerParams:
+    """Hyperparameters (the Dagster ``TwoTowerConfig`` documents each one)."""
+
+    embedding_dim: int = 64
+    learning_rate: float = 0.05
+    batch_size: int = 2048
+    max_epochs: int = 30
+    patience: int = 3
+    temperature: float = 0.05
+    l2: float = 0.0
+    use_user_features: bool = True
+    logq_correction: bool = True
+    refit: str = "warm"
+    refit_epochs: int = 1
+    validation_users: int = 3000
+    min_train_pairs: int = 50
+    seed: int = 42
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """Ids in row order; row 0 of every embedding is the out-of-vocabulary slot."""
+
+    users: np.ndarray
+    items: np.ndarray
+    artists: np.ndarray
+    genres: np.ndarray
+    query_genres: list[str]
+
+    @classmethod
+    def build(cls, pairs: pl.DataFrame, items: pl.DataFrame) -> Vocabulary:
+        genres = items.group_by("genre").len().sort(["len", "genre"], descending=[True, False])["genre"].to_list()
+        return cls(
+            users=np.array([OOV, *pairs["user_id"].unique().sort().to_list()], dtype=object),
+            items=np.array([OOV, *items["track_id"].to_list()], dtype=object),
+            artists=np.array([OOV, *items["artist_id"].unique().sort().to_list()], dtype=object),
+            genres=np.array([OOV, *sorted(set(genres))], dtype=object),
+            query_genres=genres[:MAX_QUERY_GENRES],
+        )
+
+    @staticmethod
+    def index(ids: pl.Series, vocab: np.ndarray) -> np.ndarray:
+        """Rows of ``ids`` in ``vocab`` (0 for unknown ids)."""
+        table = pl.DataFrame({"id": vocab[1:].astype(str), "row": np.arange(1, len(vocab), dtype=np.int64)})
+        return (
+            pl.DataFrame({"id": ids.cast(pl.String)})
+            .join(table, on="id", how="left", maintain_order="left")["row"]
+            .fill_null(0)
+            .to_numpy()
+        )
+
+
+def item_table(interactions: pl.DataFrame, tracks: pl.DataFrame) -> pl.DataFrame:
+    """One row per track of ``interactions``, sorted by id, with its artist and genre from ``tracks``.
+
+    ``tracks`` is the ``track_features`` table (``track_id``, ``artist_id``, ``genre``); unknown
+    attributes become ``∅``.
+    """
+    return (
+        interactions.select("track_id")
+        .unique()
+        .join(tracks.select("track_id", "artist_id", "genre"), on="track_id", how="left")
+        .with_columns(pl.col("artist_id").fill_null("∅"), pl.col("genre").fill_null("∅"))
+        .sort("track_id")
+    )
+
+
+def with_genre(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
+    """``interactions`` with each track's genre (for the query tower's genre shares)."""
+    if "genre" in interactions.columns:
+        return interactions
+    return interactions.join(items.select("track_id", "genre"), on="track_id", how="left")
+
+
+def query_features(interactions: pl.DataFrame, users: np.ndarray, genres: list[str]) -> np.ndarray:
+    """The query tower's dense features of ``users`` from their positives in ``interactions``.
+
+    Genre shares of the user's positives over ``genres`` (plus one "other" share), log-activity and
+    the share of likes. Computed from the training window only, so the evaluation never sees the
+    holdout through the features. Unknown users get zeros.
+    """
+    stats = interactions.group_by("user_id").agg(
+        pl.len().alias("n"),
+        *[(pl.col("genre") == g).mean().alias(f"g{i}") for i, g in enumerate(genres)],
+        pl.col("genre").is_in(genres).not_().mean().alias("g_other"),
+        pl.col("liked").mean().alias("liked") if "liked" in interactions.columns else pl.lit(0.0).alias("liked"),
+    )
+    stats = stats.with_columns((pl.col("n").log1p() / 10.0).alias("activity")).drop("n")
+    frame = pl.DataFrame({"user_id": pl.Series(users.astype(str))}).join(
+        stats, on="user_id", how="left", maintain_order="left"
+    )
+    return frame.drop("user_id").fill_null(0.0).to_numpy().astype(np.float32)
+
+
+# --- the towers ------------------------------------------------------------------------------------
+
+
+def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
+    import tensorflow as tf
+
+    reg = tf.keras.regularizers.l2(params.l2) if params.l2 else None
+    dim = params.embedding_dim
+
+    def init(offset: int):
+        """Every initializer gets its own seed, so the same seed gives the same model in any process."""
+        return tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=params.seed * 101 + offset)
+
+    class QueryTower(tf.keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.user_embedding = tf.keras.layers.Embedding(
+                len(vocab.users), dim, embeddings_initializer=init(1), embeddings_regularizer=reg
+            )
+            self.use_features = params.use_user_features and n_features > 0
+            self.features = (
+                tf.keras.layers.Dense(
+                    dim,
+                    use_bias=False,
+                    kernel_initializer=tf.keras.initializers.GlorotUniform(seed=params.seed * 101 + 2),
+                )
+                if self.use_features
+                else None
+            )
+
+        def call(self, inputs):
+            x = self.user_embedding(inputs["user_row"])
+            if self.use_features:
+                x = x + self.features(inputs["user_features"])
+            return x
+
+    class CandidateTower(tf.keras.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.item_embedding = tf.keras.layers.Embedding(
+                len(vocab.items), dim, embeddings_initializer=init(3), embeddings_regularizer=reg
+            )
+            self.artist_embedding = tf.keras.layers.Embedding(
+                len(vocab.artists), dim, embeddings_initializer=init(4), embeddings_regularizer=reg
+            )
+            self.genre_embedding = tf.keras.layers.Embedding(len(vocab.genres), dim, embeddings_initializer=init(5))
+
+        def call(self, inputs):
+            return (
+                self.item_embedding(inputs["item_row"])
+                + self.artist_embedding(inputs["artist_row"])
+                + self.genre_embedding(inputs["genre_row"])
+            )
+
+    return QueryTower(), CandidateTower()
+
+
+def _build_model(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
+    import tensorflow as tf
+    import tensorflow_recommenders as tfrs
+
+    query, candidate = _towers(vocab, n_features, params)
+
+    class TwoTower(tfrs.Model):
+        def __init__(self) -> None:
+            super().__init__()
+            self.query_tower = query
+            self.candidate_tower = candidate
+            self.task = tfrs.tasks.Retrieval(temperature=params.temperature, remove_accidental_hits=True)
+
+        def compute_loss(self, features, training=False):
+            q = self.query_tower(features)
+            c = self.candidate_tower(features)
+            return self.task(
+                q,
+                c,
+                sample_weight=features["weight"],
+                candidate_sampling_probability=features["sampling_probability"] if params.logq_correction else None,
+                candidate_ids=features["item_row"],
+                compute_metrics=not training,
+            )
+
+    model = TwoTower()
+    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=params.learning_rate))
+    return model
+
+
+# --- training --------------------------------------------------------------------------------------
+
+
+def training_pairs(interactions: pl.DataFrame) -> pl.DataFrame:
+    """The distinct (user, track) pairs with weight log(1 + Σ weights), in a fixed order (the
+    shuffle is seeded, so the input order must not depend on hashing)."""
+    return (
+        interactions.group_by("user_id", "track_id")
+        .agg(pl.col("weight").sum().log1p().alias("weight"))
+        .sort("user_id", "track_id")
+    )
+
+
+@dataclass
+class TrainedTwoTower:
+    """A trained model: its vocabulary, embeddings and Keras towers (for the SavedModel export)."""
+
+    params: TwoTowerParams
+    vocab: Vocabulary
+    item_frame: pl.DataFrame  # track_id, artist_id, genre (rows 1.. of the item vocabulary)
+    user_features: np.ndarray  # rows of vocab.users (row 0: zeros)
+    user_embeddings: np.ndarray
+    item_embeddings: np.ndarray
+    model: object = field(repr=False)
+    history: list[dict] = field(default_factory=list)
+    best_epoch: int = 0
+    train_seconds: float = 0.0
+    examples_per_second: float = 0.0
+    pairs: int = 0
+
+
+def _arrays(
+    pairs: pl.DataFrame, items: pl.DataFrame, vocab: Vocabulary, user_features: np.ndarray
+) -> dict[str, np.ndarray]:
+    item_rows = Vocabulary.index(pairs["track_id"], vocab.items)
+    user_rows = Vocabulary.index(pairs["user_id"], vocab.users)
+    artists = Vocabulary.index(items["artist_id"], vocab.artists)
+    genres = Vocabulary.index(items["genre"], vocab.genres)
+    artist_of = np.concatenate([[0], artists])
+    genre_of = np.concatenate([[0], genres])
+    counts = np.bincount(item_rows, minlength=len(vocab.items)).astype(np.float64)
+    probability = counts / counts.sum()
+    return {
+        "user_row": user_rows,
+        "user_features": user_features[user_rows],
+        "item_row": item_rows,
+        "artist_row": artist_of[item_rows],
+        "genre_row": genre_of[item_rows],
+        "weight": pairs["weight"].to_numpy().astype(np.float32),
+        "sampling_probability": probability[item_rows].astype(np.float32),
+    }
+
+
+def _embeddings(
+    model, vocab: Vocabulary, items: pl.DataFrame, user_features: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    artists = np.concatenate([[0], Vocabulary.index(items["artist_id"], vocab.artists)])
+    genres = np.concatenate([[0], Vocabulary.index(items["genre"], vocab.genres)])
+    item_inputs = {"item_row": np.arange(len(vocab.items)), "artist_row": artists, "genre_row": genres}
+    user_inputs = {"user_row": np.arange(len(vocab.users)), "user_features": user_features}
+    item_emb = model.candidate_tower.predict(item_inputs, batch_size=65536, verbose=0)
+    user_emb = model.query_tower.predict(user_inputs, batch_size=65536, verbose=0)
+    return np.asarray(user_emb, dtype=np.float32), np.asarray(item_emb, dtype=np.float32)
+
+
+def _dataset(arrays: dict[str, np.ndarray], params: TwoTowerParams, epoch_seed: int):
+    import tensorflow as tf
+
+    n = len(arrays["item_row"])
+    ds = tf.data.Dataset.from_tensor_slices(arrays)
+    ds = ds.shuffle(min(n, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
+    return ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+def _validation_scorer(vocab: Vocabulary, user_emb: np.ndarray, item_emb: np.ndarray, eval_items: np.ndarray):
+    item_rows = Vocabulary.index(pl.Series(eval_items), vocab.items)
+    candidates = item_emb[item_rows]
+
+    def score(users: np.ndarray) -> np.ndarray:
+        rows = Vocabulary.index(pl.Series(users), vocab.users)
+        scores = user_emb[rows] @ candidates.T
+        scores[:, item_rows == 0] = -np.inf
+        return scores
+
+    return score
+
+
+class _EpochEnd:
+    """Per-epoch bookkeeping: timing, validation recall@20, early stopping on it, best weights."""
+
+    def __init__(self, model, vocab, items, user_features, validation, params, progress, phase):
+        self.model, self.vocab, self.items, self.user_features = model, vocab, items, user_features
+        self.validation, self.params, self.progress, self.phase = validation, params, progress, phase
+        self.history: list[dict] = []
+        self.best_epoch, self.best_score, self.best_weights, self.waited = 0, -math.inf, None, 0
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def callback(self):
+        import tensorflow as tf
+
+        outer = self
+
+        class Callback(tf.keras.callbacks.Callback):
+            def on_epoch_begin(self, epoch, logs=None):
+                outer._t0 = time.perf_counter()
+
+            def on_epoch_end(self, epoch, logs=None):
+                if outer.end(epoch + 1, float((logs or {}).get("loss", math.nan))):
+                    self.model.stop_training = True
+
+        return Callback()
+
+    def end(self, epoch: int, loss: float) -> bool:
+        """Record the epoch; return whether to stop."""
+        seconds = time.perf_counter() - self._t0
+        self.seconds += seconds
+        record = {"epoch": epoch, "loss": loss, "seconds": seconds}
+        if self.phase:
+            record["phase"] = self.phase
+        stop = False
+        if self.validation is not None:
+            user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.user_features)
+            scorer = _validation_scorer(self.vocab, user_emb, item_emb, self.validation.items)
+            metrics = ranking_metrics(recommend(scorer, self.validation, 20), self.validation, ks=(20,)).metrics
+            record["val_recall@20"] = metrics["recall@20"]
+            record["val_ndcg@20"] = metrics["ndcg@20"]
+            if metrics["recall@20"] > self.best_score + 1e-6:
+                self.best_epoch, self.best_score, self.waited = epoch, metrics["recall@20"], 0
+                self.best_weights = self.model.get_weights()
+            else:
+                self.waited += 1
+                stop = self.waited >= self.params.patience
+        self.history.append(record)
+        log.info("epoch %s", record)
+        if self.progress is not None:
+            self.progress(record)
+        return stop
+
+
+def _fit(
+    model,
+    pairs: pl.DataFrame,
+    items: pl.DataFrame,
+    vocab: Vocabulary,
+    user_features: np.ndarray,
+    params: TwoTowerParams,
+    epochs: int,
+    validation: EvalSet | None,
+    progress: Callable[[dict], None] | None,
+    phase: str = "",
+) -> _EpochEnd:
+    """Train ``model`` for up to ``epochs`` epochs in one ``fit`` call; restore the best weights."""
+    arrays = _arrays(pairs, items, vocab, user_features)
+    tracker = _EpochEnd(model, vocab, items, user_features, validation, params, progress, phase)
+    model.fit(_dataset(arrays, params, params.seed), epochs=epochs, verbose=0, callbacks=[tracker.callback()])
+    if validation is not None and tracker.best_weights is not None:
+        model.set_weights(tracker.best_weights)
+    else:
+        tracker.best_epoch = len(tracker.history)
+    tracker.examples = len(arrays["item_row"]) * len(tracker.history)
+    return tracker
+
+
+def train_two_tower(
+    train: pl.DataFrame,
+    tracks: pl.DataFrame,
+    validation_split: tuple[pl.DataFrame, pl.DataFrame] | None,
+    params: TwoTowerParams,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainedTwoTower:
+    """Train on the train side's positive interactions.
+
+    With a validation split, the model trains on its fit part, stops early on the validation
+    recall@20 and keeps its best weights; then (``refit``) it either trains ``refit_epochs`` more
+    epochs on the whole train side (``warm``, the default: the most recent interactions are learned
+    too, at a small cost), is retrained from scratch on it for the best number of epochs
+    (``scratch``), or is kept as it is (``none``).
+
+    Args:
+        train: positives of the train side (``user_id``, ``track_id``, ``played_at``, ``weight``,
+            ``liked``).
+        tracks: track attributes (``track_id``, ``artist_id``, ``genre``: the ``track_features`` table).
+        validation_split: (fit part, validation part) carved out of ``train`` for early stopping;
+            ``None`` trains ``max_epochs`` epochs on ``train``.
+        params: hyperparameters.
+        progress: called after each epoch with its record (loss, validation metrics, seconds).
+
+    Raises:
+        TrainingError: too few pairs, users or tracks to train anything meaningful.
+    """
+    import tensorflow as tf
+
+    if params.refit not in REFIT_MODES:
+        raise TrainingError(f"refit={params.refit!r}: expected one of {', '.join(REFIT_MODES)}")
+    pairs = training_pairs(train)
+    if pairs.height < params.min_train_pairs:
+        raise TrainingError(
+            f"{pairs.height} distinct (user, track) training pairs: at least {params.min_train_pairs} are needed "
+            "(min_train_pairs)"
+        )
+    if pairs["user_id"].n_unique() < 2 or pairs["track_id"].n_unique() < 2:
+        raise TrainingError(
+            f"{pairs['user_id'].n_unique()} users and {pairs['track_id'].n_unique()} tracks: "
+            "a retrieval model needs at least two of each"
+        )
+    items = item_table(train, tracks)
+    vocab = Vocabulary.build(pairs, items)
+    features = query_features(with_genre(train, items), vocab.users, vocab.query_genres)
+    features[0] = 0.0
+
+    tf.keras.utils.set_random_seed(params.seed)
+    model = _build_model(vocab, features.shape[1], params)
+    runs: list[_EpochEnd] = []
+    if validation_split is None:
+        runs.append(_fit(model, pairs, items, vocab, features, params, params.max_epochs, None, progress))
+        best_epoch = runs[-1].best_epoch
+    else:
+        fit_part, val_part = validation_split
+        validation = build_eval_set(fit_part, val_part)
+        if len(validation.users) > params.validation_users:
+            keep = np.random.default_rng(params.seed).choice(len(validation.users), params.validation_users, replace=False)
+            validation = build_eval_set(
+                fit_part, val_part.filter(pl.col("user_id").is_in(validation.users[np.sort(keep)].tolist()))
+            )
+        fit_features = query_features(with_genre(fit_part, items), vocab.users, vocab.query_genres)
+        fit_features[0] = 0.0
+        fit = _fit(
+            model, training_pairs(fit_part), items, vocab, fit_features, params, params.max_epochs,
+            validation if len(validation.users) else None, progress,
+        )  # fmt: skip
+        runs.append(fit)
+        best_epoch = max(fit.best_epoch, 1)
+        if params.refit == "warm":
+            runs.append(_fit(model, pairs, items, vocab, features, params, params.refit_epochs, None, progress, "refit"))
+        elif params.refit == "scratch":
+            tf.keras.utils.set_random_seed(params.seed)
+            model = _build_model(vocab, features.shape[1], params)
+            runs.append(_fit(model, pairs, items, vocab, features, params, best_epoch, None, progress, "refit"))
+    user_emb, item_emb = _embeddings(model, vocab, items, features)
+    seconds = sum(r.seconds for r in runs)
+    examples = sum(r.examples for r in runs)
+    return TrainedTwoTower(
+        params=params,
+        vocab=vocab,
+        item_frame=items,
+        user_features=features,
+        user_embeddings=user_emb,
+        item_embeddings=item_emb,
+        model=model,
+        history=[h for r in runs for h in r.history],
+        best_epoch=best_epoch,
+        train_seconds=seconds,
+        examples_per_second=examples / seconds if seconds else 0.0,
+        pairs=pairs.height,
+    )
+
+
+def params_dict(params: TwoTowerParams) -> dict:
+    return asdict(params)

@@ -1,0 +1,78 @@
+"""The training graph end to end on simulated data: train, evaluate, gate, register; then a second round."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import pytest
+
+from recsys_assets.data.simulation import simulate_history
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, MODEL_NAME
+from recsys_assets.resources import build_resources
+
+pytestmark = [pytest.mark.slow]
+
+END = datetime(2026, 3, 1, tzinfo=UTC)
+FAST_TRAINING = {"embedding_dim": 16, "batch_size": 512, "max_epochs": 4, "patience": 1, "min_train_pairs": 10}
+
+
+def run(settings, instance, gate: dict | None = None) -> dg.ExecuteInProcessResult:
+    from recsys_assets.definitions import defs
+
+    job = defs.resolve_implicit_global_asset_job_def()
+    config = {"ops": {"two_tower_model": {"config": FAST_TRAINING}}}
+    if gate:
+        config["ops"]["model_evaluation"] = {"config": gate}
+    return job.execute_in_process(
+        instance=instance, run_config=config, resources=build_resources(settings), raise_on_error=False
+    )
+
+
+def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    simulate_history(warehouse, recsys_env.home, users=150, tracks=500, days=21, seed=4, end=END)
+    with dg.instance_for_test() as instance:
+        first = run(recsys_env, instance)
+        assert first.success, [e.message for e in first.all_events if e.is_failure]
+        model = first.output_for_node("two_tower_model")
+        evaluation = first.output_for_node("model_evaluation")
+        assert evaluation["decision"]["reference"] == "popularity"
+        assert evaluation["decision"]["promote"]
+        report = json.loads(Path(evaluation["report_path"]).read_text())
+        assert report["dagster_run_id"] == first.run_id
+        assert evaluation["report_path"].endswith(f"reports/evaluation/{first.run_id}.json")
+        assert set(report["metrics"]) == {"candidate", "popularity"}
+        assert report["metrics"]["candidate"]["sim_ctr@10"] > 0  # simulated data: the click model is used
+        registered = first.output_for_node("registered_model")
+        assert registered["aliases"] == [CHAMPION]
+        gate = next(e for e in first.get_asset_check_evaluations() if e.check_name == "promotion_gate")
+        assert gate.passed
+
+        from mlflow import MlflowClient
+
+        client = MlflowClient(recsys_env.mlflow_tracking_uri)
+        mlflow_run = client.get_run(model["mlflow_run_id"])
+        assert mlflow_run.data.params["embedding_dim"] == "16"
+        assert "eval_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
+        assert mlflow_run.data.tags["recsys.cutoff"] == model["lineage"]["cutoff"]
+        experiment = client.get_experiment(mlflow_run.info.experiment_id)
+        assert experiment.artifact_location.startswith("file:///")
+
+        # Second round, same data: the same model is not better than itself -> rejected, nothing registered.
+        second = run(recsys_env, instance, gate={"min_improvement": 0.05})
+        assert not second.success
+        evaluation = second.output_for_node("model_evaluation")
+        assert evaluation["decision"]["reference"] == "champion v1"
+        assert not evaluation["decision"]["promote"]
+        assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
+
+        # Forced: registered as challenger, recorded as forced.
+        third = run(recsys_env, instance, gate={"min_improvement": 0.05, "force": True})
+        assert third.success
+        assert third.output_for_node("registered_model")["aliases"] == [CHALLENGER]
+        version = client.get_model_version(MODEL_NAME, "2")
+        assert version.tags["recsys.gate"] == "forced"

@@ -1,0 +1,123 @@
+"""The registry flow on a real SQLite-backed MLflow store in a temporary directory."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def registry(tmp_path: Path) -> Registry:
+    return Registry(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
+
+
+def fake_version_dir(tmp_path: Path, name: str) -> Path:
+    """A minimal model directory: the registry logs whatever directory it is given."""
+    directory = tmp_path / name
+    directory.mkdir()
+    (directory / "manifest.json").write_text(json.dumps({"format_version": 1, "name": name}))
+    return directory
+
+
+def register(registry: Registry, tmp_path: Path, name: str) -> int:
+    run_id = registry.start_run(name, tags={})
+    registry.log_run(run_id, params={"name": name}, metrics={"ndcg_at_10": 0.1}, history=[{"epoch": 1, "loss": 2.0}])
+    uri = registry.log_model(run_id, fake_version_dir(tmp_path, name))
+    registry.end_run(run_id)
+    return registry.register(
+        model_uri=uri, run_id=run_id, lineage={"cutoff": name}, reason=f"{name} passed", by="test"
+    ).version
+
+
+def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry: Registry, tmp_path: Path) -> None:
+    v1 = register(registry, tmp_path, "first")
+    assert registry.by_alias(CHAMPION).version == v1
+    assert registry.by_alias(CHALLENGER) is None
+
+    v2 = register(registry, tmp_path, "second")
+    assert registry.by_alias(CHALLENGER).version == v2
+    assert registry.by_alias(CHAMPION).version == v1
+
+    registry.promote(reason="won the canary", by="canary analysis")
+    assert registry.by_alias(CHAMPION).version == v2
+    assert registry.by_alias(CHALLENGER) is None
+    assert registry.get(v1).status == "retired"
+
+    v3 = register(registry, tmp_path, "third")
+    registry.promote(v3, reason="by hand", by="test")
+    assert registry.rollback(reason="bad KPIs", by="test").version == v2  # back to the previous champion
+    assert registry.get(v3).status == "rolled_back"
+    assert registry.rollback(to=v1, reason="way back", by="test").version == v1
+
+    history = registry.get(v2).history
+    actions = [(e["action"], e["from"], e["to"]) for e in history]
+    assert actions == [
+        ("registered as challenger", None, v2),
+        ("promoted to champion", v1, v2),
+        ("promoted to champion", v2, v3),
+        ("rolled back to", v3, v2),
+        ("rolled back to", v2, v1),
+    ]
+    assert all({"at", "reason", "by"} <= set(e) for e in history)
+    assert registry.get(v2).lineage("cutoff") == "second"
+
+
+def test_download_gives_back_the_logged_directory(registry: Registry, tmp_path: Path) -> None:
+    v1 = register(registry, tmp_path, "first")
+    local = registry.download(v1)
+    assert json.loads((local / "manifest.json").read_text())["name"] == "first"
+    assert registry.download(v1) == local  # cached
+
+
+def test_a_failure_after_creating_the_version_leaves_no_version(
+    registry: Registry, tmp_path: Path, monkeypatch
+) -> None:
+    register(registry, tmp_path, "first")
+    run_id = registry.start_run("broken", tags={})
+    uri = registry.log_model(run_id, fake_version_dir(tmp_path, "broken"))
+
+    def fail(*args, **kwargs):
+        raise RegistryError("the alias could not be set")
+
+    monkeypatch.setattr(registry, "_move", fail)
+    with pytest.raises(RegistryError, match="the alias could not be set"):
+        registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="x", by="test")
+    assert [v.version for v in registry.versions()] == [1]
+
+
+@pytest.mark.parametrize(
+    ("call", "message"),
+    [
+        (lambda r: r.rollback(reason="x", by="t"), "no champion to roll back"),
+        (lambda r: r.promote(reason="x", by="t"), "no challenger to promote"),
+        (lambda r: r.reject_challenger(reason="x", by="t"), "no challenger to roll back"),
+    ],
+)
+def test_impossible_moves_say_why(registry: Registry, call, message: str) -> None:
+    with pytest.raises(RegistryError, match=message):
+        call(registry)
+
+
+def test_rollback_to_a_missing_version_is_refused(registry: Registry, tmp_path: Path) -> None:
+    register(registry, tmp_path, "first")
+    with pytest.raises(RegistryError, match="version 7 does not exist"):
+        registry.rollback(to=7, reason="x", by="t")
+    with pytest.raises(RegistryError, match="no earlier champion"):
+        registry.rollback(reason="x", by="t")
+
+
+def test_an_unreachable_store_is_named(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    registry = Registry(f"sqlite:///{blocked / 'sub' / 'mlflow.db'}", None, tmp_path / "cache")
+    with pytest.raises(RegistryError, match="is not writable"):
+        registry.check()
+    remote = Registry("http://127.0.0.1:1", None, tmp_path / "cache")
+    with pytest.raises(RegistryError, match=r"cannot reach the MLflow store http://127\.0\.0\.1:1"):
+        remote.check()

@@ -1,0 +1,148 @@
+"""The two-tower model: it learns, it refuses bad data clearly, and its export reloads identically."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from dataclasses import replace
+from datetime import UTC, datetime
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys_assets.ml.artifacts import ModelArtifact, export_model
+from recsys_assets.ml.metrics import build_eval_set, evaluate, popularity_scorer
+from recsys_assets.ml.split import global_temporal_split, validation_split
+from recsys_assets.ml.two_tower import TrainingError, TwoTowerParams, train_two_tower
+
+pytestmark = pytest.mark.slow
+
+FAST = TwoTowerParams(embedding_dim=16, batch_size=256, max_epochs=6, patience=2, min_train_pairs=10, seed=7)
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_world):
+    _, interactions, tracks = tiny_world
+    split = global_temporal_split(interactions)
+    val = validation_split(split.train, "global")
+    return split, train_two_tower(split.train, tracks, (val.train, val.holdout), FAST)
+
+
+def test_the_loss_decreases(tiny_world) -> None:
+    _, interactions, tracks = tiny_world
+    split = global_temporal_split(interactions)
+    model = train_two_tower(split.train, tracks, None, replace(FAST, refit="none"))
+    losses = [h["loss"] for h in model.history]
+    assert len(losses) == FAST.max_epochs
+    assert losses[-1] < 0.9 * losses[0]
+
+
+def test_early_stopping_watches_the_validation_split(trained) -> None:
+    _, model = trained
+    fit = [h for h in model.history if h.get("phase") != "refit"]
+    refit = [h for h in model.history if h.get("phase") == "refit"]
+    assert all("val_recall@20" in h for h in fit)
+    best = max(fit, key=lambda h: h["val_recall@20"])
+    assert model.best_epoch == best["epoch"]
+    assert len(fit) <= min(best["epoch"] + FAST.patience, FAST.max_epochs)
+    assert len(refit) == FAST.refit_epochs  # the warm refit on the whole train side
+
+
+def test_it_beats_popularity_on_simulated_tastes(trained) -> None:
+    split, model = trained
+    eval_set = build_eval_set(split.train, split.holdout)
+    rows = pl.DataFrame({"track_id": model.vocab.items[1:].astype(str), "row": np.arange(1, len(model.vocab.items))})
+    item_rows = pl.DataFrame({"track_id": eval_set.items}).join(rows, on="track_id", how="left")["row"].to_numpy()
+    user_index = {u: i for i, u in enumerate(model.vocab.users)}
+
+    def scorer(users):
+        return model.user_embeddings[[user_index[u] for u in users]] @ model.item_embeddings[item_rows].T
+
+    two_tower = evaluate(scorer, eval_set).metrics["ndcg@10"]
+    popularity = evaluate(popularity_scorer(split.train, eval_set.items), eval_set).metrics["ndcg@10"]
+    assert two_tower > popularity
+
+
+def test_same_seed_same_model(tiny_world) -> None:
+    _, interactions, tracks = tiny_world
+    split = global_temporal_split(interactions)
+    params = replace(FAST, max_epochs=2, refit="none")
+    a = train_two_tower(split.train, tracks, None, params)
+    b = train_two_tower(split.train, tracks, None, params)
+    np.testing.assert_allclose(a.item_embeddings, b.item_embeddings, rtol=1e-5, atol=1e-6)
+
+
+def test_export_then_reload_in_a_fresh_process_gives_the_same_top_k(trained, tmp_path) -> None:
+    split, model = trained
+    artifact = export_model(model, split.train, {"data": {"cutoff": str(split.cutoff)}}, tmp_path / "v1", k=10)
+    users = [str(u) for u in model.vocab.users[1:6]]
+    expected = {}
+    for user in users:
+        row = artifact.user_row(user)
+        scores = artifact.item_embeddings @ artifact.user_embeddings[row]
+        scores[0] = -np.inf
+        expected[user] = [str(artifact.item_ids[i]) for i in np.argsort(-scores, kind="stable")[:10]]
+    features = np.load(tmp_path / "v1" / "user_features.npy")[[artifact.user_row(u) for u in users]]
+    np.save(tmp_path / "features.npy", features)
+    # A fresh interpreter, without TFRS and without TF_USE_LEGACY_KERAS: the SavedModel index alone.
+    code = (
+        "import json, sys, numpy as np, tensorflow as tf\n"
+        f"index = tf.saved_model.load({str(tmp_path / 'v1' / 'index')!r})\n"
+        f"users = {users!r}\n"
+        f"features = np.load({str(tmp_path / 'features.npy')!r})\n"
+        "_, ids = index({'user_id': tf.constant(users), 'user_features': tf.constant(features)})\n"
+        "print(json.dumps({u: [x.decode() for x in row] for u, row in zip(users, ids.numpy())}))\n"
+    )
+    env = {k: v for k, v in __import__("os").environ.items() if k != "TF_USE_LEGACY_KERAS"}
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reloaded = json.loads(result.stdout.strip().splitlines()[-1])
+    assert reloaded == expected
+    again = ModelArtifact.load(tmp_path / "v1")
+    np.testing.assert_array_equal(again.item_embeddings, artifact.item_embeddings)
+    assert again.cutoff == str(split.cutoff)
+
+
+def test_export_never_overwrites_a_version(trained, tmp_path) -> None:
+    split, model = trained
+    export_model(model, split.train, {}, tmp_path / "v1", k=5)
+    with pytest.raises(FileExistsError, match="never overwritten"):
+        export_model(model, split.train, {}, tmp_path / "v1", k=5)
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        ([("u1", "t1"), ("u2", "t2")], "2 distinct .user, track. training pairs: at least 10"),
+        ([("u1", f"t{i}") for i in range(20)], "1 users and 20 tracks"),
+        ([(f"u{i}", "t1") for i in range(20)], "20 users and 1 tracks"),
+    ],
+)
+def test_tiny_or_degenerate_training_sets_are_refused_before_tensorflow(rows, message) -> None:
+    df = pl.DataFrame(
+        {
+            "user_id": [r[0] for r in rows],
+            "track_id": [r[1] for r in rows],
+            "played_at": [datetime(2025, 1, 1, tzinfo=UTC)] * len(rows),
+            "weight": [1.0] * len(rows),
+            "liked": [False] * len(rows),
+        }
+    )
+    tracks = pl.DataFrame({"track_id": ["t1"], "artist_id": ["a"], "genre": ["g"]})
+    with pytest.raises(TrainingError, match=message):
+        train_two_tower(df, tracks, None, FAST)
+
+
+def test_users_and_tracks_with_a_single_event_are_handled(tiny_world) -> None:
+    _, interactions, tracks = tiny_world
+    extra = interactions.head(3).with_columns(
+        pl.Series("user_id", ["lonely-1", "lonely-2", "lonely-3"]),
+        pl.Series("track_id", ["solo-1", "solo-2", "solo-3"]),
+    )
+    data = pl.concat([interactions, extra])
+    split = global_temporal_split(data)
+    model = train_two_tower(split.train, tracks, None, replace(FAST, max_epochs=1, refit="none"))
+    assert np.isfinite(model.user_embeddings).all()
+    assert np.isfinite(model.item_embeddings).all()

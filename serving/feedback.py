@@ -1,0 +1,142 @@
+"""Impressions and feedback, buffered in memory and landed in the warehouse in batches.
+
+Every served recommendation becomes ``impression`` events and every ``/feedback`` call an event, in
+the listening-events contract (``source = recommendation`` with ``model_version`` and ``variant``), so
+they feed the next training and the online metrics. A background thread lands the buffer every
+``flush_seconds`` through :meth:`Warehouse.land_events`, the same path as all other data. If the
+warehouse is unavailable the rows stay buffered; beyond ``max_buffer`` rows they are spilled to a JSON
+lines file under ``spill_dir`` (landed later by :meth:`FeedbackWriter.flush`), so nothing is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import polars as pl
+
+from recsys_assets.data.contracts import LISTENING_EVENTS_SCHEMA
+from recsys_assets.data.warehouse import Warehouse, WarehouseError
+
+log = logging.getLogger(__name__)
+
+
+class FeedbackWriter:
+    def __init__(
+        self, warehouse: Warehouse | None, spill_dir: Path, flush_seconds: float = 2.0, max_buffer: int = 200_000
+    ):
+        self.warehouse = warehouse
+        self.spill_dir = spill_dir
+        self.flush_seconds = flush_seconds
+        self.max_buffer = max_buffer
+        self._rows: list[tuple] = []
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.landed = 0
+        self.failures = 0
+
+    def start(self) -> None:
+        if self.warehouse is None or self._thread is not None:
+            return
+        self.warehouse.init_schema()
+        self._thread = threading.Thread(target=self._run, name="feedback-writer", daemon=True)
+        self._thread.start()
+
+    def add(self, rows: list[tuple]) -> None:
+        """Buffer events as tuples in ``LISTENING_EVENTS_SCHEMA`` column order."""
+        with self._lock:
+            self._rows.extend(rows)
+            overflow = len(self._rows) > self.max_buffer
+        if overflow:
+            self._spill()
+
+    def _take(self) -> list[tuple]:
+        with self._lock:
+            rows, self._rows = self._rows, []
+        return rows
+
+    def _spill(self) -> None:
+        rows = self._take()
+        if not rows:
+            return
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"feedback-{time.time_ns()}.jsonl"
+        with open(path, "w") as f:
+            for row in rows:
+                f.write(json.dumps(row, default=str) + "\n")
+        log.warning("warehouse unavailable: spilled %d feedback events to %s", len(rows), path)
+
+    def flush(self) -> int:
+        """Land the buffer (and any spilled files); keep everything if the warehouse refuses."""
+        if self.warehouse is None:
+            return 0
+        landed = 0
+        for path in sorted(self.spill_dir.glob("feedback-*.jsonl")) if self.spill_dir.exists() else []:
+            rows = [tuple(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
+            try:
+                landed += self._land(rows, origin=f"serving spill {path.name}")
+            except WarehouseError as exc:
+                log.warning("spilled feedback %s not landed yet: %s", path, exc)
+                return landed
+            path.unlink()
+        rows = self._take()
+        if not rows:
+            return landed
+        try:
+            landed += self._land(rows, origin="serving-feedback")
+        except WarehouseError as exc:
+            self.failures += 1
+            log.warning("landing %d feedback events failed, kept for the next flush: %s", len(rows), exc)
+            with self._lock:
+                self._rows[:0] = rows
+        return landed
+
+    def _land(self, rows: list[tuple], origin: str) -> int:
+        frame = pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row")
+        report = self.warehouse.land_events(frame, source="serving-feedback", origin=origin)
+        self.landed += report.landed
+        return report.landed
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.flush_seconds):
+            self.flush()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self.flush()
+        if self._rows:
+            self._spill()
+
+
+def event_row(
+    *,
+    event_id: str,
+    user_id: str,
+    track_id: str,
+    artist_id: str | None,
+    event_type: str,
+    model_version: int | None,
+    variant: str | None,
+    at: datetime | None = None,
+) -> tuple:
+    """One event as a tuple in ``LISTENING_EVENTS_SCHEMA`` order."""
+    return (
+        event_id,
+        user_id,
+        track_id,
+        artist_id,
+        at or datetime.now(UTC),
+        None,
+        None,
+        event_type,
+        "recommendation",
+        None if model_version is None else str(model_version),
+        variant,
+    )

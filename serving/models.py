@@ -1,0 +1,113 @@
+"""The champion and challenger the service serves, and how they are swapped without a restart.
+
+:class:`ModelSlots` holds the two rankers behind one immutable :class:`Slots` value. A refresh reads
+the registry's aliases; for each alias that now points elsewhere it downloads the version, loads it,
+runs a smoke query, and only then replaces the whole ``Slots`` value in one assignment. A request
+reads ``self.current`` once and uses that value throughout, so it never sees half a swap, and the old
+rankers are released when the last request holding them finishes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from serving.scoring import Ranker
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Slots:
+    champion: Ranker | None
+    challenger: Ranker | None
+
+    @property
+    def champion_version(self) -> int | None:
+        return self.champion.version if self.champion else None
+
+    @property
+    def challenger_version(self) -> int | None:
+        return self.challenger.version if self.challenger else None
+
+
+class ModelSlots:
+    """Champion and challenger, loaded from the registry and hot-swapped.
+
+    Args:
+        registry: where the aliases and versions are.
+        on_swap: called with (variant, old version, new version, reason) after each swap.
+    """
+
+    def __init__(self, registry: Registry, on_swap: Callable[[str, int | None, int | None, str], None] | None = None):
+        self.registry = registry
+        self.on_swap = on_swap
+        self.current = Slots(None, None)
+        self._lock = threading.Lock()  # one refresh at a time; requests never take it
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.last_error: str | None = None
+
+    def _load(self, version: int) -> Ranker:
+        path: Path = self.registry.download(version)
+        ranker = Ranker.load(path, version)
+        ranker.smoke_test()
+        return ranker
+
+    def refresh(self, reason: str = "registry poll") -> bool:
+        """Follow the registry's aliases; return whether anything was swapped."""
+        with self._lock:
+            try:
+                champion = self.registry.by_alias(CHAMPION)
+                challenger = self.registry.by_alias(CHALLENGER)
+            except RegistryError as exc:
+                self.last_error = str(exc)
+                log.warning("cannot read the registry, keeping the current models: %s", exc)
+                return False
+            current = self.current
+            wanted = {"champion": champion.version if champion else None,
+                      "challenger": challenger.version if challenger else None}  # fmt: skip
+            new = current
+            swapped = []
+            for variant, version in wanted.items():
+                loaded = getattr(current, variant)
+                if (loaded.version if loaded else None) == version:
+                    continue
+                if version is None:
+                    new = replace(new, **{variant: None})
+                else:
+                    reuse = [r for r in (current.champion, current.challenger) if r and r.version == version]
+                    try:
+                        ranker = reuse[0] if reuse else self._load(version)
+                    except (OSError, ValueError, RegistryError) as exc:
+                        self.last_error = f"version {version} for {variant}: {exc}"
+                        log.error("not swapping %s to version %s: %s", variant, version, exc)
+                        continue
+                    new = replace(new, **{variant: ranker})
+                swapped.append((variant, loaded.version if loaded else None, version))
+            if not swapped:
+                return False
+            self.current = new  # the atomic swap
+            self.last_error = None
+        for variant, old, version in swapped:
+            log.info("%s: version %s -> %s (%s)", variant, old, version, reason)
+            if self.on_swap is not None:
+                self.on_swap(variant, old, version, reason)
+        return True
+
+    def start(self, poll_seconds: float) -> None:
+        def run() -> None:
+            while not self._stop.wait(poll_seconds):
+                self.refresh()
+
+        self._thread = threading.Thread(target=run, name="model-slots", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)

@@ -1,0 +1,44 @@
+"""The HTTP contract of the recommendation service (DESIGN.md, "Serving contract")."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, Field
+
+UserId = Annotated[str, Field(min_length=1, max_length=128, description="The listener's id, as in the warehouse.")]
+TrackId = Annotated[str, Field(min_length=1, max_length=256)]
+FEEDBACK_TYPES = ("click", "skip", "like", "dislike", "play")
+
+
+class Item(BaseModel):
+    track_id: str
+    artist_id: str
+    score: float
+
+
+class Recommendations(BaseModel):
+    user_id: str
+    items: list[Item]
+    model_version: int
+    variant: Literal["champion", "challenger"]
+    fallback: bool = Field(description="True when the user is unknown to the model: popular tracks instead.")
+    request_id: str
+
+
+class FeedbackAccepted(BaseModel):
+    accepted: bool
+    event_id: str
+
+
+class CanaryState(BaseModel):
+    fraction: float
+    champion_version: int | None
+    challenger_version: int | None
+
+
+class AdminResult(BaseModel):
+    ok: bool
+    detail: str
+    champion_version: int | None
+    challenger_version: int | None

@@ -1,0 +1,272 @@
+"""The recommendation service: champion and canary challenger, feedback loop, hot swap, metrics.
+
+    bentoml serve serving.service:Recommender --port 3001
+
+Configuration (environment, read through ``recsys_assets.settings``):
+
+| variable | default | what |
+|---|---|---|
+| ``MLFLOW_TRACKING_URI`` | ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db`` | where champion and challenger are |
+| ``RECSYS_WAREHOUSE_URI`` | the DuckDB file | where impressions and feedback land (``none`` to disable) |
+| ``RECSYS_CANARY_FRACTION`` | ``0.1`` | share of users (stable hash) who get the challenger |
+| ``RECSYS_MODEL_POLL_SECONDS`` | ``5`` | how often the registry's aliases are checked |
+| ``RECSYS_FEEDBACK_FLUSH_SECONDS`` | ``2`` | how often buffered events land in the warehouse |
+| ``RECSYS_ADMIN_TOKEN`` | the content of ``$RECSYS_HOME/admin_token`` | bearer token of the ``/admin/*`` endpoints |
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import secrets
+import time
+import uuid
+from http import HTTPStatus
+from typing import Annotated
+
+import bentoml
+from annotated_types import Ge, Le
+from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
+from pydantic import Field
+
+import recsys_assets  # noqa: F401  (sets the environment before anything imports TensorFlow)
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import Registry, RegistryError
+from recsys_assets.settings import load_settings
+from serving.canary import variant_for
+from serving.feedback import FeedbackWriter, event_row
+from serving.models import ModelSlots
+from serving.schemas import (
+    FEEDBACK_TYPES,
+    AdminResult,
+    CanaryState,
+    FeedbackAccepted,
+    Item,
+    Recommendations,
+    TrackId,
+    UserId,
+)
+
+log = logging.getLogger("recsys.serving")
+
+AdminReason = Annotated[str, Field(max_length=2000, description="Why; recorded on the model versions.")]
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
+
+RECOMMENDATIONS = bentoml.metrics.Counter(
+    name="recsys_recommendations", documentation="Recommendation lists served",
+    labelnames=["model_version", "variant", "fallback"],
+)  # fmt: skip
+IMPRESSIONS = bentoml.metrics.Counter(
+    name="recsys_impressions", documentation="Recommended items shown", labelnames=["model_version", "variant"]
+)
+FEEDBACK = bentoml.metrics.Counter(
+    name="recsys_feedback", documentation="Feedback on recommended items",
+    labelnames=["model_version", "variant", "event_type"],
+)  # fmt: skip
+SCORING_SECONDS = bentoml.metrics.Histogram(
+    name="recsys_scoring_duration_seconds", documentation="Scoring and top-k time of /recommend",
+    labelnames=["variant"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+MODEL_RELOADS = bentoml.metrics.Counter(
+    name="recsys_model_reloads", documentation="Model swaps", labelnames=["variant", "reason"]
+)
+MODEL_INFO = bentoml.metrics.Gauge(
+    name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
+)
+
+
+def _admin_token(home) -> str:
+    token = os.environ.get("RECSYS_ADMIN_TOKEN")
+    if token:
+        return token
+    path = home / "admin_token"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        path.write_text(secrets.token_urlsafe(24))
+        path.chmod(0o600)
+    return path.read_text().strip()
+
+
+@bentoml.service(
+    name="recommender",
+    traffic={"timeout": 10},
+    workers=1,
+    logging={"access": {"enabled": os.environ.get("RECSYS_ACCESS_LOG", "0") == "1"}},
+)
+class Recommender:
+    """Real-time recommendations from the MLflow registry's champion, with a canary challenger."""
+
+    def __init__(self) -> None:
+        settings = load_settings()
+        root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
+        self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
+        self.fraction = float(os.environ.get("RECSYS_CANARY_FRACTION", "0.1"))
+        self.token = _admin_token(settings.home)
+        self.slots = ModelSlots(self.registry, on_swap=self._swapped)
+        self.slots.refresh(reason="start-up")
+        self.slots.start(float(os.environ.get("RECSYS_MODEL_POLL_SECONDS", "5")))
+        warehouse = None if os.environ.get("RECSYS_WAREHOUSE_URI") == "none" else Warehouse(settings.warehouse_uri)
+        self.feedback_writer = FeedbackWriter(
+            warehouse,
+            spill_dir=settings.home / "serving" / "spill",
+            flush_seconds=float(os.environ.get("RECSYS_FEEDBACK_FLUSH_SECONDS", "2")),
+        )
+        self.feedback_writer.start()
+
+    def _swapped(self, variant: str, old: int | None, new: int | None, reason: str) -> None:
+        MODEL_RELOADS.labels(variant=variant, reason=reason).inc()
+        MODEL_INFO.labels(variant=variant).set(new or 0)
+
+    @bentoml.on_shutdown
+    def _shutdown(self) -> None:
+        self.slots.close()
+        self.feedback_writer.close()
+
+    # --- the contract --------------------------------------------------------------------------
+
+    @bentoml.api(route="/recommend")
+    async def recommend(self, user_id: UserId, k: Annotated[int, Ge(1), Le(100)] = 10) -> Recommendations:
+        """Top-k tracks for a user, already-heard tracks excluded; popular tracks for unknown users."""
+        slots = self.slots.current  # read once: a swap during this request does not affect it
+        if slots.champion is None:
+            raise ServiceUnavailable("no champion model is registered yet")
+        variant = variant_for(user_id, self.fraction, slots.challenger is not None)
+        ranker = slots.challenger if variant == "challenger" else slots.champion
+        started = time.perf_counter()
+        rec = ranker.recommend(user_id, k)
+        SCORING_SECONDS.labels(variant=variant).observe(time.perf_counter() - started)
+        version = str(ranker.version)
+        request_id = uuid.uuid4().hex
+        RECOMMENDATIONS.labels(model_version=version, variant=variant, fallback=str(rec.fallback).lower()).inc()
+        IMPRESSIONS.labels(model_version=version, variant=variant).inc(len(rec.track_ids))
+        self.feedback_writer.add(
+            [
+                event_row(
+                    event_id=f"imp-{request_id}-{rank}",
+                    user_id=user_id,
+                    track_id=track,
+                    artist_id=artist,
+                    event_type="impression",
+                    model_version=ranker.version,
+                    variant=variant,
+                )
+                for rank, (track, artist) in enumerate(zip(rec.track_ids, rec.artist_ids, strict=True))
+            ]
+        )
+        return Recommendations(
+            user_id=user_id,
+            items=[
+                Item(track_id=t, artist_id=a, score=s)
+                for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)
+            ],
+            model_version=ranker.version,
+            variant=variant,
+            fallback=rec.fallback,
+            request_id=request_id,
+        )
+
+    @bentoml.api(route="/feedback")
+    async def feedback(
+        self,
+        user_id: UserId,
+        track_id: TrackId,
+        event_type: Annotated[str, Field(description=f"One of {', '.join(FEEDBACK_TYPES)}.")],
+        model_version: int | None = None,
+        variant: str | None = None,
+        event_id: Annotated[str | None, Field(max_length=128)] = None,
+        ctx: bentoml.Context = None,
+    ) -> FeedbackAccepted:
+        """Record what the user did with a recommended track (202 Accepted)."""
+        if event_type not in FEEDBACK_TYPES:
+            raise InvalidArgument(f"event_type={event_type!r}: expected one of {', '.join(FEEDBACK_TYPES)}")
+        if variant is not None and variant not in ("champion", "challenger"):
+            raise InvalidArgument(f"variant={variant!r}: expected champion or challenger")
+        event_id = event_id or f"fb-{uuid.uuid4().hex}"
+        FEEDBACK.labels(
+            model_version=str(model_version) if model_version is not None else "unknown",
+            variant=variant or "unknown",
+            event_type=event_type,
+        ).inc()
+        self.feedback_writer.add(
+            [
+                event_row(
+                    event_id=event_id,
+                    user_id=user_id,
+                    track_id=track_id,
+                    artist_id=None,
+                    event_type=event_type,
+                    model_version=model_version,
+                    variant=variant,
+                )
+            ]
+        )
+        if ctx is not None:
+            ctx.response.status_code = HTTPStatus.ACCEPTED
+        return FeedbackAccepted(accepted=True, event_id=event_id)
+
+    # --- administration (bearer token) ------------------------------------------------------------
+
+    def _authorize(self, ctx: bentoml.Context) -> None:
+        header = ctx.request.headers.get("authorization", "")
+        if not secrets.compare_digest(header, f"Bearer {self.token}"):
+            raise BentoMLException(
+                "admin endpoints need 'Authorization: Bearer <token>'", error_code=HTTPStatus.UNAUTHORIZED
+            )
+
+    def _result(self, detail: str) -> AdminResult:
+        slots = self.slots.current
+        return AdminResult(ok=True, detail=detail, champion_version=slots.champion_version,
+                           challenger_version=slots.challenger_version)  # fmt: skip
+
+    @bentoml.api(route="/admin/canary")
+    async def canary(
+        self, ctx: bentoml.Context, fraction: Annotated[float, Ge(0.0), Le(1.0)] | None = None
+    ) -> CanaryState:
+        """Read, or set (``fraction``), the share of users who get the challenger."""
+        self._authorize(ctx)
+        if fraction is not None:
+            self.fraction = fraction
+            log.info("canary fraction set to %s", fraction)
+        slots = self.slots.current
+        return CanaryState(fraction=self.fraction, champion_version=slots.champion_version,
+                           challenger_version=slots.challenger_version)  # fmt: skip
+
+    @bentoml.api(route="/admin/reload")
+    def reload(self, ctx: bentoml.Context) -> AdminResult:
+        """Follow the registry's aliases now instead of at the next poll."""
+        self._authorize(ctx)
+        swapped = self.slots.refresh(reason="admin reload")
+        if self.slots.last_error:
+            raise ServiceUnavailable(f"reload failed: {self.slots.last_error}")
+        return self._result("swapped" if swapped else "already up to date")
+
+    @bentoml.api(route="/admin/promote")
+    def promote(
+        self, ctx: bentoml.Context, reason: AdminReason = "promoted through the admin API", version: int | None = None
+    ) -> AdminResult:
+        """Make the challenger (or ``version``) the champion in the registry, then swap."""
+        self._authorize(ctx)
+        try:
+            promoted = self.registry.promote(version, reason=reason, by="serving admin API")
+        except RegistryError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        self.slots.refresh(reason="promotion")
+        return self._result(f"version {promoted.version} is the champion")
+
+    @bentoml.api(route="/admin/rollback")
+    def rollback(
+        self, ctx: bentoml.Context, reason: AdminReason = "rolled back through the admin API", to: int | None = None
+    ) -> AdminResult:
+        """Drop the challenger if there is one (and no ``to``); else move the champion back."""
+        self._authorize(ctx)
+        try:
+            if to is None and self.registry.by_alias("challenger") is not None:
+                rejected = self.registry.reject_challenger(reason=reason, by="serving admin API")
+                detail = f"challenger version {rejected.version} rolled back"
+            else:
+                champion = self.registry.rollback(to, reason=reason, by="serving admin API")
+                detail = f"version {champion.version} is the champion again"
+        except RegistryError as exc:
+            raise InvalidArgument(str(exc)) from exc
+        self.slots.refresh(reason="rollback")
+        return self._result(detail)
