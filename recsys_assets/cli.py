@@ -58,12 +58,14 @@ def _with_ports(settings: Settings, **ports: int | None) -> Settings:
     return new
 
 
-def start_stack(settings: Settings, *, with_mlflow: bool = True, with_prometheus: bool = True) -> Stack:
+def start_stack(
+    settings: Settings, *, with_mlflow: bool = True, with_prometheus: bool = True, with_bento: bool = True
+) -> Stack:
     """Start the local stack and print where each service answers."""
     ensure_home(settings)
     init_dagster_storage(settings)
     stack = Stack(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
-    specs = stack_services(settings, with_mlflow=with_mlflow, with_prometheus=with_prometheus)
+    specs = stack_services(settings, with_mlflow=with_mlflow, with_prometheus=with_prometheus, with_bento=with_bento)
     click.echo(f"RECSYS_HOME={settings.home}")
     click.echo("starting " + ", ".join(s.name for s in specs) + " …")
     stack.start(specs)
@@ -108,6 +110,7 @@ def wait_until_interrupted(stack: Stack) -> int:
 @click.option("--prometheus-port", type=int, help="Prometheus port [env RECSYS_PROMETHEUS_PORT, default 9090].")
 @click.option("--no-mlflow", is_flag=True, help="Do not start the MLflow UI.")
 @click.option("--no-prometheus", is_flag=True, help="Do not start Prometheus even if it is installed.")
+@click.option("--no-bento", is_flag=True, help="Do not start the recommendation service.")
 @click.option("--detach", is_flag=True, help="Start, print the URLs and return; stop with `recsys down`.")
 @click.pass_context
 def up(
@@ -118,6 +121,7 @@ def up(
     prometheus_port: int | None,
     no_mlflow: bool,
     no_prometheus: bool,
+    no_bento: bool,
     detach: bool,
 ) -> None:
     """Start the Dagster UI and daemon, the MLflow UI and Prometheus on 127.0.0.1."""
@@ -125,7 +129,9 @@ def up(
         _settings(ctx), dagster=dagster_port, mlflow=mlflow_port, bento=bento_port, prometheus=prometheus_port
     )
     try:
-        stack = start_stack(settings, with_mlflow=not no_mlflow, with_prometheus=not no_prometheus)
+        stack = start_stack(
+            settings, with_mlflow=not no_mlflow, with_prometheus=not no_prometheus, with_bento=not no_bento
+        )
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     if detach:
@@ -412,6 +418,64 @@ def model_rollback(ctx: click.Context, to: int | None, reason: str) -> None:
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"champion is now version {champion.version}")
+
+
+# --- simulated traffic --------------------------------------------------------------------------
+
+
+@cli.command()
+@click.option("--users", default=2000, show_default=True, type=click.IntRange(1), help="Distinct simulated users.")
+@click.option(
+    "--rps", default=50.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Requests per second."
+)
+@click.option(
+    "--duration", default=60.0, show_default=True, type=click.FloatRange(min=0, min_open=True), help="Seconds."
+)
+@click.option("--k", default=10, show_default=True, type=click.IntRange(1, 100), help="Items per request.")
+@click.option("--url", help="The service [default: RECSYS_SERVING_URL].")
+@click.option("--seed", default=0, show_default=True, type=int)
+@click.pass_context
+def traffic(ctx: click.Context, users: int, rps: float, duration: float, k: int, url: str | None, seed: int) -> None:
+    """Call the endpoint as simulated users and send their feedback (clicks, plays, skips, likes)."""
+    import asyncio
+
+    import numpy as np
+
+    from recsys_assets.data.simulation import world_dir
+    from recsys_assets.data.simulator import World
+    from recsys_assets.data.traffic import Behaviour, run_traffic
+
+    settings = _settings(ctx)
+    url = url or settings.serving_url
+    try:
+        world = World.load(world_dir(settings.home))
+    except FileNotFoundError:
+        world = None
+        click.echo("no simulated world: clicks use a flat 5% probability and user ids are synthetic")
+    if world is not None:
+        ids = World.user_id(np.random.default_rng(seed).choice(world.n_users, min(users, world.n_users), replace=False))
+        user_ids = list(ids)
+        behaviour = Behaviour(world.click_probability, world.affinity, seed=seed)
+    else:
+        user_ids = [f"visitor-{i}" for i in range(users)]
+        behaviour = Behaviour(None, None, seed=seed)
+    click.echo(f"{len(user_ids):,} users, {rps:g} requests/s for {duration:g}s against {url}")
+    report = asyncio.run(
+        run_traffic(
+            url,
+            user_ids,
+            behaviour,
+            rps=rps,
+            duration=duration,
+            k=k,
+            on_progress=lambda r: click.echo(f"  {r.requests:,} requests, {r.failures} failed"),
+        )  # fmt: skip
+    )
+    click.echo(report.summary())
+    if report.errors:
+        click.echo(f"errors: {dict(report.errors)}", err=True)
+    if report.requests == 0:
+        raise click.ClickException(f"no request reached {url}: is the service up (`recsys up`)?")
 
 
 # --- the asset graph ----------------------------------------------------------------------------

@@ -25,11 +25,12 @@ from http import HTTPStatus
 from typing import Annotated
 
 import bentoml
+import prometheus_client
 from annotated_types import Ge, Le
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field
 
-import recsys_assets  # noqa: F401  (sets the environment before anything imports TensorFlow)
+import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry, RegistryError
 from recsys_assets.settings import load_settings
@@ -52,25 +53,25 @@ log = logging.getLogger("recsys.serving")
 AdminReason = Annotated[str, Field(max_length=2000, description="Why; recorded on the model versions.")]
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
-RECOMMENDATIONS = bentoml.metrics.Counter(
+RECOMMENDATIONS = prometheus_client.Counter(
     name="recsys_recommendations", documentation="Recommendation lists served",
     labelnames=["model_version", "variant", "fallback"],
 )  # fmt: skip
-IMPRESSIONS = bentoml.metrics.Counter(
+IMPRESSIONS = prometheus_client.Counter(
     name="recsys_impressions", documentation="Recommended items shown", labelnames=["model_version", "variant"]
 )
-FEEDBACK = bentoml.metrics.Counter(
+FEEDBACK = prometheus_client.Counter(
     name="recsys_feedback", documentation="Feedback on recommended items",
     labelnames=["model_version", "variant", "event_type"],
 )  # fmt: skip
-SCORING_SECONDS = bentoml.metrics.Histogram(
+SCORING_SECONDS = prometheus_client.Histogram(
     name="recsys_scoring_duration_seconds", documentation="Scoring and top-k time of /recommend",
     labelnames=["variant"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
-MODEL_RELOADS = bentoml.metrics.Counter(
+MODEL_RELOADS = prometheus_client.Counter(
     name="recsys_model_reloads", documentation="Model swaps", labelnames=["variant", "reason"]
 )
-MODEL_INFO = bentoml.metrics.Gauge(
+MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
 )
 

@@ -442,7 +442,9 @@ def train_two_tower(
         fit_part, val_part = validation_split
         validation = build_eval_set(fit_part, val_part)
         if len(validation.users) > params.validation_users:
-            keep = np.random.default_rng(params.seed).choice(len(validation.users), params.validation_users, replace=False)
+            keep = np.random.default_rng(params.seed).choice(
+                len(validation.users), params.validation_users, replace=False
+            )
             validation = build_eval_set(
                 fit_part, val_part.filter(pl.col("user_id").is_in(validation.users[np.sort(keep)].tolist()))
             )
@@ -455,7 +457,9 @@ def train_two_tower(
         runs.append(fit)
         best_epoch = max(fit.best_epoch, 1)
         if params.refit == "warm":
-            runs.append(_fit(model, pairs, items, vocab, features, params, params.refit_epochs, None, progress, "refit"))
+            runs.append(
+                _fit(model, pairs, items, vocab, features, params, params.refit_epochs, None, progress, "refit")
+            )
         elif params.refit == "scratch":
             tf.keras.utils.set_random_seed(params.seed)
             model = _build_model(vocab, features.shape[1], params)

@@ -132,13 +132,39 @@ def prometheus_config(settings: Settings) -> Path:
     return config
 
 
-def stack_services(settings: Settings, *, with_mlflow: bool = True, with_prometheus: bool = True) -> list[ServiceSpec]:
+def bento_spec(settings: Settings, env: dict[str, str] | None = None) -> ServiceSpec:
+    """``bentoml serve`` of the recommendation service on ``settings``' host and BentoML port."""
+    url = settings.url("bento")
+    return ServiceSpec(
+        name="bento",
+        argv=[
+            _bin("bentoml"),
+            "serve",
+            "serving.service:Recommender",
+            "--host",
+            settings.host,
+            "--port",
+            str(settings.ports["bento"]),
+            "--working-dir",
+            str(REPO_ROOT),
+        ],
+        port=settings.ports["bento"],
+        url=url,
+        ready=lambda: _answers(f"{url}/readyz"),
+        env=env or {},
+    )
+
+
+def stack_services(
+    settings: Settings, *, with_mlflow: bool = True, with_prometheus: bool = True, with_bento: bool = True
+) -> list[ServiceSpec]:
     """The processes ``recsys up`` starts, in start order.
 
     Args:
         settings: where everything lives.
         with_mlflow: start the MLflow UI.
         with_prometheus: start Prometheus when its binary is installed.
+        with_bento: start the recommendation service (it serves once a champion is registered).
     """
     if not WORKSPACE_FILE.exists():
         raise FileNotFoundError(f"{WORKSPACE_FILE} is missing: run recsys from a checkout of the project")
@@ -178,6 +204,8 @@ def stack_services(settings: Settings, *, with_mlflow: bool = True, with_prometh
                 ready=lambda: _answers(f"{mlflow_url}/health"),
             )
         )
+    if with_bento:
+        specs.append(bento_spec(settings))
     prometheus = shutil.which("prometheus")
     if with_prometheus and prometheus:
         prom_url = settings.url("prometheus")

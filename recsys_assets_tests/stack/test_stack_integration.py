@@ -96,7 +96,8 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
         assert "<title>MLflow</title>" in page.text
 
         records = json.loads(state_file.read_text())
-        assert {r["name"] for r in records} == {"dagster-webserver", "dagster-daemon", "mlflow"}
+        assert {r["name"] for r in records} == {"dagster-webserver", "dagster-daemon", "mlflow", "bento"}
+        assert httpx.get(f"http://127.0.0.1:{ports['bento']}/readyz", timeout=5).status_code == 200
         started = {r["pid"] for r in records}
         for record in records:
             started |= {c.pid for c in psutil.Process(record["pid"]).children(recursive=True)}
@@ -108,7 +109,7 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
 
     text = "".join(output)
     assert proc.returncode == 0, text
-    assert "stopped mlflow, dagster-daemon, dagster-webserver" in text
+    assert "stopped bento, mlflow, dagster-daemon, dagster-webserver" in text
     alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
     assert not state_file.exists()

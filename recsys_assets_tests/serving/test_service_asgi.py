@@ -1,0 +1,178 @@
+"""The service's HTTP contract through its ASGI app (no network), with a real registry and warehouse."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+from starlette.testclient import TestClient
+
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+
+pytestmark = pytest.mark.slow
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def service_env(serving_home):
+    """The service's environment for the whole module: BentoML registers its metrics once per process,
+    so one ASGI app serves every test here (the registry is never changed by these tests)."""
+    import os
+
+    saved = dict(os.environ)
+    for name in list(os.environ):
+        if name.startswith("RECSYS_") or name in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "BENTOML_HOME"):
+            del os.environ[name]
+    os.environ.update(serving_home.env)
+    try:
+        yield serving_home
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.fixture(scope="module")
+def client(service_env):
+    from serving.service import Recommender
+
+    with TestClient(Recommender.to_asgi()) as c:
+        yield c
+
+
+def test_recommend_follows_the_contract(client, service_env) -> None:
+    response = client.post("/recommend", json={"user_id": service_env.known_user, "k": 7})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert set(body) == {"user_id", "items", "model_version", "variant", "fallback", "request_id"}
+    assert len(body["items"]) == 7
+    assert set(body["items"][0]) == {"track_id", "artist_id", "score"}
+    scores = [item["score"] for item in body["items"]]
+    assert scores == sorted(scores, reverse=True)
+    assert body["fallback"] is False
+    assert (body["variant"], body["model_version"]) in {("champion", 1), ("challenger", 2)}
+
+
+def test_already_heard_tracks_are_excluded(client, service_env) -> None:
+    from recsys_assets.ml.artifacts import ModelArtifact
+
+    body = client.post("/recommend", json={"user_id": service_env.known_user, "k": 20}).json()
+    artifact = ModelArtifact.load(service_env.registry.download(body["model_version"]))
+    heard = {str(artifact.item_ids[i]) for i in artifact.seen(artifact.user_row(service_env.known_user))}
+    assert heard
+    assert not heard & {item["track_id"] for item in body["items"]}
+
+
+def test_unknown_users_get_the_popularity_fallback_flagged(client) -> None:
+    body = client.post("/recommend", json={"user_id": "someone-new", "k": 5}).json()
+    assert body["fallback"] is True
+    assert len(body["items"]) == 5
+
+
+def test_the_variant_is_sticky_per_user(client) -> None:
+    variants = {client.post("/recommend", json={"user_id": "sticky-user"}).json()["variant"] for _ in range(5)}
+    assert len(variants) == 1
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"user_id": "u", "k": 0}, "k"),
+        ({"user_id": "u", "k": 101}, "k"),
+        ({"user_id": "u", "k": "ten"}, "k"),
+        ({"user_id": "", "k": 5}, "user_id"),
+        ({"user_id": "x" * 129}, "user_id"),
+        ({"k": 5}, "user_id"),
+        ({"user_id": 12345}, "user_id"),
+    ],
+)
+def test_bad_recommend_input_is_a_4xx_naming_the_field(client, payload, fragment) -> None:
+    response = client.post("/recommend", json=payload)
+    assert 400 <= response.status_code < 500, response.text
+    assert fragment in response.text
+
+
+def test_malformed_json_is_a_4xx(client) -> None:
+    response = client.post("/recommend", content=b"{not json", headers={"content-type": "application/json"})
+    assert 400 <= response.status_code < 500
+
+
+def test_feedback_is_accepted_and_lands_in_the_warehouse(client, service_env) -> None:
+    response = client.post(
+        "/feedback",
+        json={
+            "user_id": "u1",
+            "track_id": "t0000001",
+            "event_type": "click",
+            "model_version": 1,
+            "variant": "champion",
+        },
+    )
+    assert response.status_code == 202, response.text
+    event_id = response.json()["event_id"]
+    client.post("/recommend", json={"user_id": "u1", "k": 3})
+    warehouse = Warehouse(service_env.env["RECSYS_WAREHOUSE_URI"])
+    deadline = time.monotonic() + 20
+    rows = None
+    while time.monotonic() < deadline:
+        warehouse.init_schema()
+        rows = warehouse.fetch(
+            "SELECT event_id, event_type, source, model_version, variant FROM listening_events WHERE user_id = 'u1'"
+        )
+        if rows.height >= 4:
+            break
+        time.sleep(0.3)
+    assert rows is not None
+    kinds = rows["event_type"].value_counts().sort("event_type").rows()
+    assert kinds == [("click", 1), ("impression", 3)]
+    click = rows.filter(rows["event_id"] == event_id).row(0, named=True)
+    assert (click["source"], click["model_version"], click["variant"]) == ("recommendation", "1", "champion")
+
+
+@pytest.mark.parametrize(
+    ("payload", "fragment"),
+    [
+        ({"user_id": "u", "track_id": "t", "event_type": "teleport"}, "event_type='teleport'"),
+        ({"user_id": "u", "track_id": "t", "event_type": "click", "variant": "blue"}, "variant='blue'"),
+        ({"user_id": "u", "event_type": "click"}, "track_id"),
+        ({"user_id": "u", "track_id": "t", "event_type": "click", "model_version": "v1"}, "model_version"),
+    ],
+)
+def test_bad_feedback_is_a_4xx_naming_the_field(client, payload, fragment) -> None:
+    response = client.post("/feedback", json=payload)
+    assert 400 <= response.status_code < 500, response.text
+    assert fragment in response.text
+
+
+def test_health_and_openapi(client) -> None:
+    assert client.get("/healthz").status_code == 200
+    assert client.get("/readyz").status_code == 200
+    spec = client.get("/docs.json").json()
+    assert {"/recommend", "/feedback", "/admin/reload", "/admin/promote", "/admin/rollback"} <= set(spec["paths"])
+
+
+def test_counters_move_per_variant_and_version(client) -> None:
+    # /metrics itself needs `bentoml serve`'s multiprocess directory: the integration test reads it.
+    import prometheus_client
+
+    def sample(name: str, **labels: str) -> float:
+        return prometheus_client.REGISTRY.get_sample_value(name, labels) or 0.0
+
+    body = client.post("/recommend", json={"user_id": "metrics-user", "k": 4}).json()
+    labels = {"model_version": str(body["model_version"]), "variant": body["variant"]}
+    before = sample("recsys_impressions_total", **labels)
+    client.post("/recommend", json={"user_id": "metrics-user", "k": 4})
+    assert sample("recsys_impressions_total", **labels) == before + 4
+    clicks = sample("recsys_feedback_total", **labels, event_type="click")
+    client.post("/feedback", json={"user_id": "metrics-user", "track_id": "t", "event_type": "click",
+                                   "model_version": body["model_version"], "variant": body["variant"]})  # fmt: skip
+    assert sample("recsys_feedback_total", **labels, event_type="click") == clicks + 1
+
+
+def test_admin_endpoints_need_the_token(client) -> None:
+    assert client.post("/admin/canary", json={}).status_code == 401
+    assert client.post("/admin/canary", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    response = client.post("/admin/canary", json={"fraction": 0.25}, headers=AUTH)
+    assert response.status_code == 200, response.text
+    assert response.json() == {"fraction": 0.25, "champion_version": 1, "challenger_version": 2}
+    assert client.post("/admin/canary", json={"fraction": 1.5}, headers=AUTH).status_code == 400

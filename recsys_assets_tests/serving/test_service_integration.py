@@ -1,0 +1,119 @@
+"""`bentoml serve` for real on loopback: canary split, promotion under load with no failed request,
+rollback, and the counters on /metrics."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from recsys_assets.settings import load_settings
+from recsys_assets.stack.services import bento_spec
+from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_assets_tests.conftest import REPO_ROOT
+from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+@pytest.fixture
+def server(serving_home, tmp_path: Path):
+    """A real `bentoml serve` on a copy of the session's registry (this test changes the aliases)."""
+    home = tmp_path / "home"
+    shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
+    settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
+    env = {**serving_home.env, **settings.child_env({}), "RECSYS_CANARY_FRACTION": "0.3"}
+    stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
+    stack.start([bento_spec(settings)], timeout=180)
+    try:
+        yield settings.url("bento"), stack
+    finally:
+        pids = stack.all_pids()
+        stack.stop(grace=20)
+        assert not [p for p in pids if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+
+
+def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
+    url, _ = server
+    client = httpx.Client(base_url=url, timeout=10)
+
+    # The canary split: 2,000 users, 30% challenger, within ±5 points; sticky per user.
+    variants = {}
+    for i in range(2000):
+        body = client.post("/recommend", json={"user_id": f"canary-{i}", "k": 3}).json()
+        variants[f"canary-{i}"] = (body["variant"], body["model_version"])
+    share = sum(v == "challenger" for v, _ in variants.values()) / len(variants)
+    assert abs(share - 0.3) <= 0.05, share
+    assert {v for v in variants.values()} == {("champion", 1), ("challenger", 2)}
+    again = client.post("/recommend", json={"user_id": "canary-7", "k": 3}).json()
+    assert (again["variant"], again["model_version"]) == variants["canary-7"]
+
+    # Load from two threads while the challenger is promoted: not one request may fail.
+    outcomes: Counter = Counter()
+    served: Counter = Counter()
+    stop = threading.Event()
+
+    def load(worker: int) -> None:
+        with httpx.Client(base_url=url, timeout=10) as c:
+            n = 0
+            while not stop.is_set():
+                n += 1
+                try:
+                    r = c.post("/recommend", json={"user_id": f"load-{worker}-{n % 500}", "k": 10})
+                except httpx.HTTPError as exc:
+                    outcomes[type(exc).__name__] += 1
+                    continue
+                outcomes[r.status_code] += 1
+                if r.status_code == 200:
+                    body = r.json()
+                    served[(body["variant"], body["model_version"])] += 1
+
+    threads = [threading.Thread(target=load, args=(w,)) for w in range(2)]
+    for t in threads:
+        t.start()
+    time.sleep(3)
+    promoted = client.post("/admin/promote", json={"reason": "integration test"}, headers=AUTH)
+    time.sleep(3)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert promoted.status_code == 200, promoted.text
+    assert promoted.json()["champion_version"] == 2
+    assert promoted.json()["challenger_version"] is None
+    assert set(outcomes) == {200}, outcomes
+    assert outcomes[200] > 100
+    assert served[("champion", 2)] > 0  # after the swap, everyone gets version 2 as champion
+    after = client.post("/recommend", json={"user_id": "canary-7", "k": 3}).json()
+    assert (after["variant"], after["model_version"]) == ("champion", 2)
+
+    # Roll back: version 1 is the champion again.
+    rolled = client.post("/admin/rollback", json={"reason": "integration test"}, headers=AUTH)
+    assert rolled.status_code == 200, rolled.text
+    assert rolled.json()["champion_version"] == 1
+    assert client.post("/recommend", json={"user_id": "canary-7", "k": 3}).json()["model_version"] == 1
+
+    # Feedback and the counters, per version and variant, on /metrics.
+    feedback = client.post(
+        "/feedback",
+        json={
+            "user_id": "canary-7",
+            "track_id": "t1",
+            "event_type": "click",
+            "model_version": 1,
+            "variant": "champion",
+        },
+    )
+    assert feedback.status_code == 202
+    metrics = client.get("/metrics").text
+    assert 'recsys_recommendations_total{fallback="true",model_version="1",variant="champion"}' in metrics
+    assert 'recsys_impressions_total{model_version="2",variant="challenger"}' in metrics
+    assert 'recsys_feedback_total{event_type="click",model_version="1",variant="champion"}' in metrics
+    assert 'recsys_model_reloads_total{reason="promotion",variant="champion"}' in metrics
+    assert "bentoml_service_request_duration_seconds_bucket" in metrics
