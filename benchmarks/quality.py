@@ -163,6 +163,7 @@ def main() -> None:
             **result.metrics,
             "train_seconds": wall,
             "examples_per_second": trained.examples_per_second,
+            "popularity_prior": trained.popularity_prior,
             "best_epoch": trained.best_epoch,
             "pairs": trained.pairs,
             "params": params.__dict__,

@@ -6,7 +6,7 @@ import dagster as dg
 
 import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 from recsys_assets import checks
-from recsys_assets.assets import evaluation, features, ingestion, preparation, registry, training
+from recsys_assets.assets import deployment, evaluation, features, ingestion, preparation, registry, training
 from recsys_assets.resources import build_resources
 from recsys_assets.settings import load_settings
 
@@ -14,7 +14,7 @@ defs = dg.Definitions(
     assets=[
         ingestion.warehouse_listening_events,
         ingestion.warehouse_catalog,
-        *dg.load_assets_from_modules([ingestion, preparation, features, training, evaluation, registry]),
+        *dg.load_assets_from_modules([ingestion, preparation, features, training, evaluation, registry, deployment]),
     ],
     asset_checks=dg.load_asset_checks_from_modules([checks, evaluation]),
     resources=build_resources(load_settings()),

@@ -54,6 +54,60 @@ class MLflowResource(dg.ConfigurableResource):
         )
 
 
+class ServingClient:
+    """The running recommendation service's HTTP API (admin calls carry the bearer token)."""
+
+    def __init__(self, url: str, token: str, timeout: float = 10.0):
+        self.url = url.rstrip("/")
+        self.token = token
+        self.timeout = timeout
+
+    def ready(self) -> bool:
+        import httpx
+
+        try:
+            return httpx.get(f"{self.url}/readyz", timeout=3).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def admin(self, path: str, payload: dict | None = None) -> dict:
+        """POST to an ``/admin`` endpoint; raise with the service's message on an error status."""
+        import httpx
+
+        response = httpx.post(
+            f"{self.url}/admin/{path}",
+            json=payload or {},
+            headers={"Authorization": f"Bearer {self.token}"},
+            timeout=self.timeout,
+        )
+        if response.status_code >= 400:
+            raise RuntimeError(f"{self.url}/admin/{path} answered {response.status_code}: {response.text[:500]}")
+        return response.json()
+
+
+class ServingResource(dg.ConfigurableResource):
+    """The recommendation service (``bentoml serve`` locally, the Kubernetes Service in production)."""
+
+    url: str = Field(description="Base URL of the service.")
+    admin_token: str | None = Field(
+        default=None, description="Bearer token of /admin; default: RECSYS_ADMIN_TOKEN or $RECSYS_HOME/admin_token."
+    )
+    home: str = Field(description="RECSYS_HOME (where the default token lives).")
+
+    def get_client(self) -> ServingClient:
+        from recsys_assets.settings import admin_token
+
+        return ServingClient(self.url, self.admin_token or admin_token(Path(self.home)))
+
+
+class PrometheusResource(dg.ConfigurableResource):
+    """Prometheus, when it runs: online KPIs are read from it, else from the feedback table."""
+
+    url: str | None = Field(
+        default=None, description="PROMETHEUS_URL, e.g. http://127.0.0.1:9090; unset: no Prometheus."
+    )
+
+
 class RecsysHomeResource(dg.ConfigurableResource):
     """The root of the embedded stores, for reports and other files the UI links to."""
 
@@ -83,6 +137,8 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
         "recsys_home": RecsysHomeResource(home=_env_or("RECSYS_HOME", str(settings.home))),
+        "serving": ServingResource(url=_env_or("RECSYS_SERVING_URL", settings.serving_url), home=str(settings.home)),
+        "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", "") or None),
         "mlflow": MLflowResource(
             tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
             artifact_root=str(settings.mlflow_artifacts_dir)

@@ -133,3 +133,21 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         serving_url=env.get("RECSYS_SERVING_URL") or f"http://{host}:{ports['bento']}",
         prometheus_url=env.get("PROMETHEUS_URL") or None,
     )
+
+
+def admin_token(home: Path, env: Mapping[str, str] | None = None) -> str:
+    """The bearer token of the service's ``/admin`` endpoints: ``RECSYS_ADMIN_TOKEN``, or the token
+    kept in ``$RECSYS_HOME/admin_token`` (created, readable by its owner only, on first use)."""
+    import secrets
+
+    env = os.environ if env is None else env
+    if env.get("RECSYS_ADMIN_TOKEN"):
+        return env["RECSYS_ADMIN_TOKEN"]
+    path = home / "admin_token"
+    if not path.exists():
+        home.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(secrets.token_urlsafe(24))
+        tmp.chmod(0o600)
+        tmp.replace(path)
+    return path.read_text().strip()

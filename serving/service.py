@@ -33,7 +33,7 @@ from pydantic import Field
 import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry, RegistryError
-from recsys_assets.settings import load_settings
+from recsys_assets.settings import admin_token, load_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.models import ModelSlots
@@ -76,18 +76,6 @@ MODEL_INFO = prometheus_client.Gauge(
 )
 
 
-def _admin_token(home) -> str:
-    token = os.environ.get("RECSYS_ADMIN_TOKEN")
-    if token:
-        return token
-    path = home / "admin_token"
-    if not path.exists():
-        home.mkdir(parents=True, exist_ok=True)
-        path.write_text(secrets.token_urlsafe(24))
-        path.chmod(0o600)
-    return path.read_text().strip()
-
-
 @bentoml.service(
     name="recommender",
     traffic={"timeout": 10},
@@ -102,7 +90,7 @@ class Recommender:
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
         self.fraction = float(os.environ.get("RECSYS_CANARY_FRACTION", "0.1"))
-        self.token = _admin_token(settings.home)
+        self.token = admin_token(settings.home)
         self.slots = ModelSlots(self.registry, on_swap=self._swapped)
         self.slots.refresh(reason="start-up")
         self.slots.start(float(os.environ.get("RECSYS_MODEL_POLL_SECONDS", "5")))

@@ -202,7 +202,11 @@ def _export_savedmodels(trained, directory: Path, k: int) -> None:
             self.core = core
 
         def call(self, inputs):
-            return self.core({"user_row": self.lookup(inputs["user_id"]), "user_features": inputs["user_features"]})
+            embedding = self.core(
+                {"user_row": self.lookup(inputs["user_id"]), "user_features": inputs["user_features"]}
+            )
+            # The popularity prior's extra dimension (see two_tower.with_prior): always 1 on the query side.
+            return tf.concat([embedding, tf.ones_like(embedding[:, :1])], axis=1)
 
     tower = ServingQueryTower()
     example = {"user_id": tf.constant([str(vocab.users[1])]), "user_features": tf.zeros((1, n_features))}

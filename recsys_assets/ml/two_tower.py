@@ -47,14 +47,15 @@ class TwoTowerParams:
     learning_rate: float = 0.05
     batch_size: int = 2048
     max_epochs: int = 30
-    patience: int = 3
+    patience: int = 2
     temperature: float = 0.05
     l2: float = 0.0
     use_user_features: bool = True
     logq_correction: bool = True
     refit: str = "warm"
     refit_epochs: int = 1
-    validation_users: int = 3000
+    popularity_prior: bool = True
+    validation_users: int = 2000
     min_train_pairs: int = 50
     seed: int = 42
 
@@ -247,6 +248,8 @@ class TrainedTwoTower:
     model: object = field(repr=False)
     history: list[dict] = field(default_factory=list)
     best_epoch: int = 0
+    popularity_prior: float = 0.0
+    prior_scores: list[dict] = field(default_factory=list)
     train_seconds: float = 0.0
     examples_per_second: float = 0.0
     pairs: int = 0
@@ -293,6 +296,51 @@ def _dataset(arrays: dict[str, np.ndarray], params: TwoTowerParams, epoch_seed: 
     ds = tf.data.Dataset.from_tensor_slices(arrays)
     ds = ds.shuffle(min(n, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
     return ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
+
+
+PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
+
+
+def log_popularity(pairs: pl.DataFrame, vocab: Vocabulary) -> np.ndarray:
+    """log q(item): the smoothed share of training pairs per item row (the logQ of the loss)."""
+    counts = np.bincount(Vocabulary.index(pairs["track_id"], vocab.items), minlength=len(vocab.items)).astype(
+        np.float64
+    )
+    counts[0] = 0.0
+    return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
+
+
+def with_prior(
+    user_emb: np.ndarray, item_emb: np.ndarray, weight: float, log_q: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Embeddings whose dot product is ``u·v + weight·log q(v)``: one more dimension on each side.
+
+    The logQ correction trains scores with the popularity of in-batch negatives taken out; adding
+    ``temperature × α × log q`` back at scoring time (α picked on the validation split) lets the
+    recommendations lean towards popular tracks as much as the held-out data rewards it.
+    """
+    ones = np.ones((len(user_emb), 1), dtype=np.float32)
+    return (
+        np.hstack([user_emb, ones]).astype(np.float32),
+        np.hstack([item_emb, (weight * log_q)[:, None]]).astype(np.float32),
+    )
+
+
+def _pick_prior(
+    model, vocab, items, user_features, validation: EvalSet, pairs: pl.DataFrame, params
+) -> tuple[float, list[dict]]:
+    """The α of :func:`with_prior` with the best validation NDCG@10."""
+    user_emb, item_emb = _embeddings(model, vocab, items, user_features)
+    log_q = log_popularity(pairs, vocab)
+    scores = []
+    for alpha in PRIOR_GRID:
+        u, v = with_prior(user_emb, item_emb, params.temperature * alpha, log_q)
+        metrics = ranking_metrics(
+            recommend(_validation_scorer(vocab, u, v, validation.items), validation, 10), validation, ks=(10,)
+        )
+        scores.append({"popularity_prior": alpha, "val_ndcg@10": metrics.metrics["ndcg@10"]})
+    best = max(scores, key=lambda s: s["val_ndcg@10"])
+    return best["popularity_prior"], scores
 
 
 def _validation_scorer(vocab: Vocabulary, user_emb: np.ndarray, item_emb: np.ndarray, eval_items: np.ndarray):
@@ -435,6 +483,7 @@ def train_two_tower(
     tf.keras.utils.set_random_seed(params.seed)
     model = _build_model(vocab, features.shape[1], params)
     runs: list[_EpochEnd] = []
+    prior, prior_scores = 0.0, []
     if validation_split is None:
         runs.append(_fit(model, pairs, items, vocab, features, params, params.max_epochs, None, progress))
         best_epoch = runs[-1].best_epoch
@@ -456,6 +505,11 @@ def train_two_tower(
         )  # fmt: skip
         runs.append(fit)
         best_epoch = max(fit.best_epoch, 1)
+        if params.popularity_prior and len(validation.users):
+            prior, prior_scores = _pick_prior(
+                model, vocab, items, fit_features, validation, training_pairs(fit_part), params
+            )
+            log.info("popularity prior on the validation split: %s -> alpha %s", prior_scores, prior)
         if params.refit == "warm":
             runs.append(
                 _fit(model, pairs, items, vocab, features, params, params.refit_epochs, None, progress, "refit")
@@ -465,6 +519,7 @@ def train_two_tower(
             model = _build_model(vocab, features.shape[1], params)
             runs.append(_fit(model, pairs, items, vocab, features, params, best_epoch, None, progress, "refit"))
     user_emb, item_emb = _embeddings(model, vocab, items, features)
+    user_emb, item_emb = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(pairs, vocab))
     seconds = sum(r.seconds for r in runs)
     examples = sum(r.examples for r in runs)
     return TrainedTwoTower(
@@ -477,6 +532,8 @@ def train_two_tower(
         model=model,
         history=[h for r in runs for h in r.history],
         best_epoch=best_epoch,
+        popularity_prior=prior,
+        prior_scores=prior_scores,
         train_seconds=seconds,
         examples_per_second=examples / seconds if seconds else 0.0,
         pairs=pairs.height,

@@ -1,0 +1,93 @@
+"""The deployment assets against a real `bentoml serve`: build the Bento, deploy it, and let the canary
+analysis promote a challenger whose feedback is clearly better."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import pytest
+
+from recsys_assets.assets import deployment
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION
+from recsys_assets.resources import build_resources
+from recsys_assets.settings import load_settings
+from recsys_assets.stack.services import bento_spec
+from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_assets_tests.conftest import REPO_ROOT
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def test_bento_deploy_and_canary_promotion(serving_home, tmp_path: Path, monkeypatch) -> None:
+    home = tmp_path / "home"
+    shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
+    settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
+    env = {**serving_home.env, **settings.child_env({}), "RECSYS_CANARY_FRACTION": "0.0"}
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
+    stack.start([bento_spec(settings)], timeout=180)
+    try:
+        assets = [deployment.recommender_bento, deployment.model_deployment, deployment.canary_analysis]
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(
+                assets,
+                instance=instance,
+                resources=build_resources(settings),
+                selection=["recommender_bento", "model_deployment"],
+                run_config={"ops": {"model_deployment": {"config": {"canary_fraction": 0.5}}}},
+            )
+            assert result.success
+            bento = result.output_for_node("recommender_bento")
+            assert bento["champion"] == 1
+            assert bento["challenger"] == 2
+            assert bento["tag"].startswith("recommender:")
+            deployed = result.output_for_node("model_deployment")
+            assert deployed["served"] == {"fraction": 0.5, "champion_version": 1, "challenger_version": 2}
+            manifests = Path(deployed["manifests"]).read_text()
+            assert f'image: "{deployed["image"]}"' in manifests
+            assert 'RECSYS_CANARY_FRACTION: "0.5"' in manifests
+
+            # Traffic: the challenger's users click a lot more than the champion's.
+            client = httpx.Client(base_url=settings.url("bento"), timeout=10)
+            for i in range(400):
+                body = client.post("/recommend", json={"user_id": f"u-{i}", "k": 10}).json()
+                clicks = 4 if body["variant"] == "challenger" else 1
+                for item in body["items"][:clicks]:
+                    client.post("/feedback", json={"user_id": f"u-{i}", "track_id": item["track_id"], "event_type": "click",
+                                                   "model_version": body["model_version"], "variant": body["variant"]})  # fmt: skip
+            warehouse = Warehouse(settings.warehouse_uri)
+            import time
+
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                warehouse.init_schema()
+                if warehouse.scalar("SELECT COUNT(*) FROM listening_events WHERE event_type = 'click'") >= 1000:
+                    break
+                time.sleep(0.5)
+
+            analysis = dg.materialize(
+                assets,
+                instance=instance,
+                resources=build_resources(settings),
+                selection=["canary_analysis"],
+                run_config={"ops": {"canary_analysis": {"config": {"min_impressions": 1000}}}},
+            )
+            assert analysis.success
+            (event,) = analysis.asset_materializations_for_node("canary_analysis")
+            assert event.metadata["action"].value == "promote", event.metadata["decision"].value
+            assert event.metadata["source"].value == "warehouse feedback"
+        registry = serving_home.registry.__class__(
+            settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, home / "cache"
+        )
+        assert registry.by_alias(CHAMPION).version == 2
+        assert registry.by_alias(CHALLENGER) is None
+        assert registry.get(2).history[-1]["by"].startswith("canary_analysis")
+        served = client.post("/recommend", json={"user_id": "u-1", "k": 3}).json()
+        assert (served["variant"], served["model_version"]) == ("champion", 2)
+    finally:
+        stack.stop(grace=20)
