@@ -469,7 +469,7 @@ def traffic(ctx: click.Context, users: int, rps: float, duration: float, k: int,
             duration=duration,
             k=k,
             on_progress=lambda r: click.echo(f"  {r.requests:,} requests, {r.failures} failed"),
-        )  # fmt: skip
+        )
     )
     click.echo(report.summary())
     if report.errors:

@@ -221,7 +221,7 @@ def canary_analysis(
                 "ctr": s.ctr,
                 "conversion": s.conversion_rate,
                 "rejection": s.rejection_rate,
-            }  # fmt: skip
+            }
             for s in stats.values()
         ]
     )

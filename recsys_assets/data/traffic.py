@@ -44,12 +44,16 @@ class TrafficReport:
         return c["click"] / c["impression"] if c["impression"] else 0.0
 
     def summary(self) -> str:
-        parts = [f"{self.requests:,} requests in {self.seconds:.1f}s ({self.requests / max(self.seconds, 1e-9):,.0f}/s), "
-                 f"{self.failures} failed, {self.feedback:,} feedback events"]  # fmt: skip
+        rate = self.requests / max(self.seconds, 1e-9)
+        parts = [
+            f"{self.requests:,} requests in {self.seconds:.1f}s ({rate:,.0f}/s), "
+            f"{self.failures} failed, {self.feedback:,} feedback events"
+        ]
         for variant, c in sorted(self.by_variant.items()):
             parts.append(
-                f"  {variant:<10} requests {c['request']:>7,}  impressions {c['impression']:>8,}  CTR {self.ctr(variant):6.2%}  "
-                f"likes {c['like']:>6,}  plays {c['play']:>6,}  skips {c['skip']:>6,}  dislikes {c['dislike']:>6,}"
+                f"  {variant:<10} requests {c['request']:>7,}  impressions {c['impression']:>8,}  "
+                f"CTR {self.ctr(variant):6.2%}  likes {c['like']:>6,}  plays {c['play']:>6,}  "
+                f"skips {c['skip']:>6,}  dislikes {c['dislike']:>6,}"
             )
         return "\n".join(parts)
 

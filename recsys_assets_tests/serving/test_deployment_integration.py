@@ -58,8 +58,9 @@ def test_bento_deploy_and_canary_promotion(serving_home, tmp_path: Path, monkeyp
                 body = client.post("/recommend", json={"user_id": f"u-{i}", "k": 10}).json()
                 clicks = 4 if body["variant"] == "challenger" else 1
                 for item in body["items"][:clicks]:
-                    client.post("/feedback", json={"user_id": f"u-{i}", "track_id": item["track_id"], "event_type": "click",
-                                                   "model_version": body["model_version"], "variant": body["variant"]})  # fmt: skip
+                    feedback = {"user_id": f"u-{i}", "track_id": item["track_id"], "event_type": "click"}
+                    client.post("/feedback", json={**feedback, "model_version": body["model_version"],
+                                                   "variant": body["variant"]})  # fmt: skip
             warehouse = Warehouse(settings.warehouse_uri)
             import time
 
