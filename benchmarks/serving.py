@@ -1,0 +1,181 @@
+"""Benchmark: ``/recommend`` of the BentoML service against a raw Starlette app, same embeddings, same
+top-k code, one worker each, loopback, in the same run.
+
+    apt-get install -y wrk
+    .venv/bin/python benchmarks/serving.py [--items 10000 --dim 64 --users 20000 --duration 20]
+
+1. A model version with random embeddings (``--items`` × ``--dim``, ``--users`` users, 30 heard tracks
+   each) is written in the export format and registered as ``champion`` in a throw-away MLflow store
+   (the service reads it from the registry, as in production). Random embeddings cost exactly what
+   trained ones cost.
+2. Scoring plus top-k alone (``serving.scoring.Ranker.top_rows``), in process, over 20,000 calls.
+3. For each server (``bentoml serve serving.service:Recommender``, with its canary routing, metrics and
+   impression writes to the warehouse; and ``benchmarks/raw_app.py`` under uvicorn): wrk at full
+   speed (32 connections, 2 threads) for the peak throughput, then wrk paced (exponential gaps per
+   connection, ``benchmarks/wrk/recommend.lua``) at 80% of that server's peak for p50/p99.
+
+wrk runs on the same 2 cores as the server, so absolute numbers are lower than on separate machines;
+the ratio between the two servers is the comparison that matters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+# This file is named serving.py: take its directory off the path so `serving` is the package.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != HERE]
+sys.path.insert(0, str(REPO))
+
+import recsys_assets  # noqa: E402, F401  (environment first)
+
+
+def write_version(directory: Path, items: int, dim: int, users: int, seen: int = 30, seed: int = 0) -> Path:
+    """A model version directory in the export format, with random embeddings."""
+    from recsys_assets.ml.artifacts import FORMAT_VERSION
+
+    rng = np.random.default_rng(seed)
+    directory.mkdir(parents=True)
+    user_ids = ["[OOV]", *[f"u{i:06d}" for i in range(1, users + 1)]]
+    item_ids = ["[OOV]", *[f"t{i:07d}" for i in range(1, items + 1)]]
+    pl.DataFrame({"user_id": user_ids}).write_parquet(directory / "users.parquet")
+    popularity = rng.pareto(1.2, items + 1).astype(np.float32)
+    popularity[0] = 0
+    pl.DataFrame(
+        {"track_id": item_ids, "artist_id": [f"a{i % 1000}" for i in range(items + 1)], "genre": ["g"] * (items + 1),
+         "popularity": popularity}  # fmt: skip
+    ).write_parquet(directory / "items.parquet")
+    np.save(directory / "user_embeddings.npy", rng.normal(size=(users + 1, dim)).astype(np.float32))
+    np.save(directory / "item_embeddings.npy", rng.normal(size=(items + 1, dim)).astype(np.float32))
+    indices = np.sort(rng.integers(1, items + 1, size=(users + 1, seen)), axis=1).ravel().astype(np.int32)
+    indptr = np.arange(0, (users + 2) * seen, seen, dtype=np.int64)
+    np.savez(directory / "seen.npz", indptr=indptr, indices=indices)
+    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
+    return directory
+
+
+def scoring_microbenchmark(model_dir: Path, users: int, calls: int = 20_000) -> dict:
+    from serving.scoring import Ranker
+
+    ranker = Ranker.load(model_dir, 1)
+    ids = [f"u{i:06d}" for i in np.random.default_rng(1).integers(1, users + 1, calls)]
+    for user in ids[:1000]:
+        ranker.top_rows(user, 10)
+    start = time.perf_counter()
+    for user in ids:
+        ranker.top_rows(user, 10)
+    per_call = (time.perf_counter() - start) / calls
+    return {"calls": calls, "ms_per_call": per_call * 1000}
+
+
+def wrk(url: str, duration: int, users: int, delay_ms: float = 0.0, connections: int = 32) -> dict:
+    env = {**os.environ, "BENCH_USERS": str(users), "BENCH_DELAY_MS": str(delay_ms)}
+    result = subprocess.run(
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(HERE / "wrk" / "recommend.lua"), url],
+        capture_output=True, text=True, env=env, check=True,
+    )  # fmt: skip
+    line = next(x for x in result.stdout.splitlines() if x.startswith("JSON "))
+    out = json.loads(line[5:])
+    out["rps"] = out["requests"] / out["seconds"]
+    return out
+
+
+def measure(name: str, url: str, duration: int, users: int) -> dict:
+    wrk(url, 5, users)  # warm-up
+    peak = wrk(url, duration, users)
+    connections = 32
+    target = 0.8 * peak["rps"]
+    # Calibrate the per-connection pause so that the paced run holds 80% of the peak rate.
+    delay_ms = max(connections / target * 1000 - peak["p50_ms"], 0.1)
+    for _ in range(4):
+        probe = wrk(url, 5, users, delay_ms=delay_ms, connections=connections)
+        if abs(probe["rps"] - target) / target < 0.05:
+            break
+        delay_ms = max(delay_ms + (connections / target - connections / probe["rps"]) * 1000, 0.1)
+    paced = wrk(url, duration, users, delay_ms=delay_ms, connections=connections)
+    print(f"{name}: peak {peak['rps']:,.0f} req/s; at {paced['rps']:,.0f} req/s (target 80%: {0.8 * peak['rps']:,.0f}) "
+          f"p50 {paced['p50_ms']:.2f} ms, p99 {paced['p99_ms']:.2f} ms", file=sys.stderr)  # fmt: skip
+    return {"peak": peak, "at_80_percent": paced}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--items", type=int, default=10_000)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--users", type=int, default=20_000)
+    parser.add_argument("--duration", type=int, default=20)
+    parser.add_argument("--no-feedback", action="store_true", help="the service writes no impressions")
+    parser.add_argument("--bento-env", nargs="*", default=[], help="KEY=VALUE for the servers' environment")
+    args = parser.parse_args()
+    if shutil.which("wrk") is None:
+        raise SystemExit("wrk is not installed: apt-get install -y wrk")
+
+    from recsys_assets.ml.registry import Registry
+    from recsys_assets.settings import load_settings
+    from recsys_assets.stack.services import bento_spec
+    from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port
+
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        model_dir = write_version(tmp / "version", args.items, args.dim, args.users)
+        micro = scoring_microbenchmark(model_dir, args.users)
+        print(f"scoring + top-k: {micro['ms_per_call']:.4f} ms per request", file=sys.stderr)
+
+        settings = load_settings({"RECSYS_HOME": str(tmp / "home"), "RECSYS_BENTO_PORT": str(free_port())})
+        registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp / "cache")
+        run_id = registry.start_run("serving-benchmark", tags={})
+        uri = registry.log_model(run_id, model_dir)
+        registry.end_run(run_id)
+        registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="benchmark", by="benchmarks/serving.py")
+
+        env = settings.child_env()
+        if args.no_feedback:
+            env["RECSYS_WAREHOUSE_URI"] = "none"
+        env.update(dict(kv.split("=", 1) for kv in args.bento_env))
+        raw_port = free_port()
+        raw = ServiceSpec(
+            name="raw-starlette",
+            argv=[str(Path(sys.executable).parent / "uvicorn"), "benchmarks.raw_app:app", "--host", "127.0.0.1",
+                  "--port", str(raw_port), "--workers", "1", "--no-access-log", "--log-level", "warning"],  # fmt: skip
+            port=raw_port,
+            ready=lambda: subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST", "-d", '{"user_id":"u000001"}',
+                                          f"http://127.0.0.1:{raw_port}/recommend"]).returncode == 0,  # fmt: skip
+            env={"RAW_MODEL_DIR": str(model_dir)},
+        )
+        results = {}
+        for name, spec, url in (
+            ("bentoml", bento_spec(settings), settings.url("bento")),
+            ("raw_starlette", raw, f"http://127.0.0.1:{raw_port}"),
+        ):
+            stack = Stack(tmp / f"run-{name}", env=env, cwd=REPO)
+            stack.start([spec], timeout=180)
+            try:
+                results[name] = measure(name, url, args.duration, args.users)
+            finally:
+                stack.stop()
+    summary = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "items": args.items,
+        "dim": args.dim,
+        "scoring": micro,
+        **results,
+        "throughput_ratio": results["bentoml"]["peak"]["rps"] / results["raw_starlette"]["peak"]["rps"],
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
