@@ -24,6 +24,7 @@ demo: $(STAMP)
 
 ## test: the whole suite, integration tests with real processes included
 test: $(STAMP)
+	./scripts/test-setup.sh
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 lint: $(STAMP)

@@ -24,7 +24,10 @@ async def recommend(request: Request) -> JSONResponse:
     body = await request.json()
     k = int(body.get("k", 10))
     rec = RANKER.recommend(str(body["user_id"]), k)
-    items = [{"track_id": t, "artist_id": a, "score": s} for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)]
+    items = [
+        {"track_id": t, "artist_id": a, "score": s}
+        for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)
+    ]
     return JSONResponse({"user_id": body["user_id"], "items": items, "model_version": 1, "variant": "champion",
                          "fallback": rec.fallback})  # fmt: skip
 

@@ -55,8 +55,12 @@ def write_version(directory: Path, items: int, dim: int, users: int, seen: int =
     popularity = rng.pareto(1.2, items + 1).astype(np.float32)
     popularity[0] = 0
     pl.DataFrame(
-        {"track_id": item_ids, "artist_id": [f"a{i % 1000}" for i in range(items + 1)], "genre": ["g"] * (items + 1),
-         "popularity": popularity}  # fmt: skip
+        {
+            "track_id": item_ids,
+            "artist_id": [f"a{i % 1000}" for i in range(items + 1)],
+            "genre": ["g"] * (items + 1),
+            "popularity": popularity,
+        }  # fmt: skip
     ).write_parquet(directory / "items.parquet")
     np.save(directory / "user_embeddings.npy", rng.normal(size=(users + 1, dim)).astype(np.float32))
     np.save(directory / "item_embeddings.npy", rng.normal(size=(items + 1, dim)).astype(np.float32))
@@ -84,7 +88,8 @@ def scoring_microbenchmark(model_dir: Path, users: int, calls: int = 20_000) -> 
 def wrk(url: str, duration: int, users: int, delay_ms: float = 0.0, connections: int = 32) -> dict:
     env = {**os.environ, "BENCH_USERS": str(users), "BENCH_DELAY_MS": str(delay_ms)}
     result = subprocess.run(
-        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s", "-s", str(HERE / "wrk" / "recommend.lua"), url],
+        ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
+         "-s", str(HERE / "wrk" / "recommend.lua"), url],
         capture_output=True, text=True, env=env, check=True,
     )  # fmt: skip
     line = next(x for x in result.stdout.splitlines() if x.startswith("JSON "))
@@ -148,11 +153,36 @@ def main() -> None:
         raw_port = free_port()
         raw = ServiceSpec(
             name="raw-starlette",
-            argv=[str(Path(sys.executable).parent / "uvicorn"), "benchmarks.raw_app:app", "--host", "127.0.0.1",
-                  "--port", str(raw_port), "--workers", "1", "--no-access-log", "--log-level", "warning"],  # fmt: skip
+            argv=[
+                str(Path(sys.executable).parent / "uvicorn"),
+                "benchmarks.raw_app:app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(raw_port),
+                "--workers",
+                "1",
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],  # fmt: skip
             port=raw_port,
-            ready=lambda: subprocess.run(["curl", "-s", "-o", "/dev/null", "-X", "POST", "-d", '{"user_id":"u000001"}',
-                                          f"http://127.0.0.1:{raw_port}/recommend"]).returncode == 0,  # fmt: skip
+            ready=lambda: (
+                subprocess.run(
+                    [
+                        "curl",
+                        "-s",
+                        "-o",
+                        "/dev/null",
+                        "-X",
+                        "POST",
+                        "-d",
+                        '{"user_id":"u000001"}',
+                        f"http://127.0.0.1:{raw_port}/recommend",
+                    ]
+                ).returncode
+                == 0
+            ),  # fmt: skip
             env={"RAW_MODEL_DIR": str(model_dir)},
         )
         results = {}

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import sys
 import time
@@ -64,6 +65,10 @@ def start_stack(
     """Start the local stack and print where each service answers."""
     ensure_home(settings)
     init_dagster_storage(settings)
+    if with_prometheus and shutil.which("prometheus") and not settings.prometheus_url:
+        # The stack's Prometheus is where the Dagster processes read the online KPIs.
+        os.environ["PROMETHEUS_URL"] = settings.url("prometheus")
+        settings = load_settings()
     stack = Stack(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
     specs = stack_services(settings, with_mlflow=with_mlflow, with_prometheus=with_prometheus, with_bento=with_bento)
     click.echo(f"RECSYS_HOME={settings.home}")
@@ -500,7 +505,6 @@ def materialize(ctx: click.Context, selection: str) -> None:
 
 
 @cli.command()
-@click.option("--detach", is_flag=True, help="Leave the stack running and return.")
 @click.option(
     "--users",
     default=1000,
@@ -517,25 +521,54 @@ def materialize(ctx: click.Context, selection: str) -> None:
 )
 @click.option(
     "--days",
-    default=60,
+    default=30,
     show_default=True,
     type=click.IntRange(1),
     help="Days of simulated history, if the warehouse is empty.",
 )
+@click.option("--stream-rate", default=150.0, show_default=True, type=float, help="New events per second.")
+@click.option("--traffic-rps", default=15.0, show_default=True, type=float, help="Simulated requests per second.")
+@click.option(
+    "--drift",
+    default="taste_shift=0.7",
+    show_default=True,
+    help="Drift injected after the first canary decision ('' for none).",
+)
+@click.option("--duration", type=float, help="Stop after this many seconds [default: until Ctrl-C].")
 @click.pass_context
-def demo(ctx: click.Context, detach: bool, users: int, tracks: int, days: int) -> None:
-    """Start the local stack and run the main job on the embedded default.
+def demo(ctx: click.Context, users: int, tracks: int, days: int, stream_rate: float, traffic_rps: float,
+         drift: str, duration: float | None) -> None:  # fmt: skip
+    """The closed loop, unattended: simulate, train, serve, stream, retrain, canary, drift.
 
-    An empty warehouse is first filled by the simulator.
+    Starts the local stack (the Dagster daemon runs every trigger), simulates a history if the
+    warehouse is empty, then plays the world (new events, simulated users, a drift) and narrates what
+    the platform does by itself. Watch it in the Dagster UI (runs, sensors, asset metadata) and the
+    MLflow UI (versions and aliases). Ctrl-C stops everything.
     """
     from recsys_assets.data.simulation import simulate_history
-    from recsys_assets.runner import materialize_selection
+    from recsys_assets.data.simulator import Drift
+    from recsys_assets.demo import DEMO_ENVIRONMENT, play_world
 
-    settings = _settings(ctx)
+    for name, value in DEMO_ENVIRONMENT.items():
+        os.environ.setdefault(name, value)
+    settings = load_settings()
+    try:
+        drift_spec = Drift.parse(drift)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--drift") from None
     try:
         stack = start_stack(settings)
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
+    settings = load_settings()
+    stop = {"now": False}
+    started = time.monotonic()
+
+    def _on_signal(signum: int, _frame: object) -> None:
+        stop["now"] = True
+
+    signal.signal(signal.SIGINT, _on_signal)
+    signal.signal(signal.SIGTERM, _on_signal)
     try:
         warehouse = _warehouse(settings)
         warehouse.init_schema()
@@ -543,20 +576,24 @@ def demo(ctx: click.Context, detach: bool, users: int, tracks: int, days: int) -
             click.echo(f"the warehouse is empty: simulating {days} days of {users:,} users over {tracks:,} tracks …")
             report = simulate_history(warehouse, settings.home, users=users, tracks=tracks, days=days, seed=42)
             click.echo(f"  {report.events:,} events landed in {report.seconds:.1f}s")
-        click.echo("materializing the asset graph …")
-        result = materialize_selection("*")
-    except BaseException:
-        stack.stop()
-        raise
-    click.echo(f"main job: run {result.run_id} {'succeeded' if result.success else 'FAILED'}")
-    click.echo(
-        f"open {settings.url('dagster')} (assets, runs, checks) and {settings.url('mlflow')} (experiments, models)"
-    )
-    if detach:
-        click.echo("running in the background: `recsys down` stops it")
-        return
-    click.echo("Ctrl-C stops everything")
-    sys.exit(wait_until_interrupted(stack) or (0 if result.success else 1))
+        click.echo(
+            f"the loop runs by itself now: open {settings.url('dagster')} (runs, sensors, assets) and "
+            f"{settings.url('mlflow')} (models); Ctrl-C stops everything"
+        )
+        play_world(
+            warehouse=warehouse,
+            registry=_registry(settings),
+            home=settings.home,
+            serving_url=settings.serving_url,
+            stream_rate=stream_rate,
+            traffic_rps=traffic_rps,
+            echo=click.echo,
+            drift=drift_spec,
+            should_stop=lambda: stop["now"] or (duration is not None and time.monotonic() - started > duration),
+        )
+    finally:
+        click.echo("stopping the stack …")
+        click.echo("stopped " + ", ".join(stack.stop()))
 
 
 def main() -> None:

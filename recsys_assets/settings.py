@@ -151,3 +151,64 @@ def admin_token(home: Path, env: Mapping[str, str] | None = None) -> str:
         tmp.chmod(0o600)
         tmp.replace(path)
     return path.read_text().strip()
+
+
+@dataclass(frozen=True)
+class AutomationSettings:
+    """The triggers' thresholds and cadences (environment variables, defaults for production)."""
+
+    new_data_fraction: float  # RECSYS_RETRAIN_NEW_DATA_FRACTION: retrain when new events reach this share
+    retrain_cron: str  # RECSYS_RETRAIN_CRON: the monthly retrain
+    sensor_interval_seconds: int  # RECSYS_SENSOR_INTERVAL_SECONDS: how often the sensors look
+    drift_share: float  # RECSYS_DRIFT_SHARE: share of drifted columns that means the data drifted
+    drift_cron: str  # RECSYS_DRIFT_CRON: how often the drift report is refreshed
+    canary_cron: str  # RECSYS_CANARY_CRON: how often the canary is analysed
+    backoff_seconds: int  # RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a gate failure (doubles)
+    kpi_ctr_drop: float  # RECSYS_KPI_CTR_DROP: without Prometheus, CTR below this share of its 7-day level alerts
+    canary_fraction: float  # RECSYS_CANARY_FRACTION: share of users who get the challenger
+    canary_min_impressions: int  # RECSYS_CANARY_MIN_IMPRESSIONS: per variant, before any canary decision
+    canary_max_impressions: int  # RECSYS_CANARY_MAX_IMPRESSIONS: no significant difference by then: promote
+    retrain_run_config: dict  # RECSYS_RETRAIN_RUN_CONFIG: JSON run config of the retrain job (ops: …)
+    extra_alert_rules: list[str]  # RECSYS_PROMETHEUS_EXTRA_RULES: more rule files for the local Prometheus
+
+
+def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSettings:
+    env = os.environ if env is None else env
+
+    def number(name: str, default: float, cast=float):
+        raw = env.get(name, str(default))
+        try:
+            return cast(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+
+    return AutomationSettings(
+        new_data_fraction=number("RECSYS_RETRAIN_NEW_DATA_FRACTION", 0.2),
+        retrain_cron=env.get("RECSYS_RETRAIN_CRON", "0 3 1 * *"),
+        sensor_interval_seconds=number("RECSYS_SENSOR_INTERVAL_SECONDS", 30, int),
+        drift_share=number("RECSYS_DRIFT_SHARE", 0.5),
+        drift_cron=env.get("RECSYS_DRIFT_CRON", "0 * * * *"),
+        canary_cron=env.get("RECSYS_CANARY_CRON", "*/5 * * * *"),
+        backoff_seconds=number("RECSYS_RETRAIN_BACKOFF_SECONDS", 3600, int),
+        kpi_ctr_drop=number("RECSYS_KPI_CTR_DROP", 0.8),
+        canary_fraction=number("RECSYS_CANARY_FRACTION", 0.1),
+        canary_min_impressions=number("RECSYS_CANARY_MIN_IMPRESSIONS", 2000, int),
+        canary_max_impressions=number("RECSYS_CANARY_MAX_IMPRESSIONS", 20000, int),
+        retrain_run_config=_json(env, "RECSYS_RETRAIN_RUN_CONFIG"),
+        extra_alert_rules=[p for p in env.get("RECSYS_PROMETHEUS_EXTRA_RULES", "").split(os.pathsep) if p],
+    )
+
+
+def _json(env: Mapping[str, str], name: str) -> dict:
+    import json
+
+    raw = env.get(name)
+    if not raw:
+        return {}
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} is not JSON: {exc.msg} at column {exc.colno}") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{name} must be a JSON object (a run config), got {type(value).__name__}")
+    return value

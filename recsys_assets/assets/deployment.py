@@ -14,6 +14,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from recsys_assets import automation
 from recsys_assets.constants import DEPLOYMENT
 from recsys_assets.data.kpis import PrometheusError, kpis_from_prometheus, kpis_from_warehouse
 from recsys_assets.metadata import markdown_table
@@ -26,6 +27,7 @@ from recsys_assets.resources import (
     ServingResource,
     WarehouseResource,
 )
+from recsys_assets.settings import automation_settings
 from recsys_assets.stack.services import REPO_ROOT
 
 BENTOFILE = REPO_ROOT / "serving" / "bentofile.yaml"
@@ -83,7 +85,10 @@ def recommender_bento(
 class DeploymentConfig(dg.Config):
     """How the new versions reach users."""
 
-    canary_fraction: float = Field(default=0.1, description="Share of users (stable hash) who get the challenger.")
+    canary_fraction: float = Field(
+        default=automation_settings().canary_fraction,
+        description="Share of users (stable hash) who get the challenger (RECSYS_CANARY_FRACTION).",
+    )
     require_running_service: bool = Field(
         default=False,
         description="Fail when the local service does not answer (else it loads the versions when it starts).",
@@ -157,14 +162,23 @@ def model_deployment(
 class CanaryConfig(dg.Config):
     """When the canary has seen enough."""
 
-    min_impressions: int = Field(default=CanaryRules.min_impressions, description="Per variant, before any decision.")
+    min_impressions: int = Field(
+        default=automation_settings().canary_min_impressions,
+        description="Per variant, before any decision (RECSYS_CANARY_MIN_IMPRESSIONS).",
+    )
     max_impressions: int = Field(
-        default=CanaryRules.max_impressions, description="Per variant: no significant difference by then means promote."
+        default=automation_settings().canary_max_impressions,
+        description="Per variant: no significant difference by then means promote (RECSYS_CANARY_MAX_IMPRESSIONS).",
     )
     alpha: float = Field(default=CanaryRules.alpha, description="Significance level of the two-proportion tests.")
 
 
-@dg.asset(group_name=DEPLOYMENT, deps=["model_deployment"], kinds={"prometheus", "mlflow"})
+@dg.asset(
+    group_name=DEPLOYMENT,
+    deps=["model_deployment"],
+    kinds={"prometheus", "mlflow"},
+    automation_condition=automation.on_cadence(automation_settings().canary_cron, "canary_cadence"),
+)
 def canary_analysis(
     context: dg.AssetExecutionContext,
     config: CanaryConfig,

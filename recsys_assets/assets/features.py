@@ -6,7 +6,8 @@
 import dagster as dg
 import polars as pl
 
-from recsys_assets.constants import CLEAN_EVENTS_DATASET, FEATURES
+from recsys_assets import automation
+from recsys_assets.constants import CLEAN_EVENTS_DATASET, FEATURES, FEATURES_FRESHNESS
 from recsys_assets.data import features as F
 from recsys_assets.metadata import markdown_table, time_range
 from recsys_assets.resources import PreparedDataResource
@@ -27,7 +28,13 @@ def _written(store, name: str, df: pl.DataFrame, extra: dict[str, object] | None
     return dg.MaterializeResult(metadata=metadata)
 
 
-@dg.asset(group_name=FEATURES, deps=["clean_listening_events"], kinds={"polars", "parquet"})
+@dg.asset(
+    group_name=FEATURES,
+    deps=["clean_listening_events"],
+    kinds={"polars", "parquet"},
+    freshness_policy=FEATURES_FRESHNESS,
+    automation_condition=automation.prepared_data,
+)
 def user_features(context: dg.AssetExecutionContext, prepared: PreparedDataResource) -> dg.MaterializeResult:
     """Per-user features: activity, skip rate, completion, recency and genre shares."""
     store = prepared.get_store()
@@ -47,7 +54,13 @@ def user_features(context: dg.AssetExecutionContext, prepared: PreparedDataResou
     )
 
 
-@dg.asset(group_name=FEATURES, deps=["clean_listening_events"], kinds={"polars", "parquet"})
+@dg.asset(
+    group_name=FEATURES,
+    deps=["clean_listening_events"],
+    kinds={"polars", "parquet"},
+    freshness_policy=FEATURES_FRESHNESS,
+    automation_condition=automation.prepared_data,
+)
 def track_features(prepared: PreparedDataResource) -> dg.MaterializeResult:
     """Per-track features with their artist's: plays, listeners, skip rate, completion, popularity."""
     store = prepared.get_store()
@@ -68,7 +81,13 @@ def track_features(prepared: PreparedDataResource) -> dg.MaterializeResult:
     )
 
 
-@dg.asset(group_name=FEATURES, deps=["clean_listening_events"], kinds={"polars", "parquet"})
+@dg.asset(
+    group_name=FEATURES,
+    deps=["clean_listening_events"],
+    kinds={"polars", "parquet"},
+    freshness_policy=FEATURES_FRESHNESS,
+    automation_condition=automation.prepared_data,
+)
 def training_interactions(prepared: PreparedDataResource) -> dg.MaterializeResult:
     """Positive interactions (non-skip plays and likes of non-bot users) with weights, for training."""
     store = prepared.get_store()

@@ -6,7 +6,8 @@
 import dagster as dg
 import polars as pl
 
-from recsys_assets.constants import EXTRACT_ROWS_PER_FILE, INGESTION, RAW_EVENTS_DATASET
+from recsys_assets import automation
+from recsys_assets.constants import EXTRACT_ROWS_PER_FILE, INGESTION, RAW_EVENTS_DATASET, RAW_FRESHNESS
 from recsys_assets.metadata import markdown_table, time_range
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
 
@@ -56,6 +57,8 @@ def plan_extraction(batches: pl.DataFrame, rows_per_file: int) -> list[tuple[int
     deps=[warehouse_listening_events],
     kinds={"polars", "parquet"},
     tags={"recsys/stage": "ingestion"},
+    freshness_policy=RAW_FRESHNESS,
+    automation_condition=automation.stale & ~dg.AutomationCondition.in_progress(),
 )
 def listening_events(
     context: dg.AssetExecutionContext, warehouse: WarehouseResource, prepared: PreparedDataResource

@@ -9,6 +9,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
+from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
 from recsys_assets.data.cleaning import CleaningRules, clean_events
 from recsys_assets.data.contracts import TRACKS_SCHEMA, USERS_SCHEMA
@@ -50,6 +51,7 @@ class CleaningConfig(dg.Config):
     deps=["listening_events"],
     kinds={"polars", "parquet"},
     tags={"recsys/stage": "preparation"},
+    automation_condition=automation.after_inputs_change,
 )
 def clean_listening_events(
     context: dg.AssetExecutionContext,

@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from recsys_assets.constants import RETRAIN_TAG, TRAINING
+from recsys_assets.constants import MODEL_FRESHNESS, TRAINING
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
 from recsys_assets.ml.two_tower import TwoTowerParams
@@ -67,7 +67,7 @@ def _loss_plot(history: list[dict]):
     group_name=TRAINING,
     deps=["training_interactions", "track_features"],
     kinds={"tensorflow", "mlflow"},
-    tags={RETRAIN_TAG: "true"},
+    freshness_policy=MODEL_FRESHNESS,
 )
 def two_tower_model(
     context: dg.AssetExecutionContext,

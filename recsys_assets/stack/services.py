@@ -9,11 +9,12 @@ from pathlib import Path
 
 import httpx
 
-from recsys_assets.settings import Settings
+from recsys_assets.settings import Settings, automation_settings
 from recsys_assets.stack.supervisor import ServiceSpec
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
+ALERT_RULES = REPO_ROOT / "deploy" / "prometheus" / "alerts.yml"
 
 # Two cores: one run at a time keeps training from starving the webserver, the daemon and serving.
 DAGSTER_YAML = """\
@@ -124,7 +125,9 @@ def prometheus_config(settings: Settings) -> Path:
         "global:\n"
         "  scrape_interval: 5s\n"
         "  evaluation_interval: 5s\n"
-        "scrape_configs:\n"
+        "rule_files:\n"
+        + "".join(f"  - {path}\n" for path in [ALERT_RULES, *automation_settings().extra_alert_rules])
+        + "scrape_configs:\n"
         "  - job_name: recsys-serving\n"
         "    static_configs:\n"
         f"      - targets: ['{settings.host}:{settings.ports['bento']}']\n"

@@ -1,0 +1,88 @@
+"""Monitoring: data drift of recent listening against the champion's training data (Evidently)."""
+
+# No `from __future__ import annotations` here (see assets/training.py).
+
+from datetime import datetime
+
+import dagster as dg
+import polars as pl
+from pydantic import Field
+
+from recsys_assets import automation
+from recsys_assets.constants import CLEAN_EVENTS_DATASET, MONITORING
+from recsys_assets.metadata import markdown_table
+from recsys_assets.ml.registry import CHAMPION
+from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
+from recsys_assets.settings import automation_settings
+
+
+class DriftConfig(dg.Config):
+    """What the drift report compares."""
+
+    window_days: float = Field(default=7.0, description="Length of the reference and of the current window.")
+    sample_rows: int = Field(default=20_000, description="Rows sampled from each window (bounds the cost).")
+    drift_share: float = Field(
+        default=automation_settings().drift_share,
+        description="Share of drifted columns from which the data counts as drifted (RECSYS_DRIFT_SHARE).",
+    )
+    seed: int = Field(default=0, description="Seed of the sampling.")
+
+
+@dg.asset(
+    group_name=MONITORING,
+    deps=["clean_listening_events", "track_features"],
+    kinds={"evidently"},
+    automation_condition=automation.on_cadence(automation_settings().drift_cron, "drift_cadence"),
+)
+def drift_report(
+    context: dg.AssetExecutionContext,
+    config: DriftConfig,
+    prepared: PreparedDataResource,
+    mlflow: MLflowResource,
+    recsys_home: RecsysHomeResource,
+) -> dg.MaterializeResult:
+    """Evidently data-drift report: the latest days of listening against the champion's last training days.
+
+    Columns: genre mix, user activity, track popularity, ``ms_played``, skips. The HTML report is kept
+    under ``$RECSYS_HOME/reports/drift``; a drift share past the threshold makes the drift sensor start
+    a retrain.
+    """
+    from recsys_assets.ml.drift import drift_frame, run_drift, windows
+
+    store = prepared.get_store()
+    events = store.scan(CLEAN_EVENTS_DATASET)
+    tracks = store.scan_table("track_features")
+    latest = events.select(pl.col("played_at").max()).collect().item()
+    champion = mlflow.get_registry().by_alias(CHAMPION)
+    if champion is None or not champion.lineage("max_played_at"):
+        return dg.MaterializeResult(
+            metadata={
+                "status": dg.MetadataValue.text("no champion to compare with yet"),
+                "drift_share": 0.0,
+                "drifted": False,
+            }
+        )
+    reference_end = datetime.fromisoformat(champion.lineage("max_played_at"))
+    (ref_start, ref_end), (cur_start, cur_end) = windows(latest, reference_end, config.window_days)
+    reference = drift_frame(events, tracks, ref_start, ref_end, config.sample_rows, config.seed)
+    current = drift_frame(events, tracks, cur_start, cur_end, config.sample_rows, config.seed + 1)
+    path = recsys_home.reports_dir / "drift" / f"{context.run.run_id}.html"
+    result = run_drift(reference, current, config.drift_share, path)
+    context.log.info(
+        f"drift share {result.drift_share:.0%} ({'drifted' if result.drifted else 'no drift'}) in {result.seconds:.1f}s"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "drift_share": dg.MetadataValue.float(result.drift_share),
+            "drifted": dg.MetadataValue.bool(result.drifted),
+            "threshold": dg.MetadataValue.float(config.drift_share),
+            "columns": markdown_table(result.columns),
+            "report": dg.MetadataValue.path(str(path)),
+            "reference_window": dg.MetadataValue.text(f"{ref_start:%Y-%m-%d %H:%M} → {ref_end:%Y-%m-%d %H:%M}"),
+            "current_window": dg.MetadataValue.text(f"{cur_start:%Y-%m-%d %H:%M} → {cur_end:%Y-%m-%d %H:%M}"),
+            "reference_rows": dg.MetadataValue.int(result.reference_rows),
+            "current_rows": dg.MetadataValue.int(result.current_rows),
+            "seconds": dg.MetadataValue.float(round(result.seconds, 2)),
+            "champion_version": dg.MetadataValue.int(champion.version),
+        }
+    )

@@ -1,0 +1,26 @@
+"""Named, composed automation conditions: when each asset re-materializes by itself.
+
+The automation sensor (``recsys_automation``, running by default) evaluates them. Retraining itself is
+a job (``retrain``) that the triggers start: the new-data, drift and KPI sensors and the monthly
+schedule (``sensors.py``, ``schedules.py``), so that one retrain is one run, end to end.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+# Inputs changed (new events extracted, features rebuilt): follow them, once nothing upstream is
+# still running and the blocking checks of the inputs passed.
+after_inputs_change = (
+    dg.AutomationCondition.eager() & dg.AutomationCondition.all_deps_blocking_checks_passed()
+).with_label("after_inputs_change")
+
+# Prepared data past its freshness policy's fail window: refresh it even without a new input.
+stale = dg.AutomationCondition.freshness_failed().with_label("stale")
+
+prepared_data = (after_inputs_change | (stale & ~dg.AutomationCondition.in_progress())).with_label("prepared_data")
+
+
+def on_cadence(cron: str, label: str) -> dg.AutomationCondition:
+    """Every ``cron`` tick, unless a run of the asset is already in progress."""
+    return (dg.AutomationCondition.cron_tick_passed(cron) & ~dg.AutomationCondition.in_progress()).with_label(label)

@@ -1,0 +1,197 @@
+"""The closed loop, unattended: the simulated world around the platform, and a narrator.
+
+``recsys demo`` starts the local stack (the Dagster daemon runs every trigger), fills an empty
+warehouse with a simulated history, and then plays the world:
+
+- a stream of new listening events (``StreamDriver``), which crosses the new-data threshold again and
+  again;
+- simulated users calling the endpoint and reacting to what they get (``TrafficDriver``), which feeds
+  the canary analysis;
+- after the first canary decision, a drift of the users' tastes (the stream restarts with
+  ``taste_shift``), which the drift report catches.
+
+The narrator prints what the platform does by itself: retrain runs and their triggers, versions
+registered, canaries promoted or rolled back. Everything is also in the Dagster and MLflow UIs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+
+import httpx
+import numpy as np
+
+from recsys_assets.data.simulation import stream, world_dir
+from recsys_assets.data.simulator import Drift, World
+from recsys_assets.data.traffic import Behaviour, TrafficReport, run_traffic
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+
+log = logging.getLogger(__name__)
+
+# The loop's cadences for a demo on one machine (each can be overridden from the environment).
+DEMO_ENVIRONMENT = {
+    "RECSYS_SENSOR_INTERVAL_SECONDS": "10",
+    "RECSYS_CANARY_CRON": "* * * * *",
+    "RECSYS_DRIFT_CRON": "*/2 * * * *",
+    "RECSYS_CANARY_FRACTION": "0.3",
+    "RECSYS_CANARY_MIN_IMPRESSIONS": "1500",
+    "RECSYS_CANARY_MAX_IMPRESSIONS": "6000",
+    "RECSYS_RETRAIN_BACKOFF_SECONDS": "120",
+    "RECSYS_MODEL_POLL_SECONDS": "3",
+}
+
+
+class StreamDriver:
+    """New simulated events landing in the warehouse, in a background thread."""
+
+    def __init__(self, warehouse: Warehouse, home: Path, rate: float, interval: float = 2.0):
+        self.warehouse, self.home, self.rate, self.interval = warehouse, home, rate, interval
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.landed = 0
+
+    def start(self, drift: Drift | None = None) -> None:
+        self.stop()
+        self._stop = threading.Event()
+
+        def run() -> None:
+            self.landed += stream(
+                self.warehouse, self.home, rate=self.rate, interval=self.interval, drift=drift,
+                should_stop=self._stop.is_set,
+            )  # fmt: skip
+
+        self._thread = threading.Thread(target=run, name="stream", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=60)
+            self._thread = None
+
+
+class TrafficDriver:
+    """Simulated users calling ``/recommend`` and sending feedback, in a background thread."""
+
+    def __init__(self, url: str, home: Path, rps: float, users: int = 2000, chunk_seconds: float = 20.0):
+        self.url, self.home, self.rps, self.users, self.chunk = url, home, rps, users, chunk_seconds
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self.reports: list[TrafficReport] = []
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="traffic", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        world = World.load(world_dir(self.home))
+        rng = np.random.default_rng(0)
+        user_ids = list(World.user_id(rng.choice(world.n_users, min(self.users, world.n_users), replace=False)))
+        behaviour = Behaviour(world.click_probability, world.affinity, seed=1)
+        while not self._stop.is_set():
+            if not self._serving():
+                self._stop.wait(5)
+                continue
+            report = asyncio.run(run_traffic(self.url, user_ids, behaviour, rps=self.rps, duration=self.chunk))
+            self.reports.append(report)
+
+    def _serving(self) -> bool:
+        try:
+            return httpx.post(f"{self.url}/recommend", json={"user_id": "probe", "k": 1}, timeout=5).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=120)
+
+
+class Narrator:
+    """Prints what changes in the registry and in the retrain runs."""
+
+    def __init__(self, registry: Registry, echo: Callable[[str], None]):
+        self.registry = registry
+        self.echo = echo
+        self.seen_events: set[str] = set()
+        self.seen_runs: dict[str, str] = {}
+        self.decisions = 0
+
+    def say(self, message: str) -> None:
+        self.echo(f"[{datetime.now(UTC):%H:%M:%S}] {message}")
+
+    def poll_registry(self) -> None:
+        try:
+            versions = self.registry.versions()
+        except RegistryError as exc:
+            self.say(f"registry unavailable: {exc}")
+            return
+        for version in versions:
+            for event in version.history:
+                key = f"{event['at']}|{event['action']}|{event['to']}|{event['from']}"
+                if key in self.seen_events:
+                    continue
+                self.seen_events.add(key)
+                if event["action"] in ("promoted to champion", "challenger rolled back"):
+                    self.decisions += 1
+                target = event["to"] if event["to"] is not None else event["from"]
+                self.say(f"model v{target}: {event['action']} — {event['reason'][:160]}")
+
+    def poll_runs(self) -> None:
+        import dagster as dg
+
+        with dg.DagsterInstance.get() as instance:
+            runs = instance.get_runs(filters=dg.RunsFilter(tags={"recsys/retrain": "true"}), limit=20)
+        for run in runs:
+            status = run.status.value
+            if self.seen_runs.get(run.run_id) == status:
+                continue
+            self.seen_runs[run.run_id] = status
+            trigger = run.tags.get("recsys/trigger", "manual")
+            self.say(f"retrain run {run.run_id[:8]} ({trigger}: {run.tags.get('recsys/reason', '')[:90]}) {status}")
+
+
+def champion_and_challenger(registry: Registry) -> tuple[int | None, int | None]:
+    champion, challenger = registry.by_alias(CHAMPION), registry.by_alias(CHALLENGER)
+    return (champion.version if champion else None, challenger.version if challenger else None)
+
+
+def play_world(
+    *,
+    warehouse: Warehouse,
+    registry: Registry,
+    home: Path,
+    serving_url: str,
+    stream_rate: float,
+    traffic_rps: float,
+    echo: Callable[[str], None],
+    should_stop: Callable[[], bool],
+    drift: Drift | None = None,
+) -> None:
+    """Run the world and narrate until ``should_stop``; inject ``drift`` after the first canary decision."""
+    narrator = Narrator(registry, echo)
+    streamer = StreamDriver(warehouse, home, stream_rate)
+    traffic = TrafficDriver(serving_url, home, traffic_rps)
+    streamer.start()
+    traffic.start()
+    narrator.say(f"streaming {stream_rate:g} events/s and {traffic_rps:g} requests/s of simulated users")
+    drifted = False
+    try:
+        while not should_stop():
+            narrator.poll_runs()
+            narrator.poll_registry()
+            if drift is not None and not drifted and narrator.decisions >= 1:
+                narrator.say(f"injecting drift into the stream: {drift}")
+                streamer.start(drift)
+                drifted = True
+            time.sleep(5)
+    finally:
+        traffic.stop()
+        streamer.stop()

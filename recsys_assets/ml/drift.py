@@ -1,0 +1,121 @@
+"""Data drift between the champion's training window and recent listening, with Evidently.
+
+The columns that matter for recommendations, per event: the track's ``genre`` (the genre mix), the
+user's ``user_activity`` (their events in the window), the track's ``track_popularity`` (its
+percentile of plays), ``ms_played`` and ``is_skip``. Both windows are sampled to ``sample_rows`` rows
+so the report costs the same whatever the traffic (Evidently works on pandas: the conversion happens
+here, at the boundary). The dataset drifts when the share of drifted columns reaches ``drift_share``.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from pathlib import Path
+
+import polars as pl
+
+DRIFT_COLUMNS = ("genre", "user_activity", "track_popularity", "ms_played", "is_skip")
+VALUE_DRIFT = re.compile(
+    r"ValueDrift\(column=(?P<column>[^,]+),method=(?P<method>[^,]+),threshold=(?P<threshold>[\d.]+)\)"
+)
+
+
+@dataclass(frozen=True)
+class DriftResult:
+    drift_share: float
+    drifted: bool
+    columns: pl.DataFrame  # column, method, score, threshold, drifted
+    reference_rows: int
+    current_rows: int
+    seconds: float
+    html_path: Path
+
+
+def drift_frame(
+    events: pl.LazyFrame, tracks: pl.LazyFrame, start: datetime, end: datetime, sample_rows: int, seed: int
+) -> pl.DataFrame:
+    """The drift columns of the listening events in ``[start, end)``, sampled."""
+    window = events.filter(
+        pl.col("played_at").is_between(start, end, closed="left") & pl.col("event_type").is_in(("play", "skip"))
+    )
+    frame = (
+        window.with_columns(pl.len().over("user_id").alias("user_activity"))
+        .join(tracks.select("track_id", pl.col("popularity_rank").alias("track_popularity")), on="track_id", how="left")
+        .select(
+            pl.col("genre").fill_null("unknown"),
+            pl.col("user_activity").cast(pl.Float64),
+            pl.col("track_popularity").fill_null(0.0),
+            pl.col("ms_played").cast(pl.Float64),
+            (pl.col("event_type") == "skip").cast(pl.Int8).cast(pl.String).alias("is_skip"),
+        )
+        .collect(engine="streaming")
+    )
+    if frame.height > sample_rows:
+        frame = frame.sample(sample_rows, seed=seed)
+    return frame
+
+
+def windows(
+    latest: datetime, reference_end: datetime, days: float
+) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
+    """(reference, current) windows: the last ``days`` before the champion's data ended, and the last
+    ``days`` of the data now."""
+    span = timedelta(days=days)
+    return (reference_end - span, reference_end + timedelta(microseconds=1)), (
+        latest - span,
+        latest + timedelta(microseconds=1),
+    )
+
+
+def run_drift(reference: pl.DataFrame, current: pl.DataFrame, drift_share: float, html_path: Path) -> DriftResult:
+    """Run Evidently's DataDriftPreset on the two samples and save its HTML report.
+
+    Raises:
+        ValueError: one of the windows has no rows (nothing to compare).
+    """
+    from evidently import Report
+    from evidently.presets import DataDriftPreset
+
+    if reference.is_empty() or current.is_empty():
+        raise ValueError(
+            f"cannot compare {reference.height} reference rows with {current.height} current rows: a window is empty"
+        )
+    started = time.perf_counter()
+    columns = [c for c in DRIFT_COLUMNS if reference[c].null_count() < reference.height]
+    report = Report([DataDriftPreset(columns=columns, drift_share=drift_share)], include_tests=False)
+    snapshot = report.run(
+        current_data=current.select(columns).to_pandas(), reference_data=reference.select(columns).to_pandas()
+    )
+    html_path.parent.mkdir(parents=True, exist_ok=True)
+    snapshot.save_html(str(html_path))
+    rows = []
+    share = 0.0
+    for metric in snapshot.dict()["metrics"]:
+        metric_id = str(metric.get("metric_name") or metric.get("metric_id") or "")
+        if metric_id.startswith("DriftedColumnsCount"):
+            share = float(metric["value"]["share"])
+        elif match := VALUE_DRIFT.match(metric_id):
+            score, threshold = float(metric["value"]), float(match["threshold"])
+            rows.append({"column": match["column"], "method": match["method"], "score": score, "threshold": threshold,
+                         "drifted": score >= threshold})  # fmt: skip
+    return DriftResult(
+        drift_share=share,
+        drifted=share >= drift_share,
+        columns=pl.DataFrame(
+            rows,
+            schema={
+                "column": pl.String,
+                "method": pl.String,
+                "score": pl.Float64,
+                "threshold": pl.Float64,
+                "drifted": pl.Boolean,
+            },
+        ),  # fmt: skip
+        reference_rows=reference.height,
+        current_rows=current.height,
+        seconds=time.perf_counter() - started,
+        html_path=html_path,
+    )

@@ -1,0 +1,244 @@
+"""Sensors: external events that start runs. Each is idempotent (cursor + ``run_key``).
+
+- ``warehouse_sensor``: new batches landed in the warehouse → extract them (``listening_events``; the
+  automation conditions carry the change downstream).
+- ``new_data_sensor``: positive events since the champion's training data ended reach 20% (configurable)
+  of what it was trained on → the ``retrain`` job. Never while a retrain runs or a challenger is in
+  canary; backs off after repeated gate failures; its skip reason says how close it is.
+- ``drift_sensor``: a new ``drift_report`` past the threshold → ``retrain``, once per report.
+- ``kpi_alert_sensor``: a firing Prometheus alert labelled ``retrain="true"`` (or, without Prometheus,
+  the champion's CTR falling below its 7-day level in the feedback table) → ``retrain``, once per
+  alert episode.
+"""
+
+# No `from __future__ import annotations` here (see assets/training.py).
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import httpx
+
+from recsys_assets.constants import RETRAIN_TAG
+from recsys_assets.data.warehouse import WarehouseError
+from recsys_assets.jobs import retrain_job
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, RegistryError
+from recsys_assets.resources import MLflowResource, PrometheusResource, WarehouseResource
+from recsys_assets.settings import automation_settings
+from recsys_assets.triggers import (
+    NewDataProgress,
+    RetrainState,
+    feedback_ctr_episode,
+    firing_episodes,
+    new_positive_events,
+)
+
+SETTINGS = automation_settings()
+ACTIVE = [
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+]
+
+
+def running_retrain(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={RETRAIN_TAG: "true"}, statuses=ACTIVE), limit=1)
+    return runs[0] if runs else None
+
+
+def retrain_request(run_key: str, trigger: str, reason: str) -> dg.RunRequest:
+    return dg.RunRequest(
+        run_key=run_key,
+        job_name=retrain_job.name,
+        tags={RETRAIN_TAG: "true", "recsys/trigger": trigger, "recsys/reason": reason[:200]},
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=["listening_events"],
+    description="New batches landed in the warehouse: extract them.",
+)
+def warehouse_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource):
+    try:
+        wh = warehouse.get_warehouse()
+        wh.init_schema()
+        last = wh.scalar("SELECT MAX(batch_id) FROM ingest_batches WHERE landed > 0")
+    except WarehouseError as exc:
+        return dg.SkipReason(f"the warehouse cannot be read: {exc}")
+    seen = int(context.cursor or 0)
+    if not last or last <= seen:
+        return dg.SkipReason(f"no new batch since batch {seen}")
+    if running_retrain(context.instance) is not None:
+        return dg.SkipReason(f"batches {seen + 1}..{last} wait: a retrain (which extracts them too) is running")
+    context.update_cursor(str(last))
+    return dg.RunRequest(
+        run_key=f"batches-upto-{last}",
+        asset_selection=[dg.AssetKey("listening_events")],
+        tags={"recsys/trigger": "new-batches"},
+    )
+
+
+def _gate_failed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
+    """Whether ``run`` failed because the promotion gate rejected its candidate."""
+    found = instance.fetch_materializations(dg.AssetKey("model_evaluation"), limit=1, ascending=False).records
+    if not found or found[0].run_id != run.run_id:
+        return False
+    promote = found[0].event_log_entry.asset_materialization.metadata.get("promote")
+    return promote is not None and promote.value is False
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description=(
+        f"Retrain when new positive events reach {SETTINGS.new_data_fraction:.0%} of the champion's training rows."
+    ),
+)
+def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource, mlflow: MLflowResource):
+    state = RetrainState.from_cursor(context.cursor)
+    now = datetime.now(UTC)
+    if state.pending_run_key:  # the outcome of the retrain requested last
+        runs = context.instance.get_runs(
+            filters=dg.RunsFilter(tags={"dagster/run_key": state.pending_run_key}), limit=1
+        )
+        if not runs or not runs[0].is_finished:
+            requested = datetime.fromisoformat(state.requested_at) if state.requested_at else now
+            if runs or now - requested < timedelta(minutes=10):
+                return dg.SkipReason(f"waiting for the retrain it requested ({state.pending_run_key})")
+            state.pending_run_key = None  # never launched (the request was dropped): look again
+        elif runs[0].is_finished:
+            if runs[0].status == dg.DagsterRunStatus.SUCCESS:
+                state.record_success()
+            elif _gate_failed(context.instance, runs[0]):
+                state.record_gate_failure(now, timedelta(seconds=SETTINGS.backoff_seconds))
+            state.history = [*state.history, f"{state.pending_run_key}: {runs[0].status.value}"][-10:]
+            state.pending_run_key = None
+            context.update_cursor(state.to_cursor())
+    running = running_retrain(context.instance)
+    if running is not None:
+        return dg.SkipReason(f"a retrain is running (run {running.run_id[:8]})")
+    if state.backing_off(now):
+        return dg.SkipReason(
+            f"backing off after {state.gate_failures} rejected candidate(s) until {state.backoff_until}"
+        )
+    try:
+        registry = mlflow.get_registry()
+        champion, challenger = registry.by_alias(CHAMPION), registry.by_alias(CHALLENGER)
+    except RegistryError as exc:
+        return dg.SkipReason(f"the registry cannot be read: {exc}")
+    if challenger is not None:
+        return dg.SkipReason(f"challenger v{challenger.version} is in canary: waiting for its decision")
+    if champion is None:
+        # A new platform trains its first model by itself, once there is data to train on (and tries
+        # again, backing off, if the first candidate does not beat popularity).
+        try:
+            events = new_positive_events(warehouse.get_warehouse(), datetime(1970, 1, 1, tzinfo=UTC))
+        except WarehouseError as exc:
+            return dg.SkipReason(f"the warehouse cannot be read: {exc}")
+        if events == 0:
+            return dg.SkipReason("no champion and no listening data yet")
+        state.attempts += 1
+        state.pending_run_key, state.requested_at = f"bootstrap-{state.attempts}", now.isoformat()
+        context.update_cursor(state.to_cursor())
+        return retrain_request(state.pending_run_key, "bootstrap", f"no champion yet; {events:,} positive events")
+    trained = int(champion.lineage("train_interactions") or 0)
+    since = datetime.fromisoformat(champion.lineage("max_played_at"))
+    try:
+        progress = NewDataProgress(
+            new_positive_events(warehouse.get_warehouse(), since), trained, SETTINGS.new_data_fraction
+        )
+    except WarehouseError as exc:
+        return dg.SkipReason(f"the warehouse cannot be read: {exc}")
+    if not progress.reached:
+        return dg.SkipReason(progress.describe())
+    state.attempts += 1
+    state.pending_run_key = f"new-data:champion-v{champion.version}:attempt-{state.attempts}"
+    state.requested_at = now.isoformat()
+    context.update_cursor(state.to_cursor())
+    return retrain_request(state.pending_run_key, "new-data", progress.describe())
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Retrain when the latest drift report is past its threshold (once per report).",
+)
+def drift_sensor(context: dg.SensorEvaluationContext):
+    found = context.instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1, ascending=False).records
+    if not found:
+        return dg.SkipReason("no drift report yet")
+    record = found[0]
+    if context.cursor and int(context.cursor) >= record.storage_id:
+        return dg.SkipReason(f"drift report {record.storage_id} already handled")
+    metadata = record.event_log_entry.asset_materialization.metadata
+    drifted = metadata.get("drifted")
+    share = metadata.get("drift_share")
+    if drifted is None or not drifted.value:
+        context.update_cursor(str(record.storage_id))
+        return dg.SkipReason(f"no drift in report {record.storage_id} (share {share.value if share else 0:.0%})")
+    if running_retrain(context.instance) is not None:
+        return dg.SkipReason("drift detected; a retrain is already running")
+    context.update_cursor(str(record.storage_id))
+    return retrain_request(
+        f"drift:{record.storage_id}", "drift", f"drift share {share.value:.0%} in report {record.storage_id}"
+    )
+
+
+@dg.sensor(
+    job=retrain_job,
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Retrain once per alert episode on online KPIs (Prometheus alerts, or the feedback table).",
+)
+def kpi_alert_sensor(
+    context: dg.SensorEvaluationContext,
+    prometheus: PrometheusResource,
+    warehouse: WarehouseResource,
+    mlflow: MLflowResource,
+):
+    cursor = json.loads(context.cursor) if context.cursor else {"handled": [], "feedback_episode": None}
+    if prometheus.url:
+        try:
+            response = httpx.get(f"{prometheus.url.rstrip('/')}/api/v1/alerts", timeout=10)
+            response.raise_for_status()
+            episodes = firing_episodes(response.json()["data"]["alerts"])
+        except (httpx.HTTPError, KeyError, ValueError) as exc:
+            return dg.SkipReason(f"Prometheus at {prometheus.url} cannot be read: {exc}")
+        source = f"Prometheus {prometheus.url}"
+    else:
+        champion = mlflow.get_registry().by_alias(CHAMPION)
+        if champion is None:
+            return dg.SkipReason("no champion, no KPI to watch")
+        episode, description = feedback_ctr_episode(warehouse.get_warehouse(), champion.version, SETTINGS.kpi_ctr_drop)
+        if episode is None:
+            cursor["feedback_episode"] = None
+            context.update_cursor(json.dumps(cursor))
+            return dg.SkipReason(f"feedback table: {description}")
+        # The episode lasts as long as the condition holds: keep its first hour as its key.
+        cursor["feedback_episode"] = cursor.get("feedback_episode") or episode.started_at
+        episode = type(episode)(episode.name, cursor["feedback_episode"])
+        episodes = [episode]
+        source = f"feedback table: {description}"
+    new = [e for e in episodes if e.key not in cursor["handled"]]
+    if not new:
+        return dg.SkipReason(f"{len(episodes)} firing alert episode(s) already handled ({source})")
+    if running_retrain(context.instance) is not None:
+        return dg.SkipReason(f"alert {new[0].name} firing; a retrain is already running")
+    cursor["handled"] = [*cursor["handled"], *(e.key for e in new)][-50:]
+    context.update_cursor(json.dumps(cursor))
+    return retrain_request(
+        f"alert:{new[0].key}", "kpi-alert", f"{new[0].name} firing since {new[0].started_at} ({source})"
+    )
+
+
+automation_sensor = dg.AutomationConditionSensorDefinition(
+    "recsys_automation",
+    target=dg.AssetSelection.all(),
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+)

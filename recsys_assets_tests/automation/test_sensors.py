@@ -1,0 +1,135 @@
+"""The sensors, evaluated through Dagster's sensor context on real embedded stores."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime, timedelta
+
+import dagster as dg
+import polars as pl
+import pytest
+
+from recsys_assets import sensors
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.registry import Registry
+from recsys_assets.resources import build_resources
+
+pytestmark = pytest.mark.slow
+CUTOFF = datetime(2026, 5, 1, tzinfo=UTC)
+
+
+@pytest.fixture
+def instance():
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+def register_champion(settings, tmp_path, train_interactions: int) -> Registry:
+    registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
+    model_dir = tmp_path / "version"
+    model_dir.mkdir()
+    (model_dir / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    run_id = registry.start_run("champion", tags={})
+    uri = registry.log_model(run_id, model_dir)
+    registry.end_run(run_id)
+    lineage = {"train_interactions": train_interactions, "max_played_at": CUTOFF.isoformat()}
+    registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="test", by="test")
+    return registry
+
+
+def plays(n: int, start: datetime, prefix: str = "e") -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "event_id": [f"{prefix}{i}" for i in range(n)],
+            "user_id": ["u"] * n,
+            "track_id": ["t"] * n,
+            "played_at": [start + timedelta(minutes=i) for i in range(n)],
+            "event_type": ["play"] * n,
+        }
+    )
+
+
+def tick(sensor, instance, settings, cursor=None):
+    resources = build_resources(settings)
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
+        result = sensor(context)
+        return result, context.cursor
+
+
+def test_new_data_sensor_fires_at_the_threshold_once(recsys_env, instance, tmp_path) -> None:
+    register_champion(recsys_env, tmp_path, train_interactions=1000)
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.init_schema()
+    warehouse.land_events(plays(150, CUTOFF + timedelta(hours=1)), source="test", origin="t")
+    warehouse.land_events(plays(50, CUTOFF - timedelta(days=1), prefix="old"), source="test", origin="t")
+
+    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message.startswith("15.0% of 20%: 150 new positive events against 1,000")
+
+    warehouse.land_events(plays(60, CUTOFF + timedelta(days=1), prefix="more"), source="test", origin="t")
+    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    assert isinstance(result, dg.RunRequest)
+    assert result.run_key == "new-data:champion-v1:attempt-1"
+    assert result.tags["recsys/retrain"] == "true"
+    assert result.tags["recsys/trigger"] == "new-data"
+    assert result.job_name == "retrain"
+
+    again, _ = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    assert isinstance(again, dg.SkipReason)
+    assert "waiting for the retrain it requested" in again.skip_message
+
+
+def test_new_data_sensor_waits_for_a_canary(recsys_env, instance, tmp_path) -> None:
+    registry = register_champion(recsys_env, tmp_path, train_interactions=10)
+    run_id = registry.start_run("challenger", tags={})
+    model_dir = tmp_path / "v2"
+    model_dir.mkdir()
+    (model_dir / "manifest.json").write_text("{}")
+    uri = registry.log_model(run_id, model_dir)
+    registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="test", by="test")
+    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message == "challenger v2 is in canary: waiting for its decision"
+
+
+def test_without_a_champion_the_first_model_is_requested_once_there_is_data(recsys_env, instance) -> None:
+    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert result.skip_message == "no champion and no listening data yet"
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.land_events(plays(10, CUTOFF), source="test", origin="t")
+    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    assert result.run_key == "bootstrap-1"
+    assert result.tags["recsys/trigger"] == "bootstrap"
+
+
+def test_warehouse_sensor_requests_an_extraction_per_new_batch(recsys_env, instance) -> None:
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.init_schema()
+    result, cursor = tick(sensors.warehouse_sensor, instance, recsys_env)
+    assert result.skip_message == "no new batch since batch 0"
+    report = warehouse.land_events(plays(5, CUTOFF), source="test", origin="t")
+    result, cursor = tick(sensors.warehouse_sensor, instance, recsys_env, cursor)
+    assert result.run_key == f"batches-upto-{report.batch_id}"
+    assert result.asset_selection == [dg.AssetKey("listening_events")]
+    result, _ = tick(sensors.warehouse_sensor, instance, recsys_env, cursor)
+    assert isinstance(result, dg.SkipReason)
+
+
+def test_drift_sensor_retrains_once_per_drifted_report(recsys_env, instance) -> None:
+    result, _ = tick(sensors.drift_sensor, instance, recsys_env)
+    assert result.skip_message == "no drift report yet"
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("drift_report", metadata={"drifted": False, "drift_share": 0.2})
+    )
+    result, cursor = tick(sensors.drift_sensor, instance, recsys_env)
+    assert "no drift in report" in result.skip_message
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("drift_report", metadata={"drifted": True, "drift_share": 0.6})
+    )
+    result, cursor = tick(sensors.drift_sensor, instance, recsys_env, cursor)
+    assert isinstance(result, dg.RunRequest)
+    assert result.run_key.startswith("drift:")
+    assert result.tags["recsys/trigger"] == "drift"
+    result, _ = tick(sensors.drift_sensor, instance, recsys_env, cursor)
+    assert "already handled" in result.skip_message
