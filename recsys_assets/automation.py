@@ -22,5 +22,9 @@ prepared_data = (after_inputs_change | (stale & ~dg.AutomationCondition.in_progr
 
 
 def on_cadence(cron: str, label: str) -> dg.AutomationCondition:
-    """Every ``cron`` tick, unless a run of the asset is already in progress."""
-    return (dg.AutomationCondition.cron_tick_passed(cron) & ~dg.AutomationCondition.in_progress()).with_label(label)
+    """Every ``cron`` tick, once its inputs exist and unless a run of the asset is already in progress."""
+    return (
+        dg.AutomationCondition.cron_tick_passed(cron)
+        & ~dg.AutomationCondition.any_deps_missing()
+        & ~dg.AutomationCondition.in_progress()
+    ).with_label(label)

@@ -30,12 +30,15 @@ defs = dg.Definitions(
     ],
     asset_checks=dg.load_asset_checks_from_modules([checks, evaluation]),
     jobs=[retrain_job],
+    # One process per run: a run's steps share the imports (TensorFlow alone costs seconds per process).
+    executor=dg.in_process_executor,
     schedules=[schedules.monthly_retrain],
     sensors=[
         sensors.warehouse_sensor,
         sensors.new_data_sensor,
         sensors.drift_sensor,
         sensors.kpi_alert_sensor,
+        sensors.canary_sensor,
         sensors.automation_sensor,
     ],
     resources=build_resources(load_settings()),

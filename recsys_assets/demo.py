@@ -38,7 +38,7 @@ log = logging.getLogger(__name__)
 # The loop's cadences for a demo on one machine (each can be overridden from the environment).
 DEMO_ENVIRONMENT = {
     "RECSYS_SENSOR_INTERVAL_SECONDS": "10",
-    "RECSYS_CANARY_CRON": "* * * * *",
+    "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS": "60",
     "RECSYS_DRIFT_CRON": "*/2 * * * *",
     "RECSYS_CANARY_FRACTION": "0.3",
     "RECSYS_CANARY_MIN_IMPRESSIONS": "1500",
@@ -156,6 +156,16 @@ class Narrator:
             self.seen_runs[run.run_id] = status
             trigger = run.tags.get("recsys/trigger", "manual")
             self.say(f"retrain run {run.run_id[:8]} ({trigger}: {run.tags.get('recsys/reason', '')[:90]}) {status}")
+            if run.status == dg.DagsterRunStatus.FAILURE:
+                found = instance_records = None
+                with dg.DagsterInstance.get() as instance:
+                    instance_records = instance.fetch_materializations(
+                        dg.AssetKey("model_evaluation"), limit=1, ascending=False
+                    ).records
+                found = instance_records[0] if instance_records and instance_records[0].run_id == run.run_id else None
+                if found is not None:
+                    decision = found.event_log_entry.asset_materialization.metadata.get("decision")
+                    self.say(f"  the gate rejected the candidate: {decision.value if decision else '?'}")
 
 
 def champion_and_challenger(registry: Registry) -> tuple[int | None, int | None]:
@@ -174,8 +184,10 @@ def play_world(
     echo: Callable[[str], None],
     should_stop: Callable[[], bool],
     drift: Drift | None = None,
+    drift_after_seconds: float = 600.0,
 ) -> None:
-    """Run the world and narrate until ``should_stop``; inject ``drift`` after the first canary decision."""
+    """Run the world and narrate until ``should_stop``; inject ``drift`` after the first canary
+    decision, or after ``drift_after_seconds`` if no canary was decided by then."""
     narrator = Narrator(registry, echo)
     streamer = StreamDriver(warehouse, home, stream_rate)
     traffic = TrafficDriver(serving_url, home, traffic_rps)
@@ -183,11 +195,13 @@ def play_world(
     traffic.start()
     narrator.say(f"streaming {stream_rate:g} events/s and {traffic_rps:g} requests/s of simulated users")
     drifted = False
+    started = time.monotonic()
     try:
         while not should_stop():
             narrator.poll_runs()
             narrator.poll_registry()
-            if drift is not None and not drifted and narrator.decisions >= 1:
+            due = narrator.decisions >= 1 or time.monotonic() - started > drift_after_seconds
+            if drift is not None and not drifted and due:
                 narrator.say(f"injecting drift into the stream: {drift}")
                 streamer.start(drift)
                 drifted = True

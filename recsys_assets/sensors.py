@@ -68,12 +68,26 @@ def warehouse_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRe
         last = wh.scalar("SELECT MAX(batch_id) FROM ingest_batches WHERE landed > 0")
     except WarehouseError as exc:
         return dg.SkipReason(f"the warehouse cannot be read: {exc}")
-    seen = int(context.cursor or 0)
+    cursor = json.loads(context.cursor) if context.cursor else {}
+    seen = int(cursor.get("batch", 0))
     if not last or last <= seen:
         return dg.SkipReason(f"no new batch since batch {seen}")
+    waiting = f"batches {seen + 1}..{last} wait"
     if running_retrain(context.instance) is not None:
-        return dg.SkipReason(f"batches {seen + 1}..{last} wait: a retrain (which extracts them too) is running")
-    context.update_cursor(str(last))
+        return dg.SkipReason(f"{waiting}: a retrain (which extracts them too) is running")
+    active = context.instance.get_runs(
+        filters=dg.RunsFilter(tags={"recsys/trigger": "new-batches"}, statuses=ACTIVE), limit=1
+    )
+    if active:
+        return dg.SkipReason(f"{waiting}: the previous extraction (run {active[0].run_id[:8]}) is not done")
+    now = datetime.now(UTC)
+    last_request = cursor.get("requested_at")
+    if (
+        last_request
+        and (now - datetime.fromisoformat(last_request)).total_seconds() < SETTINGS.extract_min_interval_seconds
+    ):
+        return dg.SkipReason(f"{waiting}: at most one extraction every {SETTINGS.extract_min_interval_seconds}s")
+    context.update_cursor(json.dumps({"batch": last, "requested_at": now.isoformat()}))
     return dg.RunRequest(
         run_key=f"batches-upto-{last}",
         asset_selection=[dg.AssetKey("listening_events")],
@@ -233,6 +247,49 @@ def kpi_alert_sensor(
     context.update_cursor(json.dumps(cursor))
     return retrain_request(
         f"alert:{new[0].key}", "kpi-alert", f"{new[0].name} firing since {new[0].started_at} ({source})"
+    )
+
+
+@dg.sensor(
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    asset_selection=["canary_analysis"],
+    description="While a challenger is in canary, analyse it each time enough new traffic has come in.",
+)
+def canary_sensor(
+    context: dg.SensorEvaluationContext,
+    mlflow: MLflowResource,
+    warehouse: WarehouseResource,
+    prometheus: PrometheusResource,
+):
+    from recsys_assets.data.kpis import PrometheusError, kpis_from_prometheus, kpis_from_warehouse
+
+    try:
+        registry = mlflow.get_registry()
+        champion, challenger = registry.by_alias(CHAMPION), registry.by_alias(CHALLENGER)
+    except RegistryError as exc:
+        return dg.SkipReason(f"the registry cannot be read: {exc}")
+    if challenger is None or champion is None:
+        return dg.SkipReason("no challenger in canary")
+    versions = {"champion": champion.version, "challenger": challenger.version}
+    try:
+        if prometheus.url:
+            stats = kpis_from_prometheus(prometheus.url, challenger.created_at, versions)
+        else:
+            stats = kpis_from_warehouse(warehouse.get_warehouse(), challenger.created_at, versions)
+    except (PrometheusError, WarehouseError) as exc:
+        return dg.SkipReason(f"the online KPIs cannot be read: {exc}")
+    fewest = min(s.impressions for s in stats.values())
+    needed = SETTINGS.canary_min_impressions
+    if fewest < needed:
+        return dg.SkipReason(
+            f"challenger v{challenger.version}: {fewest:,} of {needed:,} impressions on the smaller variant"
+        )
+    # One analysis per challenger and per `needed` more impressions (the asset may decide to wait).
+    return dg.RunRequest(
+        run_key=f"canary:v{challenger.version}:{fewest // needed}",
+        asset_selection=[dg.AssetKey("canary_analysis")],
+        tags={"recsys/trigger": "canary"},
     )
 
 

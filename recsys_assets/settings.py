@@ -162,7 +162,6 @@ class AutomationSettings:
     sensor_interval_seconds: int  # RECSYS_SENSOR_INTERVAL_SECONDS: how often the sensors look
     drift_share: float  # RECSYS_DRIFT_SHARE: share of drifted columns that means the data drifted
     drift_cron: str  # RECSYS_DRIFT_CRON: how often the drift report is refreshed
-    canary_cron: str  # RECSYS_CANARY_CRON: how often the canary is analysed
     backoff_seconds: int  # RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a gate failure (doubles)
     kpi_ctr_drop: float  # RECSYS_KPI_CTR_DROP: without Prometheus, CTR below this share of its 7-day level alerts
     canary_fraction: float  # RECSYS_CANARY_FRACTION: share of users who get the challenger
@@ -170,6 +169,7 @@ class AutomationSettings:
     canary_max_impressions: int  # RECSYS_CANARY_MAX_IMPRESSIONS: no significant difference by then: promote
     retrain_run_config: dict  # RECSYS_RETRAIN_RUN_CONFIG: JSON run config of the retrain job (ops: …)
     extra_alert_rules: list[str]  # RECSYS_PROMETHEUS_EXTRA_RULES: more rule files for the local Prometheus
+    extract_min_interval_seconds: int  # RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one extraction run per …
 
 
 def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSettings:
@@ -188,7 +188,6 @@ def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSetti
         sensor_interval_seconds=number("RECSYS_SENSOR_INTERVAL_SECONDS", 30, int),
         drift_share=number("RECSYS_DRIFT_SHARE", 0.5),
         drift_cron=env.get("RECSYS_DRIFT_CRON", "0 * * * *"),
-        canary_cron=env.get("RECSYS_CANARY_CRON", "*/5 * * * *"),
         backoff_seconds=number("RECSYS_RETRAIN_BACKOFF_SECONDS", 3600, int),
         kpi_ctr_drop=number("RECSYS_KPI_CTR_DROP", 0.8),
         canary_fraction=number("RECSYS_CANARY_FRACTION", 0.1),
@@ -196,6 +195,7 @@ def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSetti
         canary_max_impressions=number("RECSYS_CANARY_MAX_IMPRESSIONS", 20000, int),
         retrain_run_config=_json(env, "RECSYS_RETRAIN_RUN_CONFIG"),
         extra_alert_rules=[p for p in env.get("RECSYS_PROMETHEUS_EXTRA_RULES", "").split(os.pathsep) if p],
+        extract_min_interval_seconds=number("RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", 300, int),
     )
 
 

@@ -14,7 +14,6 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from recsys_assets import automation
 from recsys_assets.constants import DEPLOYMENT
 from recsys_assets.data.kpis import PrometheusError, kpis_from_prometheus, kpis_from_warehouse
 from recsys_assets.metadata import markdown_table
@@ -173,12 +172,7 @@ class CanaryConfig(dg.Config):
     alpha: float = Field(default=CanaryRules.alpha, description="Significance level of the two-proportion tests.")
 
 
-@dg.asset(
-    group_name=DEPLOYMENT,
-    deps=["model_deployment"],
-    kinds={"prometheus", "mlflow"},
-    automation_condition=automation.on_cadence(automation_settings().canary_cron, "canary_cadence"),
-)
+@dg.asset(group_name=DEPLOYMENT, deps=["model_deployment"], kinds={"prometheus", "mlflow"})
 def canary_analysis(
     context: dg.AssetExecutionContext,
     config: CanaryConfig,

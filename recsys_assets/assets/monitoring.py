@@ -49,10 +49,6 @@ def drift_report(
     """
     from recsys_assets.ml.drift import drift_frame, run_drift, windows
 
-    store = prepared.get_store()
-    events = store.scan(CLEAN_EVENTS_DATASET)
-    tracks = store.scan_table("track_features")
-    latest = events.select(pl.col("played_at").max()).collect().item()
     champion = mlflow.get_registry().by_alias(CHAMPION)
     if champion is None or not champion.lineage("max_played_at"):
         return dg.MaterializeResult(
@@ -62,6 +58,10 @@ def drift_report(
                 "drifted": False,
             }
         )
+    store = prepared.get_store()
+    events = store.scan(CLEAN_EVENTS_DATASET)
+    tracks = store.scan_table("track_features")
+    latest = events.select(pl.col("played_at").max()).collect().item()
     reference_end = datetime.fromisoformat(champion.lineage("max_played_at"))
     (ref_start, ref_end), (cur_start, cur_end) = windows(latest, reference_end, config.window_days)
     reference = drift_frame(events, tracks, ref_start, ref_end, config.sample_rows, config.seed)
