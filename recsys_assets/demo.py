@@ -39,6 +39,8 @@ log = logging.getLogger(__name__)
 DEMO_ENVIRONMENT = {
     "RECSYS_SENSOR_INTERVAL_SECONDS": "10",
     "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS": "60",
+    # The stream compresses a simulated day into seconds: compare the last 15 minutes, not 7 days.
+    "RECSYS_DRIFT_WINDOW_DAYS": "0.0104",
     "RECSYS_DRIFT_CRON": "*/2 * * * *",
     "RECSYS_CANARY_FRACTION": "0.3",
     "RECSYS_CANARY_MIN_IMPRESSIONS": "1500",

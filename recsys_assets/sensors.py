@@ -6,6 +6,9 @@
   of what it was trained on → the ``retrain`` job. Never while a retrain runs or a challenger is in
   canary; backs off after repeated gate failures; its skip reason says how close it is.
 - ``drift_sensor``: a new ``drift_report`` past the threshold → ``retrain``, once per report.
+
+Every retrain trigger waits while another retrain runs, and while a challenger is in canary (its
+online decision comes first).
 - ``kpi_alert_sensor``: a firing Prometheus alert labelled ``retrain="true"`` (or, without Prometheus,
   the champion's CTR falling below its 7-day level in the feedback table) → ``retrain``, once per
   alert episode.
@@ -45,6 +48,15 @@ ACTIVE = [
 def running_retrain(instance: dg.DagsterInstance) -> dg.DagsterRun | None:
     runs = instance.get_runs(filters=dg.RunsFilter(tags={RETRAIN_TAG: "true"}, statuses=ACTIVE), limit=1)
     return runs[0] if runs else None
+
+
+def challenger_in_canary(mlflow: MLflowResource) -> int | None:
+    """The challenger's version while a canary runs: a retrain waits for its decision first."""
+    try:
+        challenger = mlflow.get_registry().by_alias(CHALLENGER)
+    except RegistryError:
+        return None
+    return challenger.version if challenger else None
 
 
 def retrain_request(run_key: str, trigger: str, reason: str) -> dg.RunRequest:
@@ -182,7 +194,7 @@ def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRes
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Retrain when the latest drift report is past its threshold (once per report).",
 )
-def drift_sensor(context: dg.SensorEvaluationContext):
+def drift_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
     found = context.instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1, ascending=False).records
     if not found:
         return dg.SkipReason("no drift report yet")
@@ -197,6 +209,8 @@ def drift_sensor(context: dg.SensorEvaluationContext):
         return dg.SkipReason(f"no drift in report {record.storage_id} (share {share.value if share else 0:.0%})")
     if running_retrain(context.instance) is not None:
         return dg.SkipReason("drift detected; a retrain is already running")
+    if (canary := challenger_in_canary(mlflow)) is not None:
+        return dg.SkipReason(f"drift detected; waiting for the canary of v{canary} to be decided first")
     context.update_cursor(str(record.storage_id))
     return retrain_request(
         f"drift:{record.storage_id}", "drift", f"drift share {share.value:.0%} in report {record.storage_id}"
@@ -243,6 +257,8 @@ def kpi_alert_sensor(
         return dg.SkipReason(f"{len(episodes)} firing alert episode(s) already handled ({source})")
     if running_retrain(context.instance) is not None:
         return dg.SkipReason(f"alert {new[0].name} firing; a retrain is already running")
+    if (canary := challenger_in_canary(mlflow)) is not None:
+        return dg.SkipReason(f"alert {new[0].name} firing; waiting for the canary of v{canary} to be decided first")
     cursor["handled"] = [*cursor["handled"], *(e.key for e in new)][-50:]
     context.update_cursor(json.dumps(cursor))
     return retrain_request(

@@ -162,6 +162,7 @@ class AutomationSettings:
     sensor_interval_seconds: int  # RECSYS_SENSOR_INTERVAL_SECONDS: how often the sensors look
     drift_share: float  # RECSYS_DRIFT_SHARE: share of drifted columns that means the data drifted
     drift_cron: str  # RECSYS_DRIFT_CRON: how often the drift report is refreshed
+    drift_window_days: float  # RECSYS_DRIFT_WINDOW_DAYS: length of the compared windows
     backoff_seconds: int  # RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a gate failure (doubles)
     kpi_ctr_drop: float  # RECSYS_KPI_CTR_DROP: without Prometheus, CTR below this share of its 7-day level alerts
     canary_fraction: float  # RECSYS_CANARY_FRACTION: share of users who get the challenger
@@ -188,6 +189,7 @@ def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSetti
         sensor_interval_seconds=number("RECSYS_SENSOR_INTERVAL_SECONDS", 30, int),
         drift_share=number("RECSYS_DRIFT_SHARE", 0.5),
         drift_cron=env.get("RECSYS_DRIFT_CRON", "0 * * * *"),
+        drift_window_days=number("RECSYS_DRIFT_WINDOW_DAYS", 7.0),
         backoff_seconds=number("RECSYS_RETRAIN_BACKOFF_SECONDS", 3600, int),
         kpi_ctr_drop=number("RECSYS_KPI_CTR_DROP", 0.8),
         canary_fraction=number("RECSYS_CANARY_FRACTION", 0.1),

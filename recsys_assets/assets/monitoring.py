@@ -19,7 +19,10 @@ from recsys_assets.settings import automation_settings
 class DriftConfig(dg.Config):
     """What the drift report compares."""
 
-    window_days: float = Field(default=7.0, description="Length of the reference and of the current window.")
+    window_days: float = Field(
+        default=automation_settings().drift_window_days,
+        description="Length of the reference and of the current window (RECSYS_DRIFT_WINDOW_DAYS).",
+    )
     sample_rows: int = Field(default=20_000, description="Rows sampled from each window (bounds the cost).")
     drift_share: float = Field(
         default=automation_settings().drift_share,

@@ -136,18 +136,17 @@ def stream_tick(
 ) -> BatchReport | None:
     """Land about ``events`` new events stamped between ``start`` and ``end``.
 
-    The stream is time-compressed: one simulated day of behaviour (every user, scaled down to the
-    wanted number of events) is mapped onto the real window, so that sessions keep their shape.
+    The stream is time-compressed: the simulated clock advances by as much simulated time as it takes
+    every user together to produce ``events`` events, and that stretch of behaviour (sessions, the
+    weekly pools of tracks users come across) is mapped onto the real window.
     """
     per_day = expected_events_per_day(world)
-    fraction = min(1.0, events / per_day) if per_day else 0.0
-    sim_start = (
-        datetime.fromisoformat(world.state.last_event_at) if world.state.last_event_at else start - timedelta(days=1)
-    )
-    sim_end = sim_start + timedelta(days=1)
+    span = timedelta(days=max(events / per_day, 1 / 1440)) if per_day else timedelta(minutes=1)
+    sim_start = datetime.fromisoformat(world.state.last_event_at) if world.state.last_event_at else start - span
+    sim_end = sim_start + span
     world.state.stream_batches += 1
     prefix = f"sim{world.seed}-s{world.state.stream_batches}-"
-    frames = list(world.generate(sim_start, sim_end, user_fraction=fraction, id_prefix=prefix))
+    frames = list(world.generate(sim_start, sim_end, id_prefix=prefix))
     world.state.last_event_at = sim_end.isoformat()
     if not frames:
         return None

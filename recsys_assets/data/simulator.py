@@ -415,9 +415,13 @@ class World:
         prefix = id_prefix if id_prefix is not None else f"sim{self.seed}-"
         week = 7 * 86400.0
         t0, t1 = start.timestamp(), end.timestamp()
-        window_starts = np.arange(t0, t1, week)
-        for w_index, ws in enumerate(window_starts):
-            we = min(ws + week, t1)
+        # Absolute calendar weeks: a user's weekly pool of tracks is the same whether the week is
+        # simulated in one go (history) or a few minutes at a time (the stream).
+        first_week = np.floor(t0 / week) * week
+        for w_index, week_start in enumerate(np.arange(first_week, t1, week)):
+            ws, we = max(week_start, t0), min(week_start + week, t1)
+            if we <= ws:
+                continue
             released = a["release_s"] <= ws + 1e-6
             if not released.any():
                 continue
@@ -425,8 +429,10 @@ class World:
             days = (we - ws) / 86400.0
             for first in range(0, self.n_users, USER_BLOCK):
                 users = np.arange(first, min(first + USER_BLOCK, self.n_users))
-                rng = np.random.default_rng([self.seed, 1, int(ws), first])
+                pool_rng = np.random.default_rng([self.seed, 1, int(week_start), first])
+                rng = np.random.default_rng([self.seed, 2, int(ws * 1000), first])
                 frame = self._block(
+                    pool_rng,
                     rng,
                     users,
                     ws,
@@ -452,7 +458,7 @@ class World:
                 yield conform(frame, LISTENING_EVENTS_SCHEMA)
         self.state.last_event_at = end.isoformat()
 
-    def _block(self, rng, users, ws, we, days, ids, pop_cdf, by_genre, genre_cdf, g_start, g_end, g_ok):
+    def _block(self, pool_rng, rng, users, ws, we, days, ids, pop_cdf, by_genre, genre_cdf, g_start, g_end, g_ok):
         b = self.behaviour
         a = self.a
         n_u = len(users)
@@ -463,21 +469,24 @@ class World:
         session_user = np.repeat(np.arange(n_u), n_sessions)
         session_len = 1 + rng.geometric(1.0 / b.mean_session_length, size=total_sessions) - 1
         session_len = np.maximum(session_len, 1)
-        # Session starts: a uniform day in the window, an hour by the diurnal profile.
-        day = np.floor(rng.uniform(0, max((we - ws) / 86400.0, 1e-9), size=total_sessions))
-        hour = rng.choice(24, size=total_sessions, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum())
-        session_start = ws + day * 86400 + hour * 3600 + rng.uniform(0, 3600, size=total_sessions)
+        if we - ws >= 86400:
+            # Session starts: a uniform day in the window, an hour by the diurnal profile.
+            day = np.floor(rng.uniform(0, (we - ws) / 86400.0, size=total_sessions))
+            hour = rng.choice(24, size=total_sessions, p=HOUR_WEIGHTS / HOUR_WEIGHTS.sum())
+            session_start = ws + day * 86400 + hour * 3600 + rng.uniform(0, 3600, size=total_sessions)
+        else:  # a window shorter than a day (the stream): uniform within it
+            session_start = rng.uniform(ws, we, size=total_sessions)
 
         # Candidate pools: popular tracks, plus popular tracks of the genres each user likes.
-        pool_pop = ids[np.minimum(np.searchsorted(pop_cdf, rng.random((n_u, POOL_POPULAR))), len(ids) - 1)]
+        pool_pop = ids[np.minimum(np.searchsorted(pop_cdf, pool_rng.random((n_u, POOL_POPULAR))), len(ids) - 1)]
         taste = a["user_taste"][users][:, : len(g_ok)] * g_ok
         taste = taste / np.maximum(taste.sum(axis=1, keepdims=True), 1e-12)
         cum_taste = np.cumsum(taste, axis=1)
-        pick_genre = (rng.random((n_u, POOL_GENRE))[:, :, None] > cum_taste[:, None, :]).sum(axis=2)
+        pick_genre = (pool_rng.random((n_u, POOL_GENRE))[:, :, None] > cum_taste[:, None, :]).sum(axis=2)
         pick_genre = np.minimum(pick_genre, len(g_ok) - 1)
         lo, hi = g_start[pick_genre], g_end[pick_genre]
         # Inverse CDF within the genre slice: search the global array restricted to [lo, hi).
-        u = rng.random((n_u, POOL_GENRE))
+        u = pool_rng.random((n_u, POOL_GENRE))
         offset_cdf = genre_cdf + np.repeat(np.arange(len(g_start)), g_end - g_start)
         pos = np.searchsorted(offset_cdf, pick_genre + u)
         pos = np.clip(pos, lo, np.maximum(hi - 1, lo))

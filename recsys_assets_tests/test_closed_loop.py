@@ -1,0 +1,191 @@
+"""The closed loop with the real daemon, sized for CI: nothing here tells the platform what to do.
+
+The test plays the world (a simulated history, new events, simulated users, a bad model someone
+registers by mistake, a drift of tastes, a metric that trips a Prometheus alert) and watches the
+platform react by itself: bootstrap, canary rollback, retrain on new data, canary promotion, retrain on
+drift, retrain on an alert. It starts `recsys up` (Dagster webserver and daemon, MLflow, `bentoml serve`,
+Prometheus from the Debian package) on free ports and stops everything at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import dagster as dg
+import httpx
+import numpy as np
+import psutil
+import pytest
+
+from recsys_assets.data.simulation import simulate_history
+from recsys_assets.data.simulator import Drift
+from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.demo import StreamDriver, TrafficDriver
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry
+from recsys_assets.settings import load_settings
+from recsys_assets.stack.supervisor import free_port
+from recsys_assets_tests.conftest import BIN
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+TEST_RULES = """
+groups:
+  - name: recsys-test
+    rules:
+      - alert: RecsysTestKPIAlert
+        expr: sum(recsys_feedback_total{model_version="999999"}) > 0
+        labels: { severity: warning, retrain: "true" }
+        annotations: { summary: "a test alert that asks for a retrain" }
+"""
+
+
+def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, poll: float = 2.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise AssertionError(f"recsys up exited ({proc.returncode}) while waiting for {what}")
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
+
+
+def retrain_runs(instance: dg.DagsterInstance, trigger: str) -> list[dg.DagsterRun]:
+    return instance.get_runs(filters=dg.RunsFilter(tags={"recsys/retrain": "true", "recsys/trigger": trigger}))
+
+
+def bad_version(registry: Registry, champion: int, directory: Path) -> Path:
+    """The champion's files with random embeddings: a model that loads and serves, badly."""
+    source = registry.download(champion)
+    shutil.copytree(source, directory)
+    rng = np.random.default_rng(0)
+    for name in ("user_embeddings.npy", "item_embeddings.npy"):
+        shape = np.load(directory / name).shape
+        np.save(directory / name, rng.normal(size=shape).astype(np.float32))
+    return directory
+
+
+def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
+    ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}
+    rules = tmp_path / "test_rules.yml"
+    rules.write_text(TEST_RULES)
+    retrain_config = {
+        "ops": {
+            "two_tower_model": {"config": {"embedding_dim": 16, "max_epochs": 4, "patience": 1, "batch_size": 512}},
+            # The gate is tested on its own; here any candidate that is not far worse goes to the canary.
+            "model_evaluation": {"config": {"min_improvement": -0.5, "guard_tolerance": 1.0}},
+        }
+    }
+    env = {
+        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PROMETHEUS_URL")},
+        "RECSYS_HOME": str(tmp_path / "home"),
+        **{f"RECSYS_{name.upper()}_PORT": str(port) for name, port in ports.items()},
+        "RECSYS_SENSOR_INTERVAL_SECONDS": "5",
+        "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS": "30",
+        "RECSYS_CANARY_FRACTION": "0.5",
+        "RECSYS_CANARY_MIN_IMPRESSIONS": "400",
+        "RECSYS_CANARY_MAX_IMPRESSIONS": "2000",
+        "RECSYS_DRIFT_CRON": "* * * * *",
+        "RECSYS_DRIFT_WINDOW_DAYS": "0.003",
+        "RECSYS_DRIFT_SHARE": "0.4",
+        "RECSYS_RETRAIN_BACKOFF_SECONDS": "20",
+        "RECSYS_MODEL_POLL_SECONDS": "2",
+        "RECSYS_RETRAIN_RUN_CONFIG": json.dumps(retrain_config),
+        "RECSYS_PROMETHEUS_EXTRA_RULES": str(rules),
+    }  # fmt: skip
+    assert shutil.which("prometheus"), "prometheus is missing: `make test` installs it (scripts/test-setup.sh)"
+    os.environ.update({k: env[k] for k in env if k.startswith("RECSYS_")})
+    settings = load_settings(env)
+    proc = subprocess.Popen([str(BIN / "recsys"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output: list[str] = []
+    reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
+    reader.start()
+    stream = traffic = None
+    started: set[int] = set()
+    try:
+        wait_for(lambda: any("Ctrl-C stops everything" in line for line in output), 300, "the stack", proc)
+        records = json.loads((settings.run_dir / "stack.json").read_text())
+        assert {r["name"] for r in records} >= {"dagster-daemon", "bento", "prometheus"}
+        started = {r["pid"] for r in records}
+
+        warehouse = Warehouse(settings.warehouse_uri)
+        end = datetime.now(UTC).replace(microsecond=0)
+        simulate_history(warehouse, settings.home, users=150, tracks=500, days=10, seed=3, end=end)
+        registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
+        os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
+
+        # 1. No champion: the platform trains and serves its first model by itself.
+        wait_for(lambda: registry.by_alias(CHAMPION), 420, "the bootstrap champion", proc)
+        assert registry.by_alias(CHAMPION).version == 1
+        wait_for(lambda: _served_version(settings) == 1, 60, "the service to serve v1", proc)
+
+        traffic = TrafficDriver(settings.serving_url, settings.home, rps=15, users=150, chunk_seconds=10)
+        traffic.start()
+        stream = StreamDriver(warehouse, settings.home, rate=60, interval=2)
+        stream.start()
+
+        # 2. A bad model registered by mistake is canaried and rolled back by the online metrics.
+        run_id = registry.start_run("bad-by-mistake", tags={})
+        uri = registry.log_model(run_id, bad_version(registry, 1, tmp_path / "bad"))
+        bad = registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="registered by mistake", by="test")
+        assert registry.by_alias(CHALLENGER).version == bad.version
+        wait_for(lambda: registry.get(bad.version).status == "rolled_back", 300, "the bad challenger's rollback", proc)
+        assert registry.by_alias(CHAMPION).version == 1
+        assert registry.get(bad.version).history[-1]["by"].startswith("canary_analysis")
+
+        # 3. New events reach 20%: a retrain, a challenger, a canary, a promotion.
+        with dg.DagsterInstance.get() as instance:
+            wait_for(lambda: retrain_runs(instance, "new-data"), 300, "a retrain on new data", proc)
+
+        def promoted() -> int | None:
+            champion = registry.by_alias(CHAMPION)
+            return champion.version if champion and champion.version > bad.version else None
+
+        good = wait_for(promoted, 600, "a new champion promoted by the canary", proc)
+        wait_for(lambda: _served_version(settings) == good, 60, f"the service to serve v{good}", proc)
+
+        # 4. Tastes drift: the drift report catches it and a retrain follows.
+        stream.start(Drift(taste_shift=0.9, new_genre=0.5))
+        with dg.DagsterInstance.get() as instance:
+            wait_for(lambda: retrain_runs(instance, "drift"), 600, "a retrain on drift", proc)
+
+        # 5. A Prometheus alert labelled retrain="true" starts a retrain (once per episode).
+        httpx.post(f"{settings.serving_url}/feedback", json={"user_id": "u", "track_id": "t", "event_type": "dislike",
+                                                            "model_version": 999999}).raise_for_status()  # fmt: skip
+        with dg.DagsterInstance.get() as instance:
+            runs = wait_for(lambda: retrain_runs(instance, "kpi-alert"), 600, "a retrain on the alert", proc)
+            assert "RecsysTestKPIAlert" in runs[0].tags["recsys/reason"]
+            failed = [r for r in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
+                      if r.tags.get("recsys/retrain") != "true"]  # fmt: skip
+            assert failed == [], [r.run_id for r in failed]  # only retrains may fail (a rejected candidate)
+        assert traffic.reports
+        assert sum(r.requests for r in traffic.reports) > 500
+    finally:
+        if traffic is not None:
+            traffic.stop()
+        if stream is not None:
+            stream.stop()
+        for record in json.loads((settings.run_dir / "stack.json").read_text()) if (settings.run_dir / "stack.json").exists() else []:
+            started |= {record["pid"], *map(int, record.get("children", {}))}
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=180)
+        reader.join(timeout=10)
+    alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+    assert alive == []
+
+
+def _served_version(settings) -> int | None:
+    try:
+        body = httpx.post(f"{settings.serving_url}/recommend", json={"user_id": "probe-user", "k": 1}, timeout=5).json()
+    except (httpx.HTTPError, ValueError):
+        return None
+    return body.get("model_version") if body.get("variant") == "champion" else None
