@@ -179,7 +179,8 @@ def training_interactions(clean: pd.DataFrame) -> pd.DataFrame:
         positives["event_type"] == "like", LIKE_WEIGHT, positives["completion"].fillna(1.0).clip(0.0, 1.0)
     )
     positives["liked"] = positives["event_type"] == "like"
+    positives["organic"] = positives["source"] != "recommendation"
     out = positives.groupby(["user_id", "track_id", "played_at"], sort=False).agg(
-        weight=("weight", "sum"), liked=("liked", "any")
+        weight=("weight", "sum"), liked=("liked", "any"), organic=("organic", "all")
     )
     return out.reset_index()

@@ -105,7 +105,9 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
     assert shutil.which("prometheus"), "prometheus is missing: `make test` installs it (scripts/test-setup.sh)"
     os.environ.update({k: env[k] for k in env if k.startswith("RECSYS_")})
     settings = load_settings(env)
-    proc = subprocess.Popen([str(BIN / "recsys"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [str(BIN / "recsys"), "up"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     output: list[str] = []
     reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
@@ -174,7 +176,11 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
             traffic.stop()
         if stream is not None:
             stream.stop()
-        for record in json.loads((settings.run_dir / "stack.json").read_text()) if (settings.run_dir / "stack.json").exists() else []:
+        for record in (
+            json.loads((settings.run_dir / "stack.json").read_text())
+            if (settings.run_dir / "stack.json").exists()
+            else []
+        ):
             started |= {record["pid"], *map(int, record.get("children", {}))}
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=180)

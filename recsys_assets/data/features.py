@@ -126,7 +126,8 @@ def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
     completion (1 when unknown), a like :data:`LIKE_WEIGHT`; a play and a like of the same track at
     the same instant (MovieLens ratings) make one interaction with the summed weight. Track
     attributes (artist, genre) live in :func:`track_features`; keeping them out of this table halves
-    the memory of the grouping. Rows come in no particular order (the split sorts).
+    the memory of the grouping. ``organic`` is false for feedback on our own recommendations (the
+    evaluation leaves those out of the holdout). Rows come in no particular order (the split sorts).
     """
     weight = (
         pl.when(pl.col("event_type") == "like")
@@ -136,8 +137,13 @@ def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
     return (
         clean.filter(pl.col("event_type").is_in(POSITIVE_EVENT_TYPES) & ~pl.col("suspected_bot"))
         .select(
-            "user_id", "track_id", "played_at", weight.alias("weight"), (pl.col("event_type") == "like").alias("liked")
+            "user_id",
+            "track_id",
+            "played_at",
+            weight.alias("weight"),
+            (pl.col("event_type") == "like").alias("liked"),
+            (pl.col("source") != "recommendation").alias("organic"),
         )
         .group_by("user_id", "track_id", "played_at")
-        .agg(pl.col("weight").sum(), pl.col("liked").any())
+        .agg(pl.col("weight").sum(), pl.col("liked").any(), pl.col("organic").all())
     )

@@ -8,8 +8,9 @@
   all of theirs in train.
 
 Positive interactions are de-duplicated on (user, track, ``played_at``) before splitting. Training uses
-the distinct (user, track) pairs of the train side. The same functions carve the validation split out
-of the train side for early stopping.
+the distinct (user, track) pairs of the train side. The holdout keeps organic listening only: plays
+that answer our own recommendations would favour the model that made them (the champion). The same
+functions carve the validation split out of the train side for early stopping.
 """
 
 from __future__ import annotations
@@ -104,11 +105,24 @@ def per_user_temporal_split(
 
 
 def temporal_split(interactions: pl.DataFrame, protocol: str) -> Split:
+    """The protocol's split, with an organic holdout (see :func:`organic_holdout`)."""
     if protocol == "global":
-        return global_temporal_split(interactions)
+        return organic_holdout(global_temporal_split(interactions))
     if protocol == "user":
-        return per_user_temporal_split(interactions)
+        return organic_holdout(per_user_temporal_split(interactions))
     raise SplitError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+
+
+def organic_holdout(split: Split) -> Split:
+    """Keep only organic listening in the holdout.
+
+    Plays and likes that answer our own recommendations (``organic`` false) would favour the model
+    that made those recommendations, the champion: the holdout measures what users find on their
+    own. They stay out of the train side too (they happened after the cutoff).
+    """
+    if "organic" not in split.holdout.columns:
+        return split
+    return Split(split.protocol, split.train, split.holdout.filter(pl.col("organic")), split.cutoff)
 
 
 def validation_split(train: pl.DataFrame, protocol: str) -> Split:

@@ -67,8 +67,12 @@ class ProcessRecord:
 
 
 def port_in_use(host: str, port: int) -> bool:
-    """Whether something already listens on ``host:port``."""
+    """Whether something already listens on ``host:port``.
+
+    SO_REUSEADDR, as servers set it: a port left in TIME_WAIT by a process that just stopped is free.
+    """
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((host, port))
         except OSError as exc:
