@@ -39,6 +39,7 @@ import recsys_assets  # noqa: F401  (environment first)
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARATION = ("listening_events", "clean_listening_events", "user_features", "track_features", "training_interactions")
+PERMISSIVE_GATE = {"min_improvement": -1.0, "guards": {"recall@10": 1.0, "coverage@10": 1.0}}
 STAGES = {
     "preparation": PREPARATION,
     "training": ("two_tower_model",),
@@ -117,7 +118,7 @@ def main() -> None:
         "RECSYS_HOME": str(home),
         **{f"RECSYS_{name.upper()}_PORT": str(port) for name, port in ports.items()},
         "RECSYS_ADMIN_TOKEN": "loop-benchmark",
-        "RECSYS_RETRAIN_RUN_CONFIG": json.dumps({"ops": {"model_evaluation": {"config": {"min_improvement": -1.0, "guard_tolerance": 1.0}}}}),
+        "RECSYS_RETRAIN_RUN_CONFIG": json.dumps({"ops": {"model_evaluation": {"config": PERMISSIVE_GATE}}}),
     }  # fmt: skip
     os.environ.update({k: v for k, v in env.items() if k.startswith("RECSYS_")})
     settings = load_settings(env)

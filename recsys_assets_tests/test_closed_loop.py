@@ -36,6 +36,7 @@ from recsys_assets_tests.conftest import BIN
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
+SETTINGS_VARIABLES = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PROMETHEUS_URL", "BENTOML_HOME")
 TEST_RULES = """
 groups:
   - name: recsys-test
@@ -82,11 +83,11 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         "ops": {
             "two_tower_model": {"config": {"embedding_dim": 16, "max_epochs": 4, "patience": 1, "batch_size": 512}},
             # The gate is tested on its own; here any candidate that is not far worse goes to the canary.
-            "model_evaluation": {"config": {"min_improvement": -0.5, "guard_tolerance": 1.0}},
+            "model_evaluation": {"config": {"min_improvement": -0.5, "guards": {"recall@10": 1.0, "coverage@10": 1.0}}},
         }
     }
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PROMETHEUS_URL")},
+        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k not in SETTINGS_VARIABLES},
         "RECSYS_HOME": str(tmp_path / "home"),
         **{f"RECSYS_{name.upper()}_PORT": str(port) for name, port in ports.items()},
         "RECSYS_SENSOR_INTERVAL_SECONDS": "5",

@@ -30,10 +30,10 @@ class GateConfig(dg.Config):
     min_improvement: float = Field(
         default=0.0, description="Required relative improvement of the primary metric (0.02 = +2%)."
     )
-    guard_metrics: list[str] = Field(
-        default=list(DEFAULT_GUARDS), description="Metrics that must not regress beyond the tolerance."
+    guards: dict[str, float] = Field(
+        default=dict(DEFAULT_GUARDS),
+        description="Guard metric -> allowed relative regression against the reference.",
     )
-    guard_tolerance: float = Field(default=0.05, description="Allowed relative regression of a guard metric.")
     force: bool = Field(default=False, description="Promote regardless of the metrics (recorded as forced).")
     bootstrap_samples: int = Field(default=1000, description="Resamples of users for the confidence intervals.")
 
@@ -41,8 +41,7 @@ class GateConfig(dg.Config):
         return GateRules(
             primary_metric=self.primary_metric,
             min_improvement=self.min_improvement,
-            guard_metrics=tuple(self.guard_metrics),
-            guard_tolerance=self.guard_tolerance,
+            guards=tuple(self.guards.items()),
             force=self.force,
             bootstrap_samples=self.bootstrap_samples,
         )

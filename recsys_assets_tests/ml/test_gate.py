@@ -33,7 +33,8 @@ def test_primary_metric_needs_the_margin() -> None:
 
 
 def test_a_guard_regression_blocks_even_with_a_better_primary() -> None:
-    decision = decide(ev(0.40, coverage=0.30), ev(0.30, coverage=0.50), ev(0.1), GateRules(guard_tolerance=0.1))
+    rules = GateRules(guards=(("recall@10", 0.05), ("coverage@10", 0.1)))
+    decision = decide(ev(0.40, coverage=0.30), ev(0.30, coverage=0.50), ev(0.1), rules)
     assert not decision.promote
     assert any("guard coverage@10" in r for r in decision.reasons)
 
