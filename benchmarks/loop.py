@@ -39,6 +39,7 @@ import recsys_assets  # noqa: F401  (environment first)
 
 REPO = Path(__file__).resolve().parents[1]
 PREPARATION = ("listening_events", "clean_listening_events", "user_features", "track_features", "training_interactions")
+OWN_VARIABLES = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PROMETHEUS_URL", "BENTOML_HOME")
 PERMISSIVE_GATE = {"min_improvement": -1.0, "guards": {"recall@10": 1.0, "coverage@10": 1.0}}
 STAGES = {
     "preparation": PREPARATION,
@@ -114,7 +115,7 @@ def main() -> None:
     home = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="recsys-loop-"))
     ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}
     env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI")},
+        **{k: v for k, v in os.environ.items() if not k.startswith("RECSYS_") and k not in OWN_VARIABLES},
         "RECSYS_HOME": str(home),
         **{f"RECSYS_{name.upper()}_PORT": str(port) for name, port in ports.items()},
         "RECSYS_ADMIN_TOKEN": "loop-benchmark",
