@@ -295,6 +295,9 @@ def canary_sensor(
             stats = kpis_from_warehouse(warehouse.get_warehouse(), challenger.created_at, versions)
     except (PrometheusError, WarehouseError) as exc:
         return dg.SkipReason(f"the online KPIs cannot be read: {exc}")
+    canary_runs = dg.RunsFilter(tags={"recsys/trigger": "canary"}, statuses=ACTIVE)
+    if active := context.instance.get_runs(filters=canary_runs, limit=1):
+        return dg.SkipReason(f"the previous analysis of v{challenger.version} (run {active[0].run_id[:8]}) is not done")
     fewest = min(s.impressions for s in stats.values())
     needed = SETTINGS.canary_min_impressions
     if fewest < needed:
