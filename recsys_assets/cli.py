@@ -446,14 +446,14 @@ def traffic(ctx: click.Context, users: int, rps: float, duration: float, k: int,
 
     import numpy as np
 
-    from recsys_assets.data.simulation import world_dir
+    from recsys_assets.data.simulation import LiveWorld, world_dir
     from recsys_assets.data.simulator import World
     from recsys_assets.data.traffic import Behaviour, run_traffic
 
     settings = _settings(ctx)
     url = url or settings.serving_url
     try:
-        world = World.load(world_dir(settings.home))
+        world = LiveWorld(world_dir(settings.home))
     except FileNotFoundError:
         world = None
         click.echo("no simulated world: clicks use a flat 5% probability and user ids are synthetic")

@@ -27,7 +27,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from recsys_assets.data.simulation import stream, world_dir
+from recsys_assets.data.simulation import LiveWorld, stream, world_dir
 from recsys_assets.data.simulator import Drift, World
 from recsys_assets.data.traffic import Behaviour, TrafficReport, run_traffic
 from recsys_assets.data.warehouse import Warehouse
@@ -93,7 +93,7 @@ class TrafficDriver:
         self._thread.start()
 
     def _run(self) -> None:
-        world = World.load(world_dir(self.home))
+        world = LiveWorld(world_dir(self.home))
         rng = np.random.default_rng(0)
         user_ids = list(World.user_id(rng.choice(world.n_users, min(self.users, world.n_users), replace=False)))
         behaviour = Behaviour(world.click_probability, world.affinity, seed=1)

@@ -60,8 +60,9 @@ def wait_for(predicate, timeout: float, what: str, proc: subprocess.Popen | None
     raise AssertionError(f"timed out after {timeout:.0f}s waiting for {what}")
 
 
-def retrain_runs(instance: dg.DagsterInstance, trigger: str) -> list[dg.DagsterRun]:
-    return instance.get_runs(filters=dg.RunsFilter(tags={"recsys/retrain": "true", "recsys/trigger": trigger}))
+def retrain_runs(instance: dg.DagsterInstance, trigger: str, after: datetime | None = None) -> list[dg.DagsterRun]:
+    tags = {"recsys/retrain": "true", "recsys/trigger": trigger}
+    return instance.get_runs(filters=dg.RunsFilter(tags=tags, created_after=after))
 
 
 def bad_version(registry: Registry, champion: int, directory: Path) -> Path:
@@ -154,24 +155,31 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
             return champion.version if champion and champion.version > bad.version else None
 
         good = wait_for(promoted, 600, "a new champion promoted by the canary", proc)
+        assert registry.get(good).history[-1]["by"].startswith("canary_analysis")
         wait_for(lambda: _served_version(settings) == good, 60, f"the service to serve v{good}", proc)
 
         # 4. Tastes drift: the drift report catches it and a retrain follows.
+        drifted_at = datetime.now(UTC)
         stream.start(Drift(taste_shift=0.9, new_genre=0.5))
         with dg.DagsterInstance.get() as instance:
-            wait_for(lambda: retrain_runs(instance, "drift"), 600, "a retrain on drift", proc)
+            wait_for(lambda: retrain_runs(instance, "drift", drifted_at), 600, "a retrain on drift", proc)
 
         # 5. A Prometheus alert labelled retrain="true" starts a retrain (once per episode).
+        alerted_at = datetime.now(UTC)
         httpx.post(f"{settings.serving_url}/feedback", json={"user_id": "u", "track_id": "t", "event_type": "dislike",
                                                             "model_version": 999999}).raise_for_status()  # fmt: skip
         with dg.DagsterInstance.get() as instance:
-            runs = wait_for(lambda: retrain_runs(instance, "kpi-alert"), 600, "a retrain on the alert", proc)
+            alert_retrains = lambda: retrain_runs(instance, "kpi-alert", alerted_at)  # noqa: E731
+            runs = wait_for(alert_retrains, 600, "a retrain on the alert", proc)
             assert "RecsysTestKPIAlert" in runs[0].tags["recsys/reason"]
             failed = [r for r in instance.get_runs(filters=dg.RunsFilter(statuses=[dg.DagsterRunStatus.FAILURE]))
                       if r.tags.get("recsys/retrain") != "true"]  # fmt: skip
             assert failed == [], [r.run_id for r in failed]  # only retrains may fail (a rejected candidate)
         assert traffic.reports
         assert sum(r.requests for r in traffic.reports) > 500
+    except BaseException:
+        _print_story(settings)  # what the platform did, for whoever reads a failed CI log
+        raise
     finally:
         if traffic is not None:
             traffic.stop()
@@ -188,6 +196,33 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         reader.join(timeout=10)
     alive = [p for p in started if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
     assert alive == []
+
+
+def _print_story(settings) -> None:
+    """The registry's history, the runs and the sensors' last word, on stdout (pytest shows it on failure)."""
+    print("\n=== registry ===")
+    try:
+        registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, settings.home / "story-cache")
+        for version in sorted(registry.versions(), key=lambda v: v.version):
+            print(f"v{version.version} {version.status}")
+            for event in version.history:
+                print(f"    {event['at'][11:19]} {event['action']}: {event['reason'][:160]} ({event['by'][:40]})")
+    except Exception as exc:  # noqa: BLE001 (a report on the way out must not hide the failure)
+        print(f"the registry cannot be read: {exc!r}")
+    print("=== runs ===")
+    os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
+    with dg.DagsterInstance.get() as instance:
+        for run in reversed(instance.get_runs(limit=60)):
+            stats = instance.get_run_stats(run.run_id)
+            start = time.strftime("%H:%M:%S", time.gmtime(stats.start_time)) if stats.start_time else "-"
+            took = f"{stats.end_time - stats.start_time:.0f}s" if stats.start_time and stats.end_time else "-"
+            print(f"{run.run_id[:8]} {run.status.value:8} {start} {took:>5} trigger={run.tags.get('recsys/trigger')} "
+                  f"reason={run.tags.get('recsys/reason', '')[:100]}")  # fmt: skip
+        print("=== sensors ===")
+        for state in instance.all_instigator_state():
+            ticks = instance.get_ticks(state.instigator_origin_id, state.selector_id, limit=1)
+            if ticks:
+                print(f"{state.name}: {ticks[0].status.value} {ticks[0].skip_reason or ''}")
 
 
 def _served_version(settings) -> int | None:

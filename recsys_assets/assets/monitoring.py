@@ -44,13 +44,14 @@ def drift_report(
     mlflow: MLflowResource,
     recsys_home: RecsysHomeResource,
 ) -> dg.MaterializeResult:
-    """Evidently data-drift report: the latest days of listening against the champion's last training days.
+    """Evidently data-drift report: the latest days of listening against as many events of the
+    champion's latest training data.
 
     Columns: genre mix, user activity, track popularity, ``ms_played``, skips. The HTML report is kept
     under ``$RECSYS_HOME/reports/drift``; a drift share past the threshold makes the drift sensor start
     a retrain.
     """
-    from recsys_assets.ml.drift import drift_frame, run_drift, windows
+    from recsys_assets.ml.drift import current_window, drift_frame, reference_window, run_drift
 
     champion = mlflow.get_registry().by_alias(CHAMPION)
     if champion is None or not champion.lineage("max_played_at"):
@@ -66,9 +67,10 @@ def drift_report(
     tracks = store.scan_table("track_features")
     latest = events.select(pl.col("played_at").max()).collect().item()
     reference_end = datetime.fromisoformat(champion.lineage("max_played_at"))
-    (ref_start, ref_end), (cur_start, cur_end) = windows(latest, reference_end, config.window_days)
-    reference = drift_frame(events, tracks, ref_start, ref_end, config.sample_rows, config.seed)
-    current = drift_frame(events, tracks, cur_start, cur_end, config.sample_rows, config.seed + 1)
+    recent = current_window(events, latest, config.window_days).collect(engine="streaming")
+    older = reference_window(events, reference_end, recent.height).collect(engine="streaming")
+    current = drift_frame(recent.lazy(), tracks, config.sample_rows, config.seed + 1)
+    reference = drift_frame(older.lazy(), tracks, config.sample_rows, config.seed)
     path = recsys_home.reports_dir / "drift" / f"{context.run.run_id}.html"
     result = run_drift(reference, current, config.drift_share, path)
     context.log.info(
@@ -81,11 +83,18 @@ def drift_report(
             "threshold": dg.MetadataValue.float(config.drift_share),
             "columns": markdown_table(result.columns),
             "report": dg.MetadataValue.path(str(path)),
-            "reference_window": dg.MetadataValue.text(f"{ref_start:%Y-%m-%d %H:%M} → {ref_end:%Y-%m-%d %H:%M}"),
-            "current_window": dg.MetadataValue.text(f"{cur_start:%Y-%m-%d %H:%M} → {cur_end:%Y-%m-%d %H:%M}"),
+            "reference_window": dg.MetadataValue.text(_span(older)),
+            "current_window": dg.MetadataValue.text(_span(recent)),
             "reference_rows": dg.MetadataValue.int(result.reference_rows),
             "current_rows": dg.MetadataValue.int(result.current_rows),
             "seconds": dg.MetadataValue.float(round(result.seconds, 2)),
             "champion_version": dg.MetadataValue.int(champion.version),
         }
     )
+
+
+def _span(window: pl.DataFrame) -> str:
+    if window.is_empty():
+        return "no events"
+    first, last = window["played_at"].min(), window["played_at"].max()
+    return f"{first:%Y-%m-%d %H:%M} → {last:%Y-%m-%d %H:%M} ({window.height:,} events)"

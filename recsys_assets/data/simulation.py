@@ -28,6 +28,43 @@ def world_dir(home: Path) -> Path:
     return home / "simulator"
 
 
+class LiveWorld:
+    """The simulated world as the stream last saved it, for simulated users who react to recommendations.
+
+    The stream changes the world as it goes (a drift of tastes, new releases) and saves it; a traffic
+    simulator that kept the world it loaded at its start would click with yesterday's tastes and judge
+    a model trained on today's listening unfairly. This one reloads the world when its files change,
+    checking at most every ``check_seconds``.
+    """
+
+    def __init__(self, directory: Path, check_seconds: float = 2.0):
+        self.directory, self.check_seconds = directory, check_seconds
+        self._world = World.load(directory)
+        self._stamp = self._mtime()
+        self._checked = time.monotonic()
+
+    def _mtime(self) -> int:
+        return (self.directory / "world.json").stat().st_mtime_ns
+
+    @property
+    def world(self) -> World:
+        if time.monotonic() - self._checked >= self.check_seconds:
+            self._checked = time.monotonic()
+            if (stamp := self._mtime()) != self._stamp:
+                self._world, self._stamp = World.load(self.directory), stamp
+        return self._world
+
+    @property
+    def n_users(self) -> int:
+        return self.world.n_users
+
+    def click_probability(self, user_ids, track_ids):
+        return self.world.click_probability(user_ids, track_ids)
+
+    def affinity(self, user_ids, track_ids):
+        return self.world.affinity(user_ids, track_ids)
+
+
 @dataclass(frozen=True)
 class SimulationReport:
     events: int

@@ -1,10 +1,12 @@
 """Data drift between the champion's training window and recent listening, with Evidently.
 
-The columns that matter for recommendations, per event: the track's ``genre`` (the genre mix), the
+The columns that matter for recommendations, per organic listening event: the track's ``genre`` (the genre mix), the
 user's ``user_activity`` (their events in the window), the track's ``track_popularity`` (its
-percentile of plays), ``ms_played`` and ``is_skip``. Both windows are sampled to ``sample_rows`` rows
-so the report costs the same whatever the traffic (Evidently works on pandas: the conversion happens
-here, at the boundary). The dataset drifts when the share of drifted columns reaches ``drift_share``.
+percentile of plays), ``ms_played`` and ``is_skip``. The current window is the last days of listening;
+the reference is as many events, the last ones the champion was trained on. Both are sampled to
+``sample_rows`` rows so the report costs the same whatever the traffic (Evidently works on pandas:
+the conversion happens here, at the boundary). The dataset drifts when the share of drifted columns
+reaches ``drift_share``.
 """
 
 from __future__ import annotations
@@ -34,13 +36,38 @@ class DriftResult:
     html_path: Path
 
 
-def drift_frame(
-    events: pl.LazyFrame, tracks: pl.LazyFrame, start: datetime, end: datetime, sample_rows: int, seed: int
-) -> pl.DataFrame:
-    """The drift columns of the listening events in ``[start, end)``, sampled."""
-    window = events.filter(
-        pl.col("played_at").is_between(start, end, closed="left") & pl.col("event_type").is_in(("play", "skip"))
+def listening(events: pl.LazyFrame) -> pl.LazyFrame:
+    """The listening the report compares: organic plays and skips, with the columns it needs.
+
+    Feedback on our own recommendations is left out: its genre mix and popularity are the serving
+    model's choices, so a new model (or the first one going live) would read as drift and start a
+    retrain that changes the mix again. The drift that matters is in what users do on their own.
+    """
+    organic = pl.col("source") != "recommendation" if "source" in events.collect_schema() else pl.lit(True)
+    return events.filter(pl.col("event_type").is_in(("play", "skip")) & organic).select(
+        "user_id", "track_id", "genre", "ms_played", "event_type", "played_at"
     )
+
+
+def current_window(events: pl.LazyFrame, latest: datetime, days: float) -> pl.LazyFrame:
+    """The listening of the last ``days`` up to ``latest`` (included)."""
+    start = latest - timedelta(days=days)
+    return listening(events).filter((pl.col("played_at") > start) & (pl.col("played_at") <= latest))
+
+
+def reference_window(events: pl.LazyFrame, end: datetime, rows: int) -> pl.LazyFrame:
+    """The last ``rows`` listening events up to ``end`` (included): the champion's latest training data.
+
+    The reference holds as many events as the current window rather than as many days, so that the
+    per-window columns (a user's activity) compare like with like whatever the traffic: a stream that
+    is faster or slower than the history (a time-compressed simulation, a launch, a holiday) does not
+    read as drift by itself.
+    """
+    return listening(events).filter(pl.col("played_at") <= end).top_k(rows, by="played_at")
+
+
+def drift_frame(window: pl.LazyFrame, tracks: pl.LazyFrame, sample_rows: int, seed: int) -> pl.DataFrame:
+    """The drift columns of the events of ``window``, sampled to at most ``sample_rows`` rows."""
     frame = (
         window.with_columns(pl.len().over("user_id").alias("user_activity"))
         .join(tracks.select("track_id", pl.col("popularity_rank").alias("track_popularity")), on="track_id", how="left")
@@ -56,18 +83,6 @@ def drift_frame(
     if frame.height > sample_rows:
         frame = frame.sample(sample_rows, seed=seed)
     return frame
-
-
-def windows(
-    latest: datetime, reference_end: datetime, days: float
-) -> tuple[tuple[datetime, datetime], tuple[datetime, datetime]]:
-    """(reference, current) windows: the last ``days`` before the champion's data ended, and the last
-    ``days`` of the data now."""
-    span = timedelta(days=days)
-    return (reference_end - span, reference_end + timedelta(microseconds=1)), (
-        latest - span,
-        latest + timedelta(microseconds=1),
-    )
 
 
 def run_drift(reference: pl.DataFrame, current: pl.DataFrame, drift_share: float, html_path: Path) -> DriftResult:

@@ -269,8 +269,10 @@ class Registry:
                 n = len([k for k in self.get(v).tags if k.startswith("recsys.event.")])
                 client.set_model_version_tag(MODEL_NAME, str(v), f"recsys.event.{n:04d}", json.dumps(event))
             client.set_model_version_tag(MODEL_NAME, str(version), "recsys.status", alias)
-            if previous and previous.version != version and alias == CHAMPION:
-                client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", "retired")
+            if previous and previous.version != version:
+                # A champion replaced retires; a challenger replaced before its canary ended is superseded.
+                status = "retired" if alias == CHAMPION else "superseded"
+                client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", status)
         return previous
 
     def promote(self, version: int | None = None, *, reason: str, by: str) -> VersionInfo:

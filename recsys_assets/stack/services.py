@@ -33,9 +33,11 @@ run_monitoring:
   enabled: true
   start_timeout_seconds: 180
   poll_interval_seconds: 30
+# One sensor at a time: the retrain sensors (new data, drift, KPI alert) each check that no retrain
+# is queued or running before they request one; evaluated in parallel, two could both see none.
 sensors:
   use_threads: true
-  num_workers: 2
+  num_workers: 1
 schedules:
   use_threads: true
   num_workers: 1

@@ -40,3 +40,37 @@ def test_a_shifted_window_drifts_and_the_same_one_does_not(tmp_path) -> None:
 def test_an_empty_window_is_a_clear_error(tmp_path) -> None:
     with pytest.raises(ValueError, match="0 current rows: a window is empty"):
         run_drift(window(10, [1, 0, 0], 1, 0, 1), window(10, [1, 0, 0], 1, 0, 1).head(0), 0.5, tmp_path / "x.html")
+
+
+def test_the_reference_holds_as_many_events_as_the_current_window() -> None:
+    """A stream faster than the history must not read as drift: the windows match in events, not days."""
+    from datetime import UTC, datetime, timedelta
+
+    from recsys_assets.ml.drift import current_window, reference_window
+
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    # History: one event an hour for 10 days; then a stream ten times faster for a day.
+    history = [start + timedelta(hours=h) for h in range(240)]
+    stream = [start + timedelta(days=10, minutes=6 * i) for i in range(1, 241)]
+    events = pl.DataFrame(
+        {
+            "user_id": "u1",
+            "track_id": "t1",
+            "genre": "pop",
+            "ms_played": 1000,
+            "event_type": ["play", "skip", "like"] * 160,
+            "source": ["organic"] * 478 + ["recommendation", "organic"],  # a skip of a recommendation
+            "played_at": history + stream,
+        }
+    ).lazy()
+    champion_end = history[-1]
+    current = current_window(events, latest=stream[-1], days=0.5).collect()
+    assert stream[-2] not in current["played_at"]  # feedback on our recommendations is not compared
+    assert stream[-3] in current["played_at"]
+    assert current["played_at"].min() > stream[-1] - timedelta(days=0.5)
+    assert set(current["event_type"]) == {"play", "skip"}
+    reference = reference_window(events, champion_end, current.height).collect()
+    assert reference.height == current.height
+    assert champion_end - timedelta(hours=2) <= reference["played_at"].max() <= champion_end  # the last is a like
+    # Half a day of the stream is 80 listening events; in the history they span more than 4 days.
+    assert reference["played_at"].min() < champion_end - timedelta(days=4)

@@ -110,3 +110,21 @@ def test_drift_moves_tastes_and_adds_a_genre(tmp_path) -> None:
 def test_bad_drift_specs_are_explained(text: str, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         Drift.parse(text)
+
+
+def test_simulated_users_react_with_the_tastes_the_stream_saved_last(tmp_path) -> None:
+    """A traffic simulator started before a drift must click with the drifted tastes afterwards."""
+    from recsys_assets.data.simulation import LiveWorld
+
+    world, _ = simulate(days=7)
+    world.save(tmp_path)
+    live = LiveWorld(tmp_path, check_seconds=0)
+    users, tracks = World.user_id(np.arange(50)), ["t0000001"] * 50
+    before = live.click_probability(users, tracks)
+    assert np.allclose(before, world.click_probability(users, tracks))
+    world.apply_drift(Drift(taste_shift=0.9, new_genre=0.5), END)
+    world.save(tmp_path)
+    after = live.click_probability(users, tracks)
+    assert np.allclose(after, world.click_probability(users, tracks))
+    assert not np.allclose(after, before)
+    assert live.n_users == world.n_users

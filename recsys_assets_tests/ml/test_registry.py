@@ -67,6 +67,11 @@ def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry
     assert all({"at", "reason", "by"} <= set(e) for e in history)
     assert registry.get(v2).lineage("cutoff") == "second"
 
+    v4 = register(registry, tmp_path, "fourth")
+    v5 = register(registry, tmp_path, "fifth")
+    assert registry.by_alias(CHALLENGER).version == v5
+    assert registry.get(v4).status == "superseded"  # replaced before its canary ended
+
 
 def test_download_gives_back_the_logged_directory(registry: Registry, tmp_path: Path) -> None:
     v1 = register(registry, tmp_path, "first")
