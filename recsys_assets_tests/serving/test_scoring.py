@@ -1,0 +1,78 @@
+"""The ranker's top-k against a full sort: the same tracks, in the same order, never a heard one."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys_assets.ml.artifacts import FORMAT_VERSION
+from serving.scoring import Ranker
+
+ITEMS, USERS, DIM = 300, 6, 8
+
+
+@pytest.fixture(scope="module")
+def ranker(tmp_path_factory: pytest.TempPathFactory) -> Ranker:
+    directory = tmp_path_factory.mktemp("version")
+    rng = np.random.default_rng(4)
+    # Small integers: every score is exact whatever BLAS's order of summation, with many ties.
+    item_emb = rng.integers(-3, 4, size=(ITEMS + 1, DIM)).astype(np.float32)
+    item_emb[10:20] = item_emb[9]  # a block of ten equal tracks
+    user_emb = rng.integers(-3, 4, size=(USERS + 1, DIM)).astype(np.float32)
+    pl.DataFrame({"user_id": ["[OOV]", *[f"u{i}" for i in range(1, USERS + 1)]]}).write_parquet(
+        directory / "users.parquet"
+    )
+    ids = ["[OOV]", *[f"t{i}" for i in range(1, ITEMS + 1)]]
+    popularity = np.arange(ITEMS + 1, dtype=np.float32)[::-1].copy()
+    pl.DataFrame({"track_id": ids, "artist_id": "a", "genre": "g", "popularity": popularity}).write_parquet(
+        directory / "items.parquet"
+    )
+    np.save(directory / "user_embeddings.npy", user_emb)
+    np.save(directory / "item_embeddings.npy", item_emb)
+    # User 1 heard nothing, user 2 heard the tied block, user 3 heard all but five tracks.
+    seen = [[], [], list(range(9, 21)), list(range(1, ITEMS - 4)), [], [], []]
+    indptr = np.cumsum([0, *map(len, seen)]).astype(np.int64)
+    indices = np.array([r for rows in seen for r in rows], dtype=np.int32)
+    np.savez(directory / "seen.npz", indptr=indptr, indices=indices)
+    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
+    return Ranker.load(directory, version=1)
+
+
+def full_sort(ranker: Ranker, row: int, k: int) -> list[int]:
+    scores = ranker.artifact.item_embeddings @ ranker.artifact.user_embeddings[row]
+    banned = {0, *ranker.artifact.seen(row).tolist()}
+    order = sorted((r for r in range(len(scores)) if r not in banned), key=lambda r: (-scores[r], r))
+    return order[:k]
+
+
+@pytest.mark.parametrize("user", [1, 2, 3, 4, 5, 6])
+@pytest.mark.parametrize("k", [1, 10, 25, 100])
+def test_top_k_is_the_full_sort_without_heard_tracks(ranker: Ranker, user: int, k: int) -> None:
+    rows, scores, fallback = ranker.top_rows(f"u{user}", k)
+    expected = full_sort(ranker, user, k)  # ties in row order
+    assert not fallback
+    assert rows.tolist() == expected
+    assert np.all(np.diff(scores) <= 0)
+    assert not set(rows.tolist()) & set(ranker.artifact.seen(user).tolist())
+
+
+def test_ties_are_broken_by_row_so_answers_are_stable(ranker: Ranker) -> None:
+    # User 5's best tracks are the block of equal ones: the answer lists them in row order, every time.
+    ranker.users[5] = ranker.artifact.item_embeddings[9] * 10
+    first = ranker.top_rows("u5", 5)[0].tolist()
+    assert first == [9, 10, 11, 12, 13]
+    assert all(ranker.top_rows("u5", 5)[0].tolist() == first for _ in range(5))
+
+
+def test_a_user_who_heard_almost_everything_gets_what_is_left(ranker: Ranker) -> None:
+    rows, _, _ = ranker.top_rows("u3", 50)
+    assert sorted(rows.tolist()) == list(range(ITEMS - 4, ITEMS + 1))
+
+
+def test_an_unknown_user_gets_the_popular_tracks_flagged(ranker: Ranker) -> None:
+    rec = ranker.recommend("nobody", 3)
+    assert rec.fallback
+    assert rec.track_ids == ["t1", "t2", "t3"]
