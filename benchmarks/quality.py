@@ -4,7 +4,7 @@
     .venv/bin/python benchmarks/quality.py --data ../shared/data/ml-latest-small/ratings.csv \
         --format movielens --protocol user
     .venv/bin/python benchmarks/quality.py --simulate 5000:20000:60            # users:tracks:days of simulated data
-    .venv/bin/python benchmarks/quality.py --simulate 20000:60000:18 --models two_tower   # training time at ~1M events
+    .venv/bin/python benchmarks/quality.py --simulate 20000:60000:7 --models two_tower    # training time at ~1M events
 
 Built on the product's own code, not a copy: the file goes through the importer into a throw-away
 warehouse, the cleaning and the training-interactions features, the split protocol, the two-tower
