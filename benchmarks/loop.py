@@ -11,8 +11,9 @@
    reads the retrain run's event log to split the time into: sensor wait (T0 → run created),
    queueing, process start (launch, imports, code loading), preparation (extract, clean, features),
    training, evaluation (and the gate), registration, deployment (Bento build, reload), and the swap
-   (run end → the service answers with the challenger). Orchestration is the sum of the sensor wait,
-   the queueing, the process start, the gaps between steps and the swap.
+   (run end → the service answers with the challenger; zero when it answers before the run ends).
+   Orchestration is the sum of the sensor wait, the queueing, the process start, the gaps between
+   steps and the swap.
 
 The gate is set permissive (``min_improvement: -1``) so that the candidate always reaches the canary:
 what is measured is the loop's latency, not the gate's judgement.
@@ -162,6 +163,8 @@ def main() -> None:
             runs = instance.get_runs(filters=dg.RunsFilter(tags={"recsys/trigger": "new-data"}), limit=1)
             run = runs[0]
             created = instance.get_run_record_by_id(run.run_id).create_timestamp.timestamp()
+            # The service serves the challenger from the deployment step on, a moment before the run ends.
+            wait_for(lambda: instance.get_run_by_id(run.run_id).is_finished, 120, "the retrain run to end")
             marks, durations = step_times(instance, run.run_id)
     finally:
         proc.send_signal(signal.SIGINT)
@@ -173,8 +176,9 @@ def main() -> None:
         "queueing": marks["starting"] - created,
         "process_start": marks["started"] - marks["starting"],
         **stages,
-        "gaps_between_steps": (marks["finished"] - marks["started"]) - sum(durations.values()),
-        "swap": t_end - marks["finished"],
+        # Up to the moment the challenger answers: a run that ends after it costs the loop nothing more.
+        "gaps_between_steps": (min(marks["finished"], t_end) - marks["started"]) - sum(durations.values()),
+        "swap": max(0.0, t_end - marks["finished"]),
     }
     total = t_end - t0
     orchestration = sum(
