@@ -17,7 +17,13 @@ import click
 
 import recsys_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
 from recsys_assets.settings import Settings, load_settings
-from recsys_assets.stack.services import REPO_ROOT, ensure_home, init_dagster_storage, stack_services
+from recsys_assets.stack.services import (
+    REPO_ROOT,
+    ensure_home,
+    init_dagster_storage,
+    init_mlflow_storage,
+    stack_services,
+)
 from recsys_assets.stack.supervisor import Stack, StackError
 
 
@@ -65,6 +71,7 @@ def start_stack(
     """Start the local stack and print where each service answers."""
     ensure_home(settings)
     init_dagster_storage(settings)
+    init_mlflow_storage(settings)
     if with_prometheus and shutil.which("prometheus") and not settings.prometheus_url:
         # The stack's Prometheus is where the Dagster processes read the online KPIs.
         os.environ["PROMETHEUS_URL"] = settings.url("prometheus")

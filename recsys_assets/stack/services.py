@@ -74,6 +74,21 @@ def init_dagster_storage(settings: Settings) -> None:
         instance.get_runs(limit=1)
 
 
+def init_mlflow_storage(settings: Settings) -> None:
+    """Create (or migrate) the MLflow SQLite store once, before several processes open it.
+
+    The MLflow server and the Bento service (which reads the registry straight from the SQLite file)
+    would otherwise both run MLflow's schema migrations on a new store, and one of them fails
+    ("table _alembic_tmp_model_version_tags already exists", seen on a fresh clone).
+    """
+    if not settings.mlflow_tracking_uri.startswith("sqlite"):
+        return  # a server-backed store migrates itself once
+    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+
+    settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir.as_uri())
+
+
 def _bin(name: str) -> str:
     """An executable of this interpreter's environment (the venv), not whatever is first on PATH."""
     path = Path(sys.executable).parent / name
