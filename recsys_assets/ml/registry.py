@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 log = logging.getLogger(__name__)
+_FLUENT_API = threading.Lock()
 
 MODEL_NAME = "recsys-two-tower"
 EXPERIMENT = "recsys-two-tower"
@@ -161,7 +164,8 @@ class Registry:
         """Log the version directory as the run's pyfunc model; return the model URI."""
         import mlflow
 
-        with self._errors("logging the model"):
+        # MLflow's fluent API works on process-wide URIs: hold them for the whole call.
+        with _FLUENT_API, self._errors("logging the model"):
             mlflow.set_tracking_uri(self.tracking_uri)
             mlflow.set_registry_uri(self.tracking_uri)
             with mlflow.start_run(run_id=run_id):
@@ -332,12 +336,34 @@ class Registry:
     # --- artifacts ----------------------------------------------------------------------------
 
     def download(self, version: int) -> Path:
-        """The version's model directory, downloaded once into the cache."""
+        """The version's model directory, downloaded once into the cache.
+
+        The cache is keyed by version *and* run id: two stores (a test's and a service's, a store
+        wiped and recreated) both have a version 1, and a cache keyed by number alone once served one
+        store's model as the other's. The download goes through this registry's own client, never
+        MLflow's process-wide tracking URI, which another thread may have pointed elsewhere.
+        """
         import mlflow
 
-        target = self.cache_dir / f"v{version}"
-        if (target / "manifest.json").exists():
-            return target
+        with self._errors(f"downloading version {version}"):
+            client = self.client()
+            run_id = client.get_model_version(MODEL_NAME, str(version)).run_id or "norun"
+            target = self.cache_dir / f"v{version}-{run_id[:12]}"
+            if (target / "manifest.json").exists():
+                return target
+            tmp = self.cache_dir / f".v{version}-{run_id[:12]}.{os.getpid()}.{threading.get_ident()}.tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            source = client.get_model_version_download_uri(MODEL_NAME, str(version))
+            fetched = mlflow.artifacts.download_artifacts(
+                artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+            )
+            local = Path(fetched)
+        model_dir = next(local.rglob("manifest.json")).parent
+        shutil.rmtree(target, ignore_errors=True)
+        model_dir.rename(target)
+        shutil.rmtree(tmp, ignore_errors=True)
+        return target
         tmp = self.cache_dir / f".v{version}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)

@@ -126,3 +126,18 @@ def test_an_unreachable_store_is_named(tmp_path: Path) -> None:
     remote = Registry("http://127.0.0.1:1", None, tmp_path / "cache")
     with pytest.raises(RegistryError, match=r"cannot reach the MLflow store http://127\.0\.0\.1:1"):
         remote.check()
+
+
+def test_two_stores_with_the_same_version_number_never_share_a_cached_model(tmp_path: Path) -> None:
+    """Each store has a version 1; one cache directory must still give each store its own files."""
+    import mlflow
+
+    cache = tmp_path / "shared-cache"
+    first = Registry(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "a-artifacts", cache)
+    second = Registry(f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "b-artifacts", cache)
+    assert register(first, tmp_path, "from-a") == register(second, tmp_path, "from-b") == 1
+    mlflow.set_tracking_uri(first.tracking_uri)  # another thread's global must not matter either
+    a, b = first.download(1), second.download(1)
+    assert a != b
+    assert json.loads((a / "manifest.json").read_text())["name"] == "from-a"
+    assert json.loads((b / "manifest.json").read_text())["name"] == "from-b"
