@@ -107,6 +107,23 @@ def warehouse_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRe
     )
 
 
+def drift_retrain_due(instance: dg.DagsterInstance) -> int | None:
+    """The latest drift report's id when it found drift and its retrain has not been requested yet.
+
+    A drifted world is the more specific reason to retrain: with new data landing fast, the new-data
+    sensor would otherwise take every free slot (each canary decision frees one) and starve it.
+    """
+    found = instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1, ascending=False).records
+    if not found:
+        return None
+    drifted = found[0].event_log_entry.asset_materialization.metadata.get("drifted")
+    if drifted is None or not drifted.value:
+        return None
+    key = f"drift:{found[0].storage_id}"
+    requested = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": key}), limit=1)
+    return None if requested else found[0].storage_id
+
+
 def _gate_failed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
     """Whether ``run`` failed because the promotion gate rejected its candidate."""
     found = instance.fetch_materializations(dg.AssetKey("model_evaluation"), limit=1, ascending=False).records
@@ -158,6 +175,8 @@ def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRes
         return dg.SkipReason(f"the registry cannot be read: {exc}")
     if challenger is not None:
         return dg.SkipReason(f"challenger v{challenger.version} is in canary: waiting for its decision")
+    if champion is not None and (report := drift_retrain_due(context.instance)) is not None:
+        return dg.SkipReason(f"drift report {report} asks for a retrain first (the drift sensor requests it)")
     if champion is None:
         # A new platform trains its first model by itself, once there is data to train on (and tries
         # again, backing off, if the first candidate does not beat popularity).

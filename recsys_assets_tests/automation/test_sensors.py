@@ -133,3 +133,23 @@ def test_drift_sensor_retrains_once_per_drifted_report(recsys_env, instance) -> 
     assert result.tags["recsys/trigger"] == "drift"
     result, _ = tick(sensors.drift_sensor, instance, recsys_env, cursor)
     assert "already handled" in result.skip_message
+
+
+def test_new_data_yields_to_a_drift_retrain_that_is_due(recsys_env, instance, tmp_path) -> None:
+    """With new data landing fast, the new-data sensor would take every free slot and starve drift."""
+    register_champion(recsys_env, tmp_path, train_interactions=100)
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.init_schema()
+    warehouse.land_events(plays(150, CUTOFF + timedelta(hours=1)), source="test", origin="t")
+    instance.report_runless_asset_event(
+        dg.AssetMaterialization("drift_report", metadata={"drifted": True, "drift_share": 0.6})
+    )
+    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)
+    assert "asks for a retrain first" in result.skip_message
+    drift = tick(sensors.drift_sensor, instance, recsys_env)[0]
+    assert isinstance(drift, dg.RunRequest)
+    instance.add_run(dg.DagsterRun(job_name="retrain", run_id="drift-run", tags={"dagster/run_key": drift.run_key},
+                                   status=dg.DagsterRunStatus.SUCCESS))  # fmt: skip
+    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert isinstance(result, dg.RunRequest)  # once the drift retrain is requested, new data goes on
