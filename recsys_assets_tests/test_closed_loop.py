@@ -66,13 +66,13 @@ def retrain_runs(instance: dg.DagsterInstance, trigger: str, after: datetime | N
     return instance.get_runs(filters=dg.RunsFilter(tags=tags, created_after=after))
 
 
-def bad_version(registry: Registry, champion: int, directory: Path, world: World) -> Path:
-    """The champion's files with embeddings that rank each user's least liked tracks first.
+def taste_version(registry: Registry, source: int, directory: Path, world: World, sign: float) -> Path:
+    """Version ``source``'s files with the simulator's true tastes as embeddings.
 
-    Built from the simulator's true tastes (user vectors negated), it is bad whatever the champion's
-    quality: a model that loads and serves, and that no simulated user wants to click.
+    ``sign=1`` ranks each user's best liked tracks first (good whatever the champion), ``sign=-1``
+    the least liked (a model that loads and serves, and that no simulated user wants to click).
     """
-    shutil.copytree(registry.download(champion), directory)
+    shutil.copytree(registry.download(source), directory)
     artifact = ModelArtifact.load(directory)
     tracks = {t: i for i, t in enumerate(World.track_id(np.arange(world.n_tracks)))}
     users = {u: i for i, u in enumerate(World.user_id(np.arange(world.n_users)))}
@@ -80,7 +80,7 @@ def bad_version(registry: Registry, champion: int, directory: Path, world: World
     user_rows = [users[u] for u in artifact.user_ids[1:]]
     dim = world.a["track_vec"].shape[1]
     items = np.vstack([np.zeros((1, dim)), world.a["track_vec"][item_rows]]).astype(np.float32)
-    tastes = np.vstack([np.zeros((1, dim)), -world.a["user_vec"][user_rows]]).astype(np.float32)
+    tastes = np.vstack([np.zeros((1, dim)), sign * world.a["user_vec"][user_rows]]).astype(np.float32)
     np.save(directory / "item_embeddings.npy", items)
     np.save(directory / "user_embeddings.npy", tastes)
     return directory
@@ -151,22 +151,37 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         # 2. A bad model registered by mistake is canaried and rolled back by the online metrics.
         run_id = registry.start_run("bad-by-mistake", tags={})
         world = World.load(world_dir(settings.home))
-        uri = registry.log_model(run_id, bad_version(registry, 1, tmp_path / "bad", world))
+        uri = registry.log_model(run_id, taste_version(registry, 1, tmp_path / "bad", world, sign=-1.0))
         bad = registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="registered by mistake", by="test")
         assert registry.by_alias(CHALLENGER).version == bad.version
         wait_for(lambda: registry.get(bad.version).status == "rolled_back", 300, "the bad challenger's rollback", proc)
         assert registry.by_alias(CHAMPION).version == 1
         assert registry.get(bad.version).history[-1]["by"].startswith("canary_analysis")
 
-        # 3. New events reach 20%: a retrain, a challenger, a canary, a promotion.
+        # 3. New events reach 20%: a retrain, a challenger, a canary decision made online. Whether the
+        # retrained model wins depends on the simulated users; either verdict is the platform's own.
         with dg.DagsterInstance.get() as instance:
             wait_for(lambda: retrain_runs(instance, "new-data"), 300, "a retrain on new data", proc)
 
-        def promoted() -> int | None:
-            champion = registry.by_alias(CHAMPION)
-            return champion.version if champion and champion.version > bad.version else None
+        def decided_retrain() -> int | None:
+            for version in registry.versions():
+                if version.version > bad.version and version.status in ("champion", "retired", "rolled_back"):
+                    return version.version
+            return None
 
-        good = wait_for(promoted, 600, "a new champion promoted by the canary", proc)
+        retrained = wait_for(decided_retrain, 600, "the canary's verdict on a retrained model", proc)
+        assert registry.get(retrained).history[-1]["by"].startswith("canary_analysis")
+
+        # A deliberately good challenger (the simulator's true tastes) is promoted by the canary.
+        run_id = registry.start_run("good-by-design", tags={})
+        uri = registry.log_model(run_id, taste_version(registry, retrained, tmp_path / "good", world, sign=1.0))
+        tags = registry.get(retrained).tags  # its data lineage: the sensors and the drift report read it
+        lineage = {k.removeprefix("recsys."): v for k, v in tags.items() if k.startswith("recsys.")
+                   and not k.startswith("recsys.event") and k != "recsys.status"}  # fmt: skip
+        good = registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test").version
+        wait_for(lambda: registry.get(good).status in ("champion", "rolled_back", "superseded"), 300,
+                 "the good challenger's verdict", proc)  # fmt: skip
+        assert registry.get(good).status == "champion", registry.get(good).history
         assert registry.get(good).history[-1]["by"].startswith("canary_analysis")
         wait_for(lambda: _served_version(settings) == good, 60, f"the service to serve v{good}", proc)
 
