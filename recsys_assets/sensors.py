@@ -7,11 +7,14 @@
   canary; backs off after repeated gate failures; its skip reason says how close it is.
 - ``drift_sensor``: a new ``drift_report`` past the threshold → ``retrain``, once per report.
 
-Every retrain trigger waits while another retrain runs, and while a challenger is in canary (its
-online decision comes first).
 - ``kpi_alert_sensor``: a firing Prometheus alert labelled ``retrain="true"`` (or, without Prometheus,
   the champion's CTR falling below its 7-day level in the feedback table) → ``retrain``, once per
   alert episode.
+
+Every retrain trigger waits while another retrain runs, and while a challenger is in canary (its
+online decision comes first). When several reasons wait for the one slot, an alert goes first
+(production hurts now), then drift, then new data: otherwise whichever sensor ticks first after a
+canary decision takes the slot, and with new data landing fast the others starve.
 """
 
 # No `from __future__ import annotations` here (see assets/training.py).
@@ -29,6 +32,7 @@ from recsys_assets.ml.registry import CHALLENGER, CHAMPION, RegistryError
 from recsys_assets.resources import MLflowResource, PrometheusResource, WarehouseResource
 from recsys_assets.settings import automation_settings
 from recsys_assets.triggers import (
+    AlertEpisode,
     NewDataProgress,
     RetrainState,
     feedback_ctr_episode,
@@ -37,6 +41,7 @@ from recsys_assets.triggers import (
 )
 
 SETTINGS = automation_settings()
+RUN_KEY_TAG = "dagster/run_key"
 ACTIVE = [
     dg.DagsterRunStatus.QUEUED,
     dg.DagsterRunStatus.NOT_STARTED,
@@ -107,6 +112,35 @@ def warehouse_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRe
     )
 
 
+def prometheus_alert_episodes(url: str) -> list[AlertEpisode]:
+    """The episodes of the alerts labelled ``retrain="true"`` firing in the Prometheus at ``url``.
+
+    Raises:
+        httpx.HTTPError, KeyError, ValueError: Prometheus cannot be read or answers something else.
+    """
+    response = httpx.get(f"{url.rstrip('/')}/api/v1/alerts", timeout=10)
+    response.raise_for_status()
+    return firing_episodes(response.json()["data"]["alerts"])
+
+
+def alert_retrain_due(instance: dg.DagsterInstance, prometheus: PrometheusResource) -> str | None:
+    """The name of a firing Prometheus alert whose retrain has not been requested yet.
+
+    Only Prometheus alerts count: the feedback-table fallback keeps its episodes in its own sensor's
+    cursor, and an unreadable Prometheus holds nothing up (the KPI sensor reports it).
+    """
+    if not prometheus.url:
+        return None
+    try:
+        episodes = prometheus_alert_episodes(prometheus.url)
+    except (httpx.HTTPError, KeyError, ValueError):
+        return None
+    for episode in episodes:
+        if not instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: f"alert:{episode.key}"}), limit=1):
+            return episode.name
+    return None
+
+
 def drift_retrain_due(instance: dg.DagsterInstance) -> int | None:
     """The latest drift report's id when it found drift and its retrain has not been requested yet.
 
@@ -120,8 +154,17 @@ def drift_retrain_due(instance: dg.DagsterInstance) -> int | None:
     if drifted is None or not drifted.value:
         return None
     key = f"drift:{found[0].storage_id}"
-    requested = instance.get_runs(filters=dg.RunsFilter(tags={"dagster/run_key": key}), limit=1)
+    requested = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: key}), limit=1)
     return None if requested else found[0].storage_id
+
+
+def retrain_ahead(instance: dg.DagsterInstance, prometheus: PrometheusResource, trigger: str) -> str | None:
+    """Why a retrain of higher priority than ``trigger``'s goes first, if one is due: alerts, then drift."""
+    if (alert := alert_retrain_due(instance, prometheus)) is not None:
+        return f"alert {alert} asks for a retrain first (the KPI alert sensor requests it)"
+    if trigger == "new-data" and (report := drift_retrain_due(instance)) is not None:
+        return f"drift report {report} asks for a retrain first (the drift sensor requests it)"
+    return None
 
 
 def _gate_failed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
@@ -141,13 +184,16 @@ def _gate_failed(instance: dg.DagsterInstance, run: dg.DagsterRun) -> bool:
         f"Retrain when new positive events reach {SETTINGS.new_data_fraction:.0%} of the champion's training rows."
     ),
 )
-def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseResource, mlflow: MLflowResource):
+def new_data_sensor(
+    context: dg.SensorEvaluationContext,
+    warehouse: WarehouseResource,
+    mlflow: MLflowResource,
+    prometheus: PrometheusResource,
+):
     state = RetrainState.from_cursor(context.cursor)
     now = datetime.now(UTC)
     if state.pending_run_key:  # the outcome of the retrain requested last
-        runs = context.instance.get_runs(
-            filters=dg.RunsFilter(tags={"dagster/run_key": state.pending_run_key}), limit=1
-        )
+        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: state.pending_run_key}), limit=1)
         if not runs or not runs[0].is_finished:
             requested = datetime.fromisoformat(state.requested_at) if state.requested_at else now
             if runs or now - requested < timedelta(minutes=10):
@@ -175,8 +221,8 @@ def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRes
         return dg.SkipReason(f"the registry cannot be read: {exc}")
     if challenger is not None:
         return dg.SkipReason(f"challenger v{challenger.version} is in canary: waiting for its decision")
-    if champion is not None and (report := drift_retrain_due(context.instance)) is not None:
-        return dg.SkipReason(f"drift report {report} asks for a retrain first (the drift sensor requests it)")
+    if champion is not None and (ahead := retrain_ahead(context.instance, prometheus, "new-data")) is not None:
+        return dg.SkipReason(ahead)
     if champion is None:
         # A new platform trains its first model by itself, once there is data to train on (and tries
         # again, backing off, if the first candidate does not beat popularity).
@@ -213,7 +259,7 @@ def new_data_sensor(context: dg.SensorEvaluationContext, warehouse: WarehouseRes
     default_status=dg.DefaultSensorStatus.RUNNING,
     description="Retrain when the latest drift report is past its threshold (once per report).",
 )
-def drift_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
+def drift_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource, prometheus: PrometheusResource):
     found = context.instance.fetch_materializations(dg.AssetKey("drift_report"), limit=1, ascending=False).records
     if not found:
         return dg.SkipReason("no drift report yet")
@@ -230,6 +276,8 @@ def drift_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
         return dg.SkipReason("drift detected; a retrain is already running")
     if (canary := challenger_in_canary(mlflow)) is not None:
         return dg.SkipReason(f"drift detected; waiting for the canary of v{canary} to be decided first")
+    if (ahead := retrain_ahead(context.instance, prometheus, "drift")) is not None:
+        return dg.SkipReason(f"drift detected; {ahead}")
     context.update_cursor(str(record.storage_id))
     return retrain_request(
         f"drift:{record.storage_id}", "drift", f"drift share {share.value:.0%} in report {record.storage_id}"
@@ -251,9 +299,7 @@ def kpi_alert_sensor(
     cursor = json.loads(context.cursor) if context.cursor else {"handled": [], "feedback_episode": None}
     if prometheus.url:
         try:
-            response = httpx.get(f"{prometheus.url.rstrip('/')}/api/v1/alerts", timeout=10)
-            response.raise_for_status()
-            episodes = firing_episodes(response.json()["data"]["alerts"])
+            episodes = prometheus_alert_episodes(prometheus.url)
         except (httpx.HTTPError, KeyError, ValueError) as exc:
             return dg.SkipReason(f"Prometheus at {prometheus.url} cannot be read: {exc}")
         source = f"Prometheus {prometheus.url}"

@@ -175,9 +175,7 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         # A deliberately good challenger (the simulator's true tastes) is promoted by the canary.
         run_id = registry.start_run("good-by-design", tags={})
         uri = registry.log_model(run_id, taste_version(registry, retrained, tmp_path / "good", world, sign=1.0))
-        tags = registry.get(retrained).tags  # its data lineage: the sensors and the drift report read it
-        lineage = {k.removeprefix("recsys."): v for k, v in tags.items() if k.startswith("recsys.")
-                   and not k.startswith("recsys.event") and k != "recsys.status"}  # fmt: skip
+        lineage = registry.get(retrained).lineage_tags  # its data lineage: the sensors and the drift report read it
         good = registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test").version
         wait_for(lambda: registry.get(good).status in ("champion", "rolled_back", "superseded"), 300,
                  "the good challenger's verdict", proc)  # fmt: skip

@@ -61,6 +61,15 @@ class VersionInfo:
     def lineage(self, key: str) -> str | None:
         return self.tags.get(f"recsys.{key}")
 
+    @property
+    def lineage_tags(self) -> dict[str, str]:
+        """What ``register(lineage=…)`` was given (data cut-off, row counts…), without the history."""
+        return {
+            k.removeprefix("recsys."): v
+            for k, v in self.tags.items()
+            if k.startswith("recsys.") and not k.startswith("recsys.event.") and k != "recsys.status"
+        }
+
 
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
@@ -270,14 +279,18 @@ class Registry:
                 "by": by,
             }
             for v in {version, previous.version if previous else None} - {None}:
-                n = len([k for k in self.get(v).tags if k.startswith("recsys.event.")])
-                client.set_model_version_tag(MODEL_NAME, str(v), f"recsys.event.{n:04d}", json.dumps(event))
+                self._record(v, event)
             client.set_model_version_tag(MODEL_NAME, str(version), "recsys.status", alias)
             if previous and previous.version != version:
                 # A champion replaced retires; a challenger replaced before its canary ended is superseded.
                 status = "retired" if alias == CHAMPION else "superseded"
                 client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", status)
         return previous
+
+    def _record(self, version: int, event: dict) -> None:
+        """Append ``event`` to ``version``'s history (one ``recsys.event.<n>`` tag)."""
+        n = len([k for k in self.get(version).tags if k.startswith("recsys.event.")])
+        self.client().set_model_version_tag(MODEL_NAME, str(version), f"recsys.event.{n:04d}", json.dumps(event))
 
     def promote(self, version: int | None = None, *, reason: str, by: str) -> VersionInfo:
         """Make ``version`` (default: the challenger) the champion; the challenger alias is cleared."""
@@ -300,12 +313,9 @@ class Registry:
         client = self.client()
         with self._errors("rolling back the challenger"):
             client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
-            n = len([k for k in challenger.tags if k.startswith("recsys.event.")])
             event = {"at": _now(), "seq": time.monotonic_ns(), "action": "challenger rolled back", "alias": CHALLENGER,
                      "from": challenger.version, "to": None, "reason": reason, "by": by}  # fmt: skip
-            client.set_model_version_tag(
-                MODEL_NAME, str(challenger.version), f"recsys.event.{n:04d}", json.dumps(event)
-            )
+            self._record(challenger.version, event)
             client.set_model_version_tag(MODEL_NAME, str(challenger.version), "recsys.status", "rolled_back")
         return self.get(challenger.version)
 

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import shutil
+import subprocess
+import time
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
+import httpx
 import polars as pl
 import pytest
 
@@ -13,6 +17,7 @@ from recsys_assets import sensors
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry
 from recsys_assets.resources import build_resources
+from recsys_assets.stack.supervisor import free_port
 
 pytestmark = pytest.mark.slow
 CUTOFF = datetime(2026, 5, 1, tzinfo=UTC)
@@ -22,6 +27,43 @@ CUTOFF = datetime(2026, 5, 1, tzinfo=UTC)
 def instance():
     with dg.instance_for_test() as inst:
         yield inst
+
+
+@pytest.fixture
+def firing_prometheus(tmp_path, monkeypatch) -> str:
+    """The real Prometheus (Debian package) with one alert labelled retrain="true", firing from the start."""
+    assert shutil.which("prometheus"), "prometheus is missing: `make test` installs it (scripts/test-setup.sh)"
+    rules, config = tmp_path / "rules.yml", tmp_path / "prometheus.yml"
+    rules.write_text(
+        "groups:\n  - name: test\n    rules:\n      - alert: AlwaysFiring\n        expr: vector(1)\n"
+        '        labels: { retrain: "true" }\n'
+    )
+    config.write_text(f"global:\n  evaluation_interval: 1s\nrule_files:\n  - {rules}\n")
+    url = f"http://127.0.0.1:{free_port()}"
+    with (tmp_path / "prometheus.log").open("w") as log:
+        proc = subprocess.Popen(
+            ["prometheus", f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+             f"--web.listen-address={url.removeprefix('http://')}"],
+            stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not _firing(url):
+            assert proc.poll() is None, (tmp_path / "prometheus.log").read_text()
+            assert time.monotonic() < deadline, "the test alert never fired"
+            time.sleep(0.5)
+        monkeypatch.setenv("PROMETHEUS_URL", url)
+        yield url
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def _firing(url: str) -> bool:
+    try:
+        return any(a["state"] == "firing" for a in httpx.get(f"{url}/api/v1/alerts").json()["data"]["alerts"])
+    except httpx.HTTPError:
+        return False
 
 
 def register_champion(settings, tmp_path, train_interactions: int) -> Registry:
@@ -135,8 +177,13 @@ def test_drift_sensor_retrains_once_per_drifted_report(recsys_env, instance) -> 
     assert "already handled" in result.skip_message
 
 
-def test_new_data_yields_to_a_drift_retrain_that_is_due(recsys_env, instance, tmp_path) -> None:
-    """With new data landing fast, the new-data sensor would take every free slot and starve drift."""
+def test_retrain_reasons_take_turns_alert_then_drift_then_new_data(
+    recsys_env, instance, tmp_path, firing_prometheus
+) -> None:
+    """Three reasons wait for the one retrain slot: whichever sensor ticks first must not take it.
+
+    (With new data landing fast, the new-data sensor took every slot a canary decision freed.)
+    """
     register_champion(recsys_env, tmp_path, train_interactions=100)
     warehouse = Warehouse(recsys_env.warehouse_uri)
     warehouse.init_schema()
@@ -144,12 +191,31 @@ def test_new_data_yields_to_a_drift_retrain_that_is_due(recsys_env, instance, tm
     instance.report_runless_asset_event(
         dg.AssetMaterialization("drift_report", metadata={"drifted": True, "drift_share": 0.6})
     )
-    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
-    assert isinstance(result, dg.SkipReason)
-    assert "asks for a retrain first" in result.skip_message
+
+    def launched(request: dg.RunRequest) -> None:
+        tags = {"dagster/run_key": request.run_key}
+        run_id = request.run_key.replace(":", "-")
+        done = dg.DagsterRunStatus.SUCCESS
+        instance.add_run(dg.DagsterRun(job_name="retrain", run_id=run_id, tags=tags, status=done))
+
+    new_data = tick(sensors.new_data_sensor, instance, recsys_env)[0]
+    assert new_data.skip_message == "alert AlwaysFiring asks for a retrain first (the KPI alert sensor requests it)"
+    drift = tick(sensors.drift_sensor, instance, recsys_env)[0]
+    assert drift.skip_message.startswith("drift detected; alert AlwaysFiring asks for a retrain first")
+
+    alert, alert_cursor = tick(sensors.kpi_alert_sensor, instance, recsys_env)
+    assert isinstance(alert, dg.RunRequest)
+    assert alert.tags["recsys/trigger"] == "kpi-alert"
+    assert alert.tags["recsys/reason"].startswith("AlwaysFiring firing since 20")
+    assert firing_prometheus in alert.tags["recsys/reason"]
+    launched(alert)
+
+    new_data = tick(sensors.new_data_sensor, instance, recsys_env)[0]
+    assert "asks for a retrain first (the drift sensor requests it)" in new_data.skip_message
     drift = tick(sensors.drift_sensor, instance, recsys_env)[0]
     assert isinstance(drift, dg.RunRequest)
-    instance.add_run(dg.DagsterRun(job_name="retrain", run_id="drift-run", tags={"dagster/run_key": drift.run_key},
-                                   status=dg.DagsterRunStatus.SUCCESS))  # fmt: skip
-    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
-    assert isinstance(result, dg.RunRequest)  # once the drift retrain is requested, new data goes on
+    launched(drift)
+
+    assert isinstance(tick(sensors.new_data_sensor, instance, recsys_env)[0], dg.RunRequest)
+    again = tick(sensors.kpi_alert_sensor, instance, recsys_env, alert_cursor)[0]
+    assert again.skip_message.startswith("1 firing alert episode(s) already handled")

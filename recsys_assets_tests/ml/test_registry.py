@@ -66,6 +66,7 @@ def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry
     ]
     assert all({"at", "reason", "by"} <= set(e) for e in history)
     assert registry.get(v2).lineage("cutoff") == "second"
+    assert registry.get(v2).lineage_tags == {"cutoff": "second"}  # the history and status stay out
 
     v4 = register(registry, tmp_path, "fourth")
     v5 = register(registry, tmp_path, "fifth")
