@@ -30,7 +30,7 @@ import numpy as np
 from recsys_assets.data.simulation import LiveWorld, stream, world_dir
 from recsys_assets.data.simulator import Drift, World
 from recsys_assets.data.traffic import Behaviour, TrafficReport, run_traffic
-from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.data.warehouse import BatchReport, Warehouse
 from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 
 log = logging.getLogger(__name__)
@@ -63,10 +63,13 @@ class StreamDriver:
         self.stop()
         self._stop = threading.Event()
 
+        def count(report: BatchReport) -> None:
+            self.landed += report.landed
+
         def run() -> None:
-            self.landed += stream(
+            stream(
                 self.warehouse, self.home, rate=self.rate, interval=self.interval, drift=drift,
-                should_stop=self._stop.is_set,
+                on_batch=count, should_stop=self._stop.is_set,
             )  # fmt: skip
 
         self._thread = threading.Thread(target=run, name="stream", daemon=True)
@@ -196,12 +199,20 @@ def play_world(
     streamer.start()
     traffic.start()
     narrator.say(f"streaming {stream_rate:g} events/s and {traffic_rps:g} requests/s of simulated users")
+    # One line a minute sums the stream and the traffic up; a line per landed batch would bury the story.
+    batch_log = logging.getLogger("recsys_assets.data.warehouse")
+    batch_log_level = batch_log.level
+    if not batch_log.isEnabledFor(logging.DEBUG):
+        batch_log.setLevel(logging.WARNING)
     drifted = False
-    started = time.monotonic()
+    started = last_summary = time.monotonic()
     try:
         while not should_stop():
             narrator.poll_runs()
             narrator.poll_registry()
+            if time.monotonic() - last_summary >= 60:
+                narrator.say(traffic_summary(streamer.landed, traffic.reports))
+                last_summary = time.monotonic()
             due = narrator.decisions >= 1 or time.monotonic() - started > drift_after_seconds
             if drift is not None and not drifted and due:
                 narrator.say(f"injecting drift into the stream: {drift}")
@@ -211,3 +222,16 @@ def play_world(
     finally:
         traffic.stop()
         streamer.stop()
+        batch_log.setLevel(batch_log_level)
+
+
+def traffic_summary(landed: int, reports: list[TrafficReport]) -> str:
+    """``12,345 events streamed; 900 requests (0 failed); CTR champion 31.2%, challenger 28.0%``."""
+    requests, failures = sum(r.requests for r in reports), sum(r.failures for r in reports)
+    total = TrafficReport()
+    for report in reports:
+        for variant, counts in report.by_variant.items():
+            for key, n in counts.items():
+                total.count(variant, key, n)
+    ctrs = ", ".join(f"{variant} {total.ctr(variant):.1%}" for variant in sorted(total.by_variant))
+    return f"{landed:,} events streamed; {requests:,} requests ({failures:,} failed); CTR {ctrs or 'not yet measured'}"
