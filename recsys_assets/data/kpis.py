@@ -1,8 +1,9 @@
 """Online KPIs per variant: from Prometheus when it runs, else from the feedback in the warehouse.
 
 Both sources count the same events: impressions (recommended items served), clicks, conversions
-(``play`` to the end or ``like`` after a recommendation) and rejections (``skip``, ``dislike``). The
-PromQL behind each number is in the README ("Online KPIs").
+(a ``play`` to the end after a recommendation: a rate per click, at most 1; a ``like`` follows a play
+and would count the same item twice) and rejections (``skip``, ``dislike``). The PromQL behind each
+number is in the README ("Online KPIs").
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import httpx
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.canary import VariantStats
 
-CONVERSIONS = ("play", "like")
+CONVERSIONS = ("play",)
 REJECTIONS = ("skip", "dislike")
 
 

@@ -1,6 +1,6 @@
 """The canary decision: promote the challenger, roll it back, or wait for more traffic.
 
-Per variant: impressions, clicks, conversions (plays to the end and likes after a click) and
+Per variant: impressions, clicks, conversions (plays to the end after a click) and
 rejections (skips and dislikes). The challenger is judged on CTR with a two-sided two-proportion z-test
 once both variants have ``min_impressions``; its rejection rate must not be significantly worse.
 

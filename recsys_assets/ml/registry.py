@@ -21,7 +21,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -207,11 +207,19 @@ class Registry:
         with self._errors("listing the versions"):
             try:
                 found = self.client().search_model_versions(f"name='{MODEL_NAME}'")
+                # The search leaves the versions' aliases out: the registered model has them.
+                model_aliases = self.client().get_registered_model(MODEL_NAME).aliases if found else {}
             except MlflowException as exc:
                 if "RESOURCE_DOES_NOT_EXIST" in str(exc.error_code):
                     return []
                 raise
-        return sorted((self._version(mv) for mv in found), key=lambda v: v.version)
+        aliases: dict[int, list[str]] = {}
+        for alias, version in sorted(model_aliases.items()):
+            aliases.setdefault(int(version), []).append(alias)
+        return sorted(
+            (replace(self._version(mv), aliases=aliases.get(int(mv.version), [])) for mv in found),
+            key=lambda v: v.version,
+        )
 
     def by_alias(self, alias: str) -> VersionInfo | None:
         from mlflow.exceptions import MlflowException

@@ -61,9 +61,12 @@ def firing_prometheus(tmp_path, monkeypatch) -> str:
 
 def _firing(url: str) -> bool:
     try:
-        return any(a["state"] == "firing" for a in httpx.get(f"{url}/api/v1/alerts").json()["data"]["alerts"])
+        response = httpx.get(f"{url}/api/v1/alerts")
     except httpx.HTTPError:
         return False
+    if response.status_code != 200:  # 503 "Service Unavailable" (plain text) while it starts
+        return False
+    return any(alert["state"] == "firing" for alert in response.json()["data"]["alerts"])
 
 
 def register_champion(settings, tmp_path, train_interactions: int) -> Registry:

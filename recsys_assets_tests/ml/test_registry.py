@@ -72,6 +72,8 @@ def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry
     v5 = register(registry, tmp_path, "fifth")
     assert registry.by_alias(CHALLENGER).version == v5
     assert registry.get(v4).status == "superseded"  # replaced before its canary ended
+    listed = {v.version: v.aliases for v in registry.versions()}  # what `recsys model list` shows
+    assert listed == {v1: [CHAMPION], v2: [], v3: [], v4: [], v5: [CHALLENGER]}
 
 
 def test_download_gives_back_the_logged_directory(registry: Registry, tmp_path: Path) -> None:
