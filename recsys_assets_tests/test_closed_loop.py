@@ -66,6 +66,17 @@ def retrain_runs(instance: dg.DagsterInstance, trigger: str, after: datetime | N
     return instance.get_runs(filters=dg.RunsFilter(tags=tags, created_after=after))
 
 
+def drift_retrains(instance: dg.DagsterInstance, after: datetime) -> list[dg.DagsterRun]:
+    """Retrains on a drift report computed after ``after`` (the small simulated world can also drift
+    by chance before it: a retrain on such an earlier report proves nothing about the injected drift)."""
+    reports = instance.fetch_materializations(dg.AssetKey("drift_report"), limit=500, ascending=False).records
+    computed_after = {r.storage_id for r in reports if r.timestamp >= after.timestamp()}
+    return [
+        run for run in retrain_runs(instance, "drift", after)
+        if int(run.tags["dagster/run_key"].removeprefix("drift:")) in computed_after
+    ]  # fmt: skip
+
+
 def taste_version(registry: Registry, source: int, directory: Path, world: World, sign: float) -> Path:
     """Version ``source``'s files with the simulator's true tastes as embeddings.
 
@@ -187,7 +198,7 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         drifted_at = datetime.now(UTC)
         stream.start(Drift(taste_shift=0.9, new_genre=0.5))
         with dg.DagsterInstance.get() as instance:
-            wait_for(lambda: retrain_runs(instance, "drift", drifted_at), 600, "a retrain on drift", proc)
+            wait_for(lambda: drift_retrains(instance, drifted_at), 600, "a retrain on the injected drift", proc)
 
         # 5. A Prometheus alert labelled retrain="true" starts a retrain (once per episode).
         alerted_at = datetime.now(UTC)
