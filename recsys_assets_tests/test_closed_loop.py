@@ -187,9 +187,17 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         run_id = registry.start_run("good-by-design", tags={})
         uri = registry.log_model(run_id, taste_version(registry, retrained, tmp_path / "good", world, sign=1.0))
         lineage = registry.get(retrained).lineage_tags  # its data lineage: the sensors and the drift report read it
-        good = registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test").version
-        wait_for(lambda: registry.get(good).status in ("champion", "rolled_back", "superseded"), 300,
-                 "the good challenger's verdict", proc)  # fmt: skip
+        for _ in range(3):
+            good = registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test")
+            good = good.version
+            verdict = lambda v=good: registry.get(v).status in ("champion", "rolled_back", "superseded")  # noqa: E731
+            wait_for(verdict, 300, "the good challenger's verdict", proc)
+            if registry.get(good).status != "superseded":
+                break
+            # A retrain requested in the second between the last verdict and this registration ended
+            # with a challenger of its own, which replaced ours (the newest candidate is canaried).
+            # Register ours again once the canary has judged that one, as an operator would.
+            wait_for(lambda: registry.by_alias(CHALLENGER) is None, 600, "the replacing challenger's verdict", proc)
         assert registry.get(good).status == "champion", registry.get(good).history
         assert registry.get(good).history[-1]["by"].startswith("canary_analysis")
         wait_for(lambda: _served_version(settings) == good, 60, f"the service to serve v{good}", proc)
