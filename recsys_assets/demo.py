@@ -226,7 +226,7 @@ def play_world(
 
 
 def traffic_summary(landed: int, reports: list[TrafficReport]) -> str:
-    """``12,345 events streamed; 900 requests (0 failed); CTR champion 31.2%, challenger 28.0%``."""
+    """``12,345 events streamed; 900 requests (0 failed); CTR challenger 28.0%, champion 31.2%``."""
     requests, failures = sum(r.requests for r in reports), sum(r.failures for r in reports)
     total = TrafficReport()
     for report in reports:

@@ -64,6 +64,20 @@ def challenger_in_canary(mlflow: MLflowResource) -> int | None:
     return challenger.version if challenger else None
 
 
+def run_with_key(instance: dg.DagsterInstance, run_key: str) -> dg.DagsterRun | None:
+    """The run a sensor requested with ``run_key``, if the daemon launched it."""
+    runs = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: run_key}), limit=1)
+    return runs[0] if runs else None
+
+
+def drift_run_key(report_id: int) -> str:
+    return f"drift:{report_id}"
+
+
+def alert_run_key(episode: AlertEpisode) -> str:
+    return f"alert:{episode.key}"
+
+
 def retrain_request(run_key: str, trigger: str, reason: str) -> dg.RunRequest:
     return dg.RunRequest(
         run_key=run_key,
@@ -136,7 +150,7 @@ def alert_retrain_due(instance: dg.DagsterInstance, prometheus: PrometheusResour
     except (httpx.HTTPError, KeyError, ValueError):
         return None
     for episode in episodes:
-        if not instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: f"alert:{episode.key}"}), limit=1):
+        if run_with_key(instance, alert_run_key(episode)) is None:
             return episode.name
     return None
 
@@ -153,8 +167,7 @@ def drift_retrain_due(instance: dg.DagsterInstance) -> int | None:
     drifted = found[0].event_log_entry.asset_materialization.metadata.get("drifted")
     if drifted is None or not drifted.value:
         return None
-    key = f"drift:{found[0].storage_id}"
-    requested = instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: key}), limit=1)
+    requested = run_with_key(instance, drift_run_key(found[0].storage_id))
     return None if requested else found[0].storage_id
 
 
@@ -193,18 +206,18 @@ def new_data_sensor(
     state = RetrainState.from_cursor(context.cursor)
     now = datetime.now(UTC)
     if state.pending_run_key:  # the outcome of the retrain requested last
-        runs = context.instance.get_runs(filters=dg.RunsFilter(tags={RUN_KEY_TAG: state.pending_run_key}), limit=1)
-        if not runs or not runs[0].is_finished:
+        run = run_with_key(context.instance, state.pending_run_key)
+        if run is None or not run.is_finished:
             requested = datetime.fromisoformat(state.requested_at) if state.requested_at else now
-            if runs or now - requested < timedelta(minutes=10):
+            if run is not None or now - requested < timedelta(minutes=10):
                 return dg.SkipReason(f"waiting for the retrain it requested ({state.pending_run_key})")
             state.pending_run_key = None  # never launched (the request was dropped): look again
-        elif runs[0].is_finished:
-            if runs[0].status == dg.DagsterRunStatus.SUCCESS:
+        else:
+            if run.status == dg.DagsterRunStatus.SUCCESS:
                 state.record_success()
-            elif _gate_failed(context.instance, runs[0]):
+            elif _gate_failed(context.instance, run):
                 state.record_gate_failure(now, timedelta(seconds=SETTINGS.backoff_seconds))
-            state.history = [*state.history, f"{state.pending_run_key}: {runs[0].status.value}"][-10:]
+            state.history = [*state.history, f"{state.pending_run_key}: {run.status.value}"][-10:]
             state.pending_run_key = None
             context.update_cursor(state.to_cursor())
     running = running_retrain(context.instance)
@@ -280,7 +293,7 @@ def drift_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource, pr
         return dg.SkipReason(f"drift detected; {ahead}")
     context.update_cursor(str(record.storage_id))
     return retrain_request(
-        f"drift:{record.storage_id}", "drift", f"drift share {share.value:.0%} in report {record.storage_id}"
+        drift_run_key(record.storage_id), "drift", f"drift share {share.value:.0%} in report {record.storage_id}"
     )
 
 
@@ -327,7 +340,7 @@ def kpi_alert_sensor(
     cursor["handled"] = [*cursor["handled"], *(e.key for e in new)][-50:]
     context.update_cursor(json.dumps(cursor))
     return retrain_request(
-        f"alert:{new[0].key}", "kpi-alert", f"{new[0].name} firing since {new[0].started_at} ({source})"
+        alert_run_key(new[0]), "kpi-alert", f"{new[0].name} firing since {new[0].started_at} ({source})"
     )
 
 

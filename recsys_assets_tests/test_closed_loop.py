@@ -31,6 +31,7 @@ from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.demo import StreamDriver, TrafficDriver
 from recsys_assets.ml.artifacts import ModelArtifact
 from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry
+from recsys_assets.sensors import RUN_KEY_TAG, drift_run_key
 from recsys_assets.settings import load_settings
 from recsys_assets.stack.supervisor import free_port
 from recsys_assets_tests.conftest import BIN
@@ -73,7 +74,7 @@ def drift_retrains(instance: dg.DagsterInstance, after: datetime) -> list[dg.Dag
     computed_after = {r.storage_id for r in reports if r.timestamp >= after.timestamp()}
     return [
         run for run in retrain_runs(instance, "drift", after)
-        if int(run.tags["dagster/run_key"].removeprefix("drift:")) in computed_after
+        if run.tags[RUN_KEY_TAG] in {drift_run_key(report) for report in computed_after}
     ]  # fmt: skip
 
 
@@ -188,8 +189,10 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         uri = registry.log_model(run_id, taste_version(registry, retrained, tmp_path / "good", world, sign=1.0))
         lineage = registry.get(retrained).lineage_tags  # its data lineage: the sensors and the drift report read it
         for _ in range(3):
-            good = registry.register(model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test")
-            good = good.version
+            registered = registry.register(
+                model_uri=uri, run_id=run_id, lineage=lineage, reason="true tastes", by="test"
+            )
+            good = registered.version
             verdict = lambda v=good: registry.get(v).status in ("champion", "rolled_back", "superseded")  # noqa: E731
             wait_for(verdict, 300, "the good challenger's verdict", proc)
             if registry.get(good).status != "superseded":
