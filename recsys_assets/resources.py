@@ -70,6 +70,21 @@ class ServingClient:
         except httpx.HTTPError:
             return False
 
+    def metrics(self) -> str:
+        """The service's ``/metrics`` text (Prometheus exposition format).
+
+        Raises:
+            OSError: the service did not answer.
+        """
+        import httpx
+
+        try:
+            response = httpx.get(f"{self.url}/metrics", timeout=self.timeout)
+            response.raise_for_status()
+        except httpx.HTTPError as exc:
+            raise OSError(f"{self.url}/metrics: {exc}") from exc
+        return response.text
+
     def admin(self, path: str, payload: dict | None = None) -> dict:
         """POST to an ``/admin`` endpoint; raise with the service's message on an error status."""
         import httpx

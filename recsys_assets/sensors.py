@@ -29,7 +29,7 @@ from recsys_assets.constants import RETRAIN_TAG
 from recsys_assets.data.warehouse import WarehouseError
 from recsys_assets.jobs import retrain_job
 from recsys_assets.ml.registry import CHALLENGER, CHAMPION, RegistryError
-from recsys_assets.resources import MLflowResource, PrometheusResource, WarehouseResource
+from recsys_assets.resources import MLflowResource, PrometheusResource, ServingResource, WarehouseResource
 from recsys_assets.settings import automation_settings
 from recsys_assets.triggers import (
     AlertEpisode,
@@ -344,50 +344,68 @@ def kpi_alert_sensor(
     )
 
 
+def canary_look_key(version: int, step: int, challenger_impressions: int, per_look: int) -> str | None:
+    """The run key of the canary analysis due now: one at the start, then one per ``per_look`` more
+    challenger impressions in the current step (the mSPRT stays valid however often it looks)."""
+    looks = challenger_impressions // per_look
+    return f"canary:v{version}:s{step}:{looks}" if looks else None
+
+
 @dg.sensor(
     minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
     default_status=dg.DefaultSensorStatus.RUNNING,
     asset_selection=["canary_analysis"],
-    description="While a challenger is in canary, analyse it each time enough new traffic has come in.",
+    description="While a challenger is in canary: start it, analyse it each time enough new traffic has come in, "
+    "and at once when a serving guardrail is breached.",
 )
 def canary_sensor(
     context: dg.SensorEvaluationContext,
     mlflow: MLflowResource,
     warehouse: WarehouseResource,
     prometheus: PrometheusResource,
+    serving: ServingResource,
 ):
-    from recsys_assets.data.kpis import PrometheusError, kpis_from_prometheus, kpis_from_warehouse
+    from recsys_assets.data.kpis import serving_health
+    from recsys_assets.ml.canary import CanaryRules, guardrail_breaches
 
     try:
-        registry = mlflow.get_registry()
-        champion, challenger = registry.by_alias(CHAMPION), registry.by_alias(CHALLENGER)
+        state = mlflow.get_registry().serving_state()
     except RegistryError as exc:
         return dg.SkipReason(f"the registry cannot be read: {exc}")
-    if challenger is None or champion is None:
+    if state.challenger is None or state.champion is None:
         return dg.SkipReason("no challenger in canary")
-    versions = {"champion": champion.version, "challenger": challenger.version}
-    try:
-        if prometheus.url:
-            stats = kpis_from_prometheus(prometheus.url, challenger.created_at, versions)
-        else:
-            stats = kpis_from_warehouse(warehouse.get_warehouse(), challenger.created_at, versions)
-    except (PrometheusError, WarehouseError) as exc:
-        return dg.SkipReason(f"the online KPIs cannot be read: {exc}")
     canary_runs = dg.RunsFilter(tags={"recsys/trigger": "canary"}, statuses=ACTIVE)
     if active := context.instance.get_runs(filters=canary_runs, limit=1):
-        return dg.SkipReason(f"the previous analysis of v{challenger.version} (run {active[0].run_id[:8]}) is not done")
-    fewest = min(s.impressions for s in stats.values())
-    needed = SETTINGS.canary_min_impressions
-    if fewest < needed:
-        return dg.SkipReason(
-            f"challenger v{challenger.version}: {fewest:,} of {needed:,} impressions on the smaller variant"
-        )
-    # One analysis per challenger and per `needed` more impressions (the asset may decide to wait).
-    return dg.RunRequest(
-        run_key=f"canary:v{challenger.version}:{fewest // needed}",
-        asset_selection=[dg.AssetKey("canary_analysis")],
-        tags={"recsys/trigger": "canary"},
+        return dg.SkipReason(f"the previous analysis of v{state.challenger} (run {active[0].run_id[:8]}) is not done")
+    request = lambda key: dg.RunRequest(  # noqa: E731
+        run_key=key, asset_selection=[dg.AssetKey("canary_analysis")], tags={"recsys/trigger": "canary"}
     )
+    canary = state.canary
+    if canary is None or canary.version != state.challenger:
+        return request(f"canary:v{state.challenger}:start")
+    rules = CanaryRules.from_settings(automation_settings())
+    versions = {"champion": state.champion, "challenger": state.challenger}
+    since = canary.step_starts()[0][2]
+    health, _ = serving_health(prometheus.url, serving.get_client().metrics, since, versions, canary.mode)
+    if health and (breaches := guardrail_breaches(health["champion"], health["challenger"], rules)):
+        context.log.warning(f"challenger v{state.challenger}: {'; '.join(breaches)}")
+        return request(f"canary:v{state.challenger}:guardrail")
+    step_start = canary.step_starts()[-1][2]
+    try:
+        impressions = warehouse.get_warehouse().scalar(
+            "SELECT COUNT(*) FROM listening_events WHERE source = 'recommendation' AND event_type = 'impression' "
+            "AND variant = 'challenger' AND model_version = ? AND played_at >= ?",
+            [str(state.challenger), step_start],
+        )
+    except WarehouseError as exc:
+        return dg.SkipReason(f"the online KPIs cannot be read: {exc}")
+    key = canary_look_key(state.challenger, canary.step, int(impressions or 0), rules.min_impressions)
+    if key is None:
+        return dg.SkipReason(
+            f"challenger v{state.challenger} at {canary.fraction:.0%} (step {canary.step}): "
+            f"{int(impressions or 0):,} of {rules.min_impressions:,} impressions for the next look"
+        )
+    return request(key)
 
 
 automation_sensor = dg.AutomationConditionSensorDefinition(

@@ -165,9 +165,16 @@ class AutomationSettings:
     drift_window_days: float  # RECSYS_DRIFT_WINDOW_DAYS: length of the compared windows
     backoff_seconds: int  # RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a gate failure (doubles)
     kpi_ctr_drop: float  # RECSYS_KPI_CTR_DROP: without Prometheus, CTR below this share of its 7-day level alerts
-    canary_fraction: float  # RECSYS_CANARY_FRACTION: share of users who get the challenger
-    canary_min_impressions: int  # RECSYS_CANARY_MIN_IMPRESSIONS: per variant, before any canary decision
+    canary_steps: tuple[float, ...]  # RECSYS_CANARY_STEPS: the challenger's traffic shares, step by step
+    canary_mode: str  # RECSYS_CANARY_MODE: ab (split users) or interleaving (team draft for the canary users)
+    canary_min_impressions: int  # RECSYS_CANARY_MIN_IMPRESSIONS: challenger impressions per look and per step
     canary_max_impressions: int  # RECSYS_CANARY_MAX_IMPRESSIONS: no significant difference by then: promote
+    canary_alpha: float  # RECSYS_CANARY_ALPHA: the canary's false-decision rate, all metrics together
+    canary_tau: float  # RECSYS_CANARY_TAU: scale of the relative lifts the sequential test expects
+    canary_latency_margin: float  # RECSYS_CANARY_LATENCY_MARGIN: p99 may exceed the champion's by this share…
+    canary_latency_slack_ms: float  # RECSYS_CANARY_LATENCY_SLACK_MS: … plus this many milliseconds
+    canary_error_margin: float  # RECSYS_CANARY_ERROR_MARGIN: error rate may exceed the champion's by this
+    canary_min_requests: int  # RECSYS_CANARY_MIN_REQUESTS: per variant, before the guardrails judge
     retrain_run_config: dict  # RECSYS_RETRAIN_RUN_CONFIG: JSON run config of the retrain job (ops: …)
     extra_alert_rules: list[str]  # RECSYS_PROMETHEUS_EXTRA_RULES: more rule files for the local Prometheus
     extract_min_interval_seconds: int  # RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one extraction run per …
@@ -192,13 +199,49 @@ def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSetti
         drift_window_days=number("RECSYS_DRIFT_WINDOW_DAYS", 7.0),
         backoff_seconds=number("RECSYS_RETRAIN_BACKOFF_SECONDS", 3600, int),
         kpi_ctr_drop=number("RECSYS_KPI_CTR_DROP", 0.8),
-        canary_fraction=number("RECSYS_CANARY_FRACTION", 0.1),
-        canary_min_impressions=number("RECSYS_CANARY_MIN_IMPRESSIONS", 2000, int),
-        canary_max_impressions=number("RECSYS_CANARY_MAX_IMPRESSIONS", 20000, int),
+        canary_steps=_fractions(env, "RECSYS_CANARY_STEPS", "0.05,0.2,0.5"),
+        canary_mode=_choice(env, "RECSYS_CANARY_MODE", "ab", ("ab", "interleaving")),
+        canary_min_impressions=number("RECSYS_CANARY_MIN_IMPRESSIONS", 5000, int),
+        canary_max_impressions=number("RECSYS_CANARY_MAX_IMPRESSIONS", 400000, int),
+        canary_alpha=number("RECSYS_CANARY_ALPHA", 0.05),
+        canary_tau=number("RECSYS_CANARY_TAU", 0.05),
+        canary_latency_margin=number("RECSYS_CANARY_LATENCY_MARGIN", 0.5),
+        canary_latency_slack_ms=number("RECSYS_CANARY_LATENCY_SLACK_MS", 5.0),
+        canary_error_margin=number("RECSYS_CANARY_ERROR_MARGIN", 0.01),
+        canary_min_requests=number("RECSYS_CANARY_MIN_REQUESTS", 100, int),
         retrain_run_config=_json(env, "RECSYS_RETRAIN_RUN_CONFIG"),
         extra_alert_rules=[p for p in env.get("RECSYS_PROMETHEUS_EXTRA_RULES", "").split(os.pathsep) if p],
         extract_min_interval_seconds=number("RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", 300, int),
     )
+
+
+def _fractions(env: Mapping[str, str], name: str, default: str) -> tuple[float, ...]:
+    raw = env.get(name) or default
+    try:
+        values = tuple(float(part) for part in raw.split(","))
+    except ValueError:
+        raise ValueError(f"{name}={raw!r}: expected comma-separated fractions, e.g. 0.05,0.2,0.5") from None
+    if any(not 0 < v <= 1 for v in values) or list(values) != sorted(values):
+        raise ValueError(f"{name}={raw!r}: expected increasing fractions in (0, 1]")
+    return values
+
+
+def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str, ...]) -> str:
+    value = env.get(name) or default
+    if value not in choices:
+        raise ValueError(f"{name}={value!r}: expected one of {', '.join(choices)}")
+    return value
+
+
+def fault_delay_seconds(env: Mapping[str, str] | None = None) -> float:
+    """``RECSYS_FAULT_CHALLENGER_DELAY_MS``: a fault drill's extra latency on every challenger answer
+    (0, the default, in any real deployment). The canary's latency guardrail is tested with it."""
+    env = os.environ if env is None else env
+    raw = env.get("RECSYS_FAULT_CHALLENGER_DELAY_MS", "0")
+    try:
+        return max(float(raw), 0.0) / 1000
+    except ValueError:
+        raise ValueError(f"RECSYS_FAULT_CHALLENGER_DELAY_MS={raw!r} is not a number") from None
 
 
 def _json(env: Mapping[str, str], name: str) -> dict:

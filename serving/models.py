@@ -15,16 +15,32 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_assets.ml.registry import Registry, RegistryError, ServingState
 from serving.scoring import Ranker
 
 log = logging.getLogger(__name__)
+
+
+NOTHING_REGISTERED = ServingState(None, None, None)
 
 
 @dataclass(frozen=True)
 class Slots:
     champion: Ranker | None
     challenger: Ranker | None
+    registry: ServingState = NOTHING_REGISTERED  # the aliases and canary plan they follow
+
+    @property
+    def fraction(self) -> float:
+        """The share of users who get the challenger now (the registry's canary plan, once the
+        challenger it names is loaded)."""
+        if self.challenger is None or self.challenger.version != self.registry.challenger:
+            return 0.0
+        return self.registry.fraction
+
+    @property
+    def mode(self) -> str:
+        return self.registry.mode
 
     @property
     def champion_version(self) -> int | None:
@@ -62,16 +78,14 @@ class ModelSlots:
         """Follow the registry's aliases; return whether anything was swapped."""
         with self._lock:
             try:
-                champion = self.registry.by_alias(CHAMPION)
-                challenger = self.registry.by_alias(CHALLENGER)
+                state = self.registry.serving_state()
             except RegistryError as exc:
                 self.last_error = str(exc)
                 log.warning("cannot read the registry, keeping the current models: %s", exc)
                 return False
             current = self.current
-            wanted = {"champion": champion.version if champion else None,
-                      "challenger": challenger.version if challenger else None}  # fmt: skip
-            new = current
+            wanted = {"champion": state.champion, "challenger": state.challenger}
+            new = replace(current, registry=state)
             swapped = []
             for variant, version in wanted.items():
                 loaded = getattr(current, variant)
@@ -89,9 +103,9 @@ class ModelSlots:
                         continue
                     new = replace(new, **{variant: ranker})
                 swapped.append((variant, loaded.version if loaded else None, version))
+            self.current = new  # the atomic swap (the canary plan may have moved without a model swap)
             if not swapped:
                 return False
-            self.current = new  # the atomic swap
             self.last_error = None
         for variant, old, version in swapped:
             log.info("%s: version %s -> %s (%s)", variant, old, version, reason)

@@ -21,7 +21,9 @@ class FeedbackRequest(BaseModel):
     track_id: TrackId
     event_type: Literal["click", "skip", "like", "dislike", "play"]
     model_version: int | None = Field(default=None, description="From the /recommend answer.")
-    variant: Literal["champion", "challenger"] | None = Field(default=None, description="From the /recommend answer.")
+    variant: Literal["champion", "challenger"] | None = Field(
+        default=None, description="The recommended item's own variant, from the /recommend answer."
+    )
     event_id: str | None = Field(default=None, max_length=128, description="Idempotency key; generated if absent.")
 
 
@@ -29,13 +31,19 @@ class Item(BaseModel):
     track_id: str
     artist_id: str
     score: float
+    model_version: int = Field(description="The version that recommended this item: send it back with /feedback.")
+    variant: Literal["champion", "challenger"] = Field(
+        description="The variant that recommended this item (in an interleaved list, the team that picked it)."
+    )
 
 
 class Recommendations(BaseModel):
     user_id: str
     items: list[Item]
-    model_version: int
-    variant: Literal["champion", "challenger"]
+    model_version: int = Field(description="The version that ranked the list (interleaved: the challenger's).")
+    variant: Literal["champion", "challenger", "interleaved"] = Field(
+        description="Which model ranked the list; 'interleaved': both, each item says which (team-draft canary)."
+    )
     fallback: bool = Field(description="True when the user is unknown to the model: popular tracks instead.")
     request_id: str
 
@@ -47,6 +55,8 @@ class FeedbackAccepted(BaseModel):
 
 class CanaryState(BaseModel):
     fraction: float
+    mode: Literal["ab", "interleaving"]
+    step: int | None
     champion_version: int | None
     challenger_version: int | None
 

@@ -1,5 +1,9 @@
 """The recommendation service: champion and canary challenger, feedback loop, hot swap, metrics.
 
+The canary's share of users and its mode (A/B or team-draft interleaving) are the registry's
+(``recsys.canary`` on the registered model), read with the aliases at every poll, so every replica
+serves the same split.
+
     bentoml serve serving.service:Recommender --port 3001
 
 Configuration (environment, read through ``recsys_assets.settings``):
@@ -8,7 +12,7 @@ Configuration (environment, read through ``recsys_assets.settings``):
 |---|---|---|
 | ``MLFLOW_TRACKING_URI`` | ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db`` | where champion and challenger are |
 | ``RECSYS_WAREHOUSE_URI`` | the DuckDB file | where impressions and feedback land (``none`` to disable) |
-| ``RECSYS_CANARY_FRACTION`` | ``0.1`` | share of users (stable hash) who get the challenger |
+| ``RECSYS_FAULT_CHALLENGER_DELAY_MS`` | ``0`` | fault drill: extra latency on every challenger answer |
 | ``RECSYS_MODEL_POLL_SECONDS`` | ``5`` | how often the registry's aliases are checked |
 | ``RECSYS_FEEDBACK_FLUSH_SECONDS`` | ``2`` | how often buffered events land in the warehouse |
 | ``RECSYS_ADMIN_TOKEN`` | the content of ``$RECSYS_HOME/admin_token`` | bearer token of the ``/admin/*`` endpoints |
@@ -16,6 +20,7 @@ Configuration (environment, read through ``recsys_assets.settings``):
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import secrets
@@ -25,6 +30,7 @@ from http import HTTPStatus
 from typing import Annotated
 
 import bentoml
+import numpy as np
 import prometheus_client
 from annotated_types import Ge, Le
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
@@ -33,9 +39,10 @@ from pydantic import Field
 import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry, RegistryError
-from recsys_assets.settings import admin_token, load_settings
+from recsys_assets.settings import admin_token, fault_delay_seconds, load_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
+from serving.interleaving import CHALLENGER_TEAM, team_draft
 from serving.models import ModelSlots
 from serving.schemas import (
     FEEDBACK_TYPES,
@@ -68,6 +75,15 @@ SCORING_SECONDS = prometheus_client.Histogram(
     name="recsys_scoring_duration_seconds", documentation="Scoring and top-k time of /recommend",
     labelnames=["variant"], buckets=LATENCY_BUCKETS,
 )  # fmt: skip
+REQUEST_SECONDS = prometheus_client.Histogram(
+    name="recsys_request_duration_seconds",
+    documentation="/recommend handling time per variant (the canary's latency guardrail)",
+    labelnames=["variant", "model_version"], buckets=LATENCY_BUCKETS,
+)  # fmt: skip
+REQUEST_ERRORS = prometheus_client.Counter(
+    name="recsys_request_errors", documentation="/recommend requests that failed while ranking, per variant",
+    labelnames=["variant", "model_version"],
+)  # fmt: skip
 MODEL_RELOADS = prometheus_client.Counter(
     name="recsys_model_reloads", documentation="Model swaps", labelnames=["variant", "reason"]
 )
@@ -89,7 +105,8 @@ class Recommender:
         settings = load_settings()
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
-        self.fraction = float(os.environ.get("RECSYS_CANARY_FRACTION", "0.1"))
+        self.fault_delay = fault_delay_seconds()
+        self.rng = np.random.default_rng()
         self.token = admin_token(settings.home)
         self.slots = ModelSlots(self.registry, on_swap=self._swapped)
         self.slots.refresh(reason="start-up")
@@ -119,40 +136,67 @@ class Recommender:
         slots = self.slots.current  # read once: a swap during this request does not affect it
         if slots.champion is None:
             raise ServiceUnavailable("no champion model is registered yet")
-        variant = variant_for(user_id, self.fraction, slots.challenger is not None)
-        ranker = slots.challenger if variant == "challenger" else slots.champion
-        started = time.perf_counter()
-        rec = ranker.recommend(user_id, k)
-        SCORING_SECONDS.labels(variant=variant).observe(time.perf_counter() - started)
+        variant = variant_for(user_id, slots.fraction, slots.challenger is not None)
+        interleaved = variant == "challenger" and slots.mode == "interleaving"
+        if interleaved:
+            variant = "interleaved"
+        ranker = slots.champion if variant == "champion" else slots.challenger
         version = str(ranker.version)
+        started = time.perf_counter()
+        try:
+            rec = ranker.recommend(user_id, k)
+            if interleaved:
+                items = self._interleave(slots.champion.recommend(user_id, k), slots.champion.version, rec,
+                                         ranker.version, k)  # fmt: skip
+            else:
+                items = [
+                    Item(track_id=t, artist_id=a, score=s, model_version=ranker.version, variant=variant)
+                    for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)
+                ]
+            SCORING_SECONDS.labels(variant=variant).observe(time.perf_counter() - started)
+            if variant != "champion" and self.fault_delay:
+                await asyncio.sleep(self.fault_delay)
+        except Exception:
+            REQUEST_ERRORS.labels(variant=variant, model_version=version).inc()
+            raise
+        finally:
+            REQUEST_SECONDS.labels(variant=variant, model_version=version).observe(time.perf_counter() - started)
         request_id = uuid.uuid4().hex
         RECOMMENDATIONS.labels(model_version=version, variant=variant, fallback=str(rec.fallback).lower()).inc()
-        IMPRESSIONS.labels(model_version=version, variant=variant).inc(len(rec.track_ids))
+        for item in items:
+            IMPRESSIONS.labels(model_version=str(item.model_version), variant=item.variant).inc()
         self.feedback_writer.add(
             [
                 event_row(
                     event_id=f"imp-{request_id}-{rank}",
                     user_id=user_id,
-                    track_id=track,
-                    artist_id=artist,
+                    track_id=item.track_id,
+                    artist_id=item.artist_id,
                     event_type="impression",
-                    model_version=ranker.version,
-                    variant=variant,
+                    model_version=item.model_version,
+                    variant=item.variant,
                 )
-                for rank, (track, artist) in enumerate(zip(rec.track_ids, rec.artist_ids, strict=True))
+                for rank, item in enumerate(items)
             ]
         )
         return Recommendations(
             user_id=user_id,
-            items=[
-                Item(track_id=t, artist_id=a, score=s)
-                for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)
-            ],
+            items=items,
             model_version=ranker.version,
             variant=variant,
             fallback=rec.fallback,
             request_id=request_id,
         )
+
+    def _interleave(self, champion, champion_version: int, challenger, challenger_version: int, k: int) -> list[Item]:
+        """Team draft of the two lists, each item credited to the model that picked it."""
+        lists = (champion, challenger)
+        versions = (champion_version, challenger_version)
+        return [
+            Item(track_id=lists[team].track_ids[i], artist_id=lists[team].artist_ids[i], score=lists[team].scores[i],
+                 model_version=versions[team], variant="challenger" if team == CHALLENGER_TEAM else "champion")
+            for team, i in team_draft(champion.track_ids, challenger.track_ids, k, self.rng)
+        ]  # fmt: skip
 
     @bentoml.api(route="/feedback")
     async def feedback(
@@ -211,14 +255,29 @@ class Recommender:
     async def canary(
         self, ctx: bentoml.Context, fraction: Annotated[float, Ge(0.0), Le(1.0)] | None = None
     ) -> CanaryState:
-        """Read, or set (``fraction``), the share of users who get the challenger."""
+        """Read, or set (``fraction``, in the registry, for every replica), the share of users who get
+        the challenger."""
         self._authorize(ctx)
         if fraction is not None:
-            self.fraction = fraction
+            state = self.slots.current.registry
+            if state.challenger is None:
+                raise InvalidArgument("there is no challenger to canary")
+            current = state.canary if state.canary and state.canary.version == state.challenger else None
+            try:
+                self.registry.set_canary(
+                    state.challenger, step=current.step if current else 0, fraction=fraction,
+                    mode=state.mode, reason=f"fraction set to {fraction} through the admin API", by="serving admin API",
+                )  # fmt: skip
+            except RegistryError as exc:
+                raise InvalidArgument(str(exc)) from exc
+            self.slots.refresh(reason="canary change")
             log.info("canary fraction set to %s", fraction)
         slots = self.slots.current
-        return CanaryState(fraction=self.fraction, champion_version=slots.champion_version,
-                           challenger_version=slots.challenger_version)  # fmt: skip
+        canary = slots.registry.canary
+        return CanaryState(
+            fraction=slots.fraction, mode=slots.mode, step=canary.step if canary else None,
+            champion_version=slots.champion_version, challenger_version=slots.challenger_version,
+        )  # fmt: skip
 
     @bentoml.api(route="/admin/reload")
     def reload(self, ctx: bentoml.Context) -> AdminResult:

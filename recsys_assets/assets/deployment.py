@@ -2,6 +2,7 @@
 
 # No `from __future__ import annotations` here (see assets/training.py).
 
+import dataclasses
 import json
 import os
 import string
@@ -15,10 +16,14 @@ import polars as pl
 from pydantic import Field
 
 from recsys_assets.constants import DEPLOYMENT
-from recsys_assets.data.kpis import PrometheusError, kpis_from_prometheus, kpis_from_warehouse
+from recsys_assets.data.kpis import (
+    canary_events,
+    canary_strata,
+    serving_health,
+)
 from recsys_assets.metadata import markdown_table
 from recsys_assets.ml.canary import CanaryRules, decide_canary
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, CanaryState, Registry
 from recsys_assets.resources import (
     MLflowResource,
     PrometheusResource,
@@ -84,14 +89,24 @@ def recommender_bento(
 class DeploymentConfig(dg.Config):
     """How the new versions reach users."""
 
-    canary_fraction: float = Field(
-        default=automation_settings().canary_fraction,
-        description="Share of users (stable hash) who get the challenger (RECSYS_CANARY_FRACTION).",
-    )
     require_running_service: bool = Field(
         default=False,
         description="Fail when the local service does not answer (else it loads the versions when it starts).",
     )
+
+
+def start_canary(registry: Registry, challenger: int, by: str) -> CanaryState:
+    """The challenger's canary at its first step, unless it has started already (the one place that
+    starts a canary: the deployment and the canary analysis both call it)."""
+    state = registry.canary_state()
+    if state is not None and state.version == challenger:
+        return state
+    settings = automation_settings()
+    return registry.set_canary(
+        challenger, step=0, fraction=settings.canary_steps[0], mode=settings.canary_mode,
+        reason=f"canary started ({settings.canary_mode}, steps {', '.join(f'{s:.0%}' for s in settings.canary_steps)})",
+        by=by,
+    )  # fmt: skip
 
 
 @dg.asset(group_name=DEPLOYMENT, kinds={"bentoml", "kubernetes"})
@@ -106,17 +121,16 @@ def model_deployment(
     """The deployed recommender: the running service reloaded onto the registry's versions, and
     Kubernetes manifests for the Bento's container.
 
-    Locally the running ``bentoml serve`` is told to follow the registry now and to canary the
-    challenger to ``canary_fraction`` of users; the asset checks that it serves the expected
-    versions. For production the manifests under ``$RECSYS_HOME/deploy/k8s`` name the container of
-    this Bento.
+    The challenger's canary starts at the first traffic step (``RECSYS_CANARY_STEPS``), held in the
+    registry so that every replica serves the same split; the running ``bentoml serve`` is told to
+    follow the registry now, and the asset checks that it serves the expected versions. For
+    production the manifests under ``$RECSYS_HOME/deploy/k8s`` name the container of this Bento.
     """
     tag = recommender_bento["tag"]
     image = f"recommender:{tag.split(':', 1)[1]}"
     rendered = string.Template(K8S_TEMPLATE.read_text()).safe_substitute(
         BENTO_TAG=tag,
         IMAGE=image,
-        CANARY_FRACTION=config.canary_fraction,
         CHAMPION_VERSION=recommender_bento["champion"],
         CHALLENGER_VERSION=recommender_bento["challenger"] or "",
     )
@@ -124,12 +138,20 @@ def model_deployment(
     manifests.parent.mkdir(parents=True, exist_ok=True)
     manifests.write_text(rendered)
 
+    canary = None
+    if recommender_bento["challenger"] is not None:
+        registry = mlflow.get_registry()
+        if getattr(registry.by_alias(CHALLENGER), "version", None) == recommender_bento["challenger"]:
+            canary = start_canary(
+                registry, recommender_bento["challenger"], by=f"model_deployment (run {context.run_id})"
+            )
+    fraction = canary.fraction if canary else 0.0
     client = serving.get_client()
     status = "not running: it loads the registry's versions when it starts"
     served = {}
     if client.ready():
         client.admin("reload")
-        served = client.admin("canary", {"fraction": config.canary_fraction})
+        served = client.admin("canary")
         expected = (recommender_bento["champion"], recommender_bento["challenger"])
         serving_now = (served["champion_version"], served["challenger_version"])
         if serving_now != expected:
@@ -144,7 +166,7 @@ def model_deployment(
                 )
             context.log.warning(f"the registry moved on while deploying: serving {current}, built for {expected}")
         status = f"serving champion v{served['champion_version']}" + (
-            f", challenger v{served['challenger_version']} to {config.canary_fraction:.0%} of users"
+            f", challenger v{served['challenger_version']} to {served['fraction']:.0%} of users ({served['mode']})"
             if served["challenger_version"]
             else ""
         )
@@ -157,30 +179,29 @@ def model_deployment(
             "image": image,
             "manifests": str(manifests),
             "served": served,
-            "canary_fraction": config.canary_fraction,
+            "canary_fraction": fraction,
         },
         metadata={
             "status": dg.MetadataValue.text(status),
             "service_url": dg.MetadataValue.url(client.url),
             "image": dg.MetadataValue.text(image),
             "manifests": dg.MetadataValue.path(str(manifests)),
-            "canary_fraction": dg.MetadataValue.float(config.canary_fraction),
+            "canary_fraction": dg.MetadataValue.float(fraction),
         },
     )
 
 
 class CanaryConfig(dg.Config):
-    """When the canary has seen enough."""
+    """Overrides of the canary's rules for one run (unset: the deployment's ``RECSYS_CANARY_*``)."""
 
-    min_impressions: int = Field(
-        default=automation_settings().canary_min_impressions,
-        description="Per variant, before any decision (RECSYS_CANARY_MIN_IMPRESSIONS).",
+    min_impressions: int | None = Field(
+        default=None,
+        description="Challenger impressions before any decision, and per step (RECSYS_CANARY_MIN_IMPRESSIONS).",
     )
-    max_impressions: int = Field(
-        default=automation_settings().canary_max_impressions,
+    max_impressions: int | None = Field(
+        default=None,
         description="Per variant: no significant difference by then means promote (RECSYS_CANARY_MAX_IMPRESSIONS).",
     )
-    alpha: float = Field(default=CanaryRules.alpha, description="Significance level of the two-proportion tests.")
 
 
 @dg.asset(group_name=DEPLOYMENT, deps=["model_deployment"], kinds={"prometheus", "mlflow"})
@@ -192,69 +213,93 @@ def canary_analysis(
     prometheus: PrometheusResource,
     serving: ServingResource,
 ) -> dg.MaterializeResult:
-    """Canary analysis: per-variant CTR, conversion and rejection, and the decision taken on them.
+    """Canary analysis: the challenger's always-valid user-level tests, serving guardrails, and the
+    decision taken on them (promote, roll back, step the traffic up, or wait).
 
-    Reads the counters since the challenger was registered (from Prometheus when ``PROMETHEUS_URL``
-    is set, else from the feedback in the warehouse), runs two-proportion tests, then promotes the
-    challenger to champion or rolls it back, records the decision on the MLflow version and tells the
-    service to reload. With too little traffic it decides nothing and says how much is missing.
+    See ``recsys_assets/ml/canary.py`` for the statistics. The user-level data come from the feedback
+    in the warehouse, by traffic step; latency and errors from Prometheus when ``PROMETHEUS_URL`` is
+    set, else from the service's ``/metrics``. Every decision is recorded on the MLflow version, and
+    the service is told to follow the registry at once.
     """
     registry = mlflow.get_registry()
-    challenger = registry.by_alias(CHALLENGER)
-    champion = registry.by_alias(CHAMPION)
-    if challenger is None or champion is None:
+    state = registry.serving_state()
+    if state.challenger is None or state.champion is None:
         return dg.MaterializeResult(metadata={"decision": dg.MetadataValue.text("no canary running"), "action": "none"})
-    since = challenger.created_at
-    versions = {"champion": champion.version, "challenger": challenger.version}
-    source = "warehouse feedback"
-    if prometheus.url:
-        try:
-            stats = kpis_from_prometheus(prometheus.url, since, versions)
-            source = f"Prometheus {prometheus.url}"
-        except PrometheusError as exc:
-            context.log.warning(f"{exc}; reading the warehouse instead")
-            stats = kpis_from_warehouse(warehouse.get_warehouse(), since, versions)
-    else:
-        stats = kpis_from_warehouse(warehouse.get_warehouse(), since, versions)
-    rules = CanaryRules(
-        min_impressions=config.min_impressions, max_impressions=config.max_impressions, alpha=config.alpha
-    )
-    decision = decide_canary(stats["champion"], stats["challenger"], rules)
-    context.log.info(f"canary v{challenger.version} vs v{champion.version}: {decision.action}: {decision.reason}")
     by = f"canary_analysis (dagster run {context.run.run_id})"
-    if decision.action == "promote":
-        registry.promote(challenger.version, reason=decision.reason, by=by)
-    elif decision.action == "rollback":
-        registry.reject_challenger(reason=decision.reason, by=by)
-    if decision.action != "wait":
-        client = serving.get_client()
+    client = serving.get_client()
+    canary = state.canary
+    if canary is None or canary.version != state.challenger:
+        canary = start_canary(registry, state.challenger, by=by)
         if client.ready():
             client.admin("reload")
-    table = pl.DataFrame(
-        [
-            {
-                "variant": s.variant,
-                "model_version": s.model_version,
-                "impressions": s.impressions,
-                "clicks": s.clicks,
-                "ctr": s.ctr,
-                "conversion": s.conversion_rate,
-                "rejection": s.rejection_rate,
-            }
-            for s in stats.values()
-        ]
+        started = f"canary of v{canary.version} started at {canary.fraction:.0%} ({canary.mode})"
+        context.log.info(started)
+        return dg.MaterializeResult(metadata={"action": "start", "decision": dg.MetadataValue.text(started)})
+    settings = automation_settings()
+    rules = CanaryRules.from_settings(settings)
+    overrides = {k: v for k, v in (("min_impressions", config.min_impressions),
+                                   ("max_impressions", config.max_impressions)) if v is not None}  # fmt: skip
+    rules = dataclasses.replace(rules, **overrides)
+    versions = {"champion": state.champion, "challenger": state.challenger}
+    since = canary.step_starts()[0][2]
+    health, health_source = serving_health(prometheus.url, client.metrics, since, versions, canary.mode)
+    events = canary_events(warehouse.get_warehouse(), canary, state.champion)
+    strata = canary_strata(events, canary)
+    decision = decide_canary(
+        strata, rules, step=canary.step, mode=canary.mode,
+        health=(health["champion"], health["challenger"]) if health else None,
+    )  # fmt: skip
+    context.log.info(f"canary v{state.challenger} vs v{state.champion}: {decision.action}: {decision.reason}")
+    if decision.action == "promote":
+        registry.promote(state.challenger, reason=decision.reason, by=by)
+    elif decision.action == "rollback":
+        registry.reject_challenger(reason=decision.reason, by=by)
+    elif decision.action == "step_up":
+        registry.set_canary(state.challenger, step=canary.step + 1, fraction=decision.next_fraction,
+                            mode=canary.mode, reason=decision.reason, by=by)  # fmt: skip
+    if decision.action != "wait" and client.ready():
+        client.admin("reload")
+    sums = ("impressions", "clicks", "conversions", "rejections")
+    totals = (
+        events.group_by("step", "variant")
+        .agg(pl.len().alias("users"), *(pl.col(c).sum() for c in sums))
+        .with_columns(ctr=pl.col("clicks") / pl.col("impressions"))
+        .sort("step", "variant")
     )
+    tests = pl.DataFrame(
+        [{"metric": t.metric, "champion": t.champion_rate, "challenger": t.challenger_rate, "lift": t.lift,
+          "ci_low": t.lift_low, "ci_high": t.lift_high, "p_always_valid": t.p_value, "alpha": t.alpha,
+          "users": t.users, "significant": t.significant} for t in decision.tests],
+        schema_overrides={"champion": pl.Float64, "challenger": pl.Float64, "lift": pl.Float64,
+                          "ci_low": pl.Float64, "ci_high": pl.Float64},
+    )  # fmt: skip
+    guard = pl.DataFrame(
+        [{"variant": v, "requests": h.requests, "errors": h.errors, "error_rate": h.error_rate,
+          "p99_ms": None if h.latency_p99_seconds is None else h.latency_p99_seconds * 1000}
+         for v, h in (health or {}).items()],
+        schema={"variant": pl.String, "requests": pl.Int64, "errors": pl.Int64, "error_rate": pl.Float64,
+                "p99_ms": pl.Float64},
+    )  # fmt: skip
+    ctr = decision.test("ctr")
     return dg.MaterializeResult(
         metadata={
             "action": dg.MetadataValue.text(decision.action),
             "decision": dg.MetadataValue.text(decision.reason),
-            "challenger_version": dg.MetadataValue.int(challenger.version),
-            "champion_version": dg.MetadataValue.int(champion.version),
-            "kpis": markdown_table(table),
-            "source": dg.MetadataValue.text(source),
+            "mode": dg.MetadataValue.text(canary.mode),
+            "step": dg.MetadataValue.int(canary.step),
+            "fraction": dg.MetadataValue.float(canary.fraction),
+            "challenger_version": dg.MetadataValue.int(state.challenger),
+            "champion_version": dg.MetadataValue.int(state.champion),
+            "tests": markdown_table(tests),
+            "kpis_by_step": markdown_table(totals, limit=20),
+            "guardrails": markdown_table(guard),
+            "guardrail_breaches": dg.MetadataValue.json(decision.guardrails),
+            "health_source": dg.MetadataValue.text(health_source),
+            "source": dg.MetadataValue.text("warehouse feedback (per user)"),
             "since": dg.MetadataValue.text(since.isoformat()),
-            "ctr_p_value": dg.MetadataValue.float(decision.ctr_p if decision.ctr_p is not None else float("nan")),
+            "ctr_p_value": dg.MetadataValue.float(ctr.p_value if ctr else float("nan")),
+            "ctr_lift": dg.MetadataValue.float(ctr.lift if ctr and ctr.lift is not None else float("nan")),
             "decided_at": dg.MetadataValue.text(datetime.now(UTC).isoformat()),
-            "details": dg.MetadataValue.json(json.loads(json.dumps(decision.as_dict()))),
+            "details": dg.MetadataValue.json(json.loads(json.dumps(decision.as_dict(), default=str))),
         }
     )

@@ -125,12 +125,16 @@ async def run_traffic(
                 report.errors[f"HTTP {response.status_code}"] += 1
                 return
             body = response.json()
-            variant = body["variant"]
-            report.count(variant, "request")
-            report.count(variant, "impression", len(body["items"]))
-            for track, event_type in behaviour.react(user, [item["track_id"] for item in body["items"]]):
+            report.count(body["variant"], "request")
+            # Each item says which model recommended it (in an interleaved list, the team that picked it):
+            # impressions and reactions are counted, and sent back, per item.
+            items = {item["track_id"]: item for item in body["items"]}
+            for item in body["items"]:
+                report.count(item["variant"], "impression")
+            for track, event_type in behaviour.react(user, list(items)):
+                variant = items[track]["variant"]
                 payload = {"user_id": user, "track_id": track, "event_type": event_type,
-                           "model_version": body["model_version"], "variant": variant}  # fmt: skip
+                           "model_version": items[track]["model_version"], "variant": variant}  # fmt: skip
                 try:
                     sent = await client.post("/feedback", json=payload)
                 except httpx.HTTPError as exc:

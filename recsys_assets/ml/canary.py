@@ -1,102 +1,378 @@
-"""The canary decision: promote the challenger, roll it back, or wait for more traffic.
+"""The canary decision: promote the challenger, roll it back, step its traffic up, or wait.
 
-Per variant: impressions, clicks, conversions (plays to the end after a click) and
-rejections (skips and dislikes). The challenger is judged on CTR with a two-sided two-proportion z-test
-once both variants have ``min_impressions``; its rejection rate must not be significantly worse.
+Why a mixture sequential probability ratio test (mSPRT, Johari, Pekelis & Walsh, "Always valid
+inference", 2017/2022): the canary sensor looks at the data every time more traffic has come in, as
+often as it likes, and stops at the first conclusive look. A fixed-horizon test looked at ten times
+rejects a true null far more often than its α (an A/A simulation of the previous z-test: 27–91%
+false decisions, see ``docs/benchmarks.md``). The mSPRT's likelihood ratio against a normal mixture
+of alternatives is a nonnegative martingale under the null, so by Ville's inequality
+``P(sup_n Λ_n ≥ 1/α) ≤ α``: its p-value ``1/Λ_n`` is valid at every look at once, without a planned
+number of looks (which group-sequential α-spending needs and the sensor does not have: it looks
+when traffic arrives) and with one parameter, the mixture's scale ``tau`` on the effect, fixed
+before the data. The estimator is asymptotically normal, and the test uses its plug-in variance, as
+the Optimizely and Eppo implementations do (Waudby-Smith et al., "Time-uniform central limit
+theory", 2021, give the asymptotic justification).
 
-- ``promote``: the challenger's CTR is significantly higher, or not significantly different while the
-  canary has run ``max_impressions`` impressions (it did no harm: ship it), and its rejection rate is
-  not significantly higher;
-- ``rollback``: its CTR is significantly lower, or its rejection rate significantly higher;
-- ``wait``: not enough impressions yet.
+The unit of analysis is the **user**. Each user contributes per-user sums (impressions, clicks,
+conversions, rejections); a rate is a ratio of the arm's means, and its variance comes from the
+delta method over users (Deng et al., "Applying the delta method in metric analytics", 2018), so
+clicks that correlate within a user, and heavy users, are accounted for. The effect is the log of the
+ratio of the challenger's rate to the champion's (a relative lift), so ``tau`` reads the same for
+every metric and both modes.
+
+- **A/B**: users are split by a stable hash; the two arms are independent samples of users.
+- **Interleaving** (team-draft): every canary user gets one list with items from both models, each
+  credited to the model that contributed it. The comparison is paired within each user (the delta
+  method over the user's four sums), which removes the between-user spread that dominates A/B's
+  variance: that is where its sensitivity comes from.
+
+**Progressive traffic.** The canary fraction steps up (for example 5% → 20% → 50%) as evidence
+accumulates without harm. Users change arms when the fraction grows, and the traffic mix changes
+with time, so the data are analysed by step: one estimate per step, each from the users as they
+were in that step, combined with inverse-variance weights (a stratified estimator; pooling across
+steps would confound the arm with the time of the step).
+
+**Metrics and α.** CTR (clicks per impression) decides both ways; rejections per impression (skips,
+dislikes) and conversion (complete plays per click) can only roll back. α is split between them
+(Bonferroni: ½, ¼, ¼), so an A/A canary ends on a significant decision with probability ≤ α in all.
+
+**Guardrails.** Serving health is not a statistical question: the challenger's ``/recommend``
+latency p99 and error rate must not be worse than the champion's by more than a configured margin,
+once each variant has served ``min_requests``. A breach rolls it back at the next look, whatever
+the CTR says (Argo Rollouts' analysis does the same).
+
+The distributions come from scipy; the delta method and the mixture ratio are three lines each and
+no maintained library offers them for clustered ratio metrics in a sequential setting.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from scipy import stats
+
+AB = "ab"
+INTERLEAVING = "interleaving"
+MODES = (AB, INTERLEAVING)
+
+# (metric, numerator, denominator, which direction may decide, share of α)
+METRICS: tuple[tuple[str, str, str, str, float], ...] = (
+    ("ctr", "clicks", "impressions", "both", 0.5),
+    ("rejection_rate", "rejections", "impressions", "higher_is_harm", 0.25),
+    ("conversion", "conversions", "clicks", "lower_is_harm", 0.25),
+)
+COUNTS = ("impressions", "clicks", "conversions", "rejections")
 
 
 @dataclass(frozen=True)
-class VariantStats:
-    variant: str
-    model_version: int | None
-    impressions: int
-    clicks: int
-    conversions: int
-    rejections: int
+class Arm:
+    """Per-user sums of one variant (or, interleaved, one team) in one step; index ``i`` is a user."""
+
+    impressions: np.ndarray
+    clicks: np.ndarray
+    conversions: np.ndarray
+    rejections: np.ndarray
+
+    @classmethod
+    def empty(cls) -> Arm:
+        return cls(*(np.zeros(0) for _ in COUNTS))
 
     @property
-    def ctr(self) -> float:
-        return self.clicks / self.impressions if self.impressions else 0.0
+    def users(self) -> int:
+        return len(self.impressions)
+
+    def total(self, name: str) -> float:
+        return float(getattr(self, name).sum())
+
+
+@dataclass(frozen=True)
+class Stratum:
+    """One traffic step: the champion's and the challenger's users (``paired``: the same users, in
+    the same order, interleaved)."""
+
+    step: int
+    fraction: float
+    champion: Arm
+    challenger: Arm
+    paired: bool = False
+
+
+@dataclass(frozen=True)
+class ServingHealth:
+    """One variant's ``/recommend`` health since the canary started."""
+
+    requests: int
+    errors: int
+    latency_p99_seconds: float | None
 
     @property
-    def conversion_rate(self) -> float:
-        return self.conversions / self.clicks if self.clicks else 0.0
-
-    @property
-    def rejection_rate(self) -> float:
-        return self.rejections / self.impressions if self.impressions else 0.0
+    def error_rate(self) -> float:
+        return self.errors / self.requests if self.requests else 0.0
 
 
 @dataclass(frozen=True)
 class CanaryRules:
-    min_impressions: int = 2000
-    max_impressions: int = 20000
+    """How the canary decides. The defaults of a deployment come from its settings
+    (``canary_rules(automation_settings())``); the statistical constants have defaults here."""
+
+    steps: tuple[float, ...]
+    min_impressions: int
+    max_impressions: int
     alpha: float = 0.05
+    tau: float = 0.05
+    min_users: int = 20
+    latency_margin: float = 0.5
+    latency_slack_seconds: float = 0.005
+    error_margin: float = 0.01
+    min_requests: int = 100
+
+    @classmethod
+    def from_settings(cls, settings) -> CanaryRules:
+        """The rules of a deployment (``recsys_assets.settings.AutomationSettings``)."""
+        return cls(
+            steps=settings.canary_steps,
+            min_impressions=settings.canary_min_impressions,
+            max_impressions=settings.canary_max_impressions,
+            alpha=settings.canary_alpha,
+            tau=settings.canary_tau,
+            latency_margin=settings.canary_latency_margin,
+            latency_slack_seconds=settings.canary_latency_slack_ms / 1000,
+            error_margin=settings.canary_error_margin,
+            min_requests=settings.canary_min_requests,
+        )
+
+    def __post_init__(self) -> None:
+        if not self.steps or any(not 0 < s <= 1 for s in self.steps) or list(self.steps) != sorted(self.steps):
+            raise ValueError(f"steps={self.steps!r}: expected increasing fractions in (0, 1]")
+        if not 0 < self.alpha < 1:
+            raise ValueError(f"alpha={self.alpha!r}: expected a level in (0, 1)")
+        if self.tau <= 0:
+            raise ValueError(f"tau={self.tau!r}: expected a positive scale")
+
+
+@dataclass(frozen=True)
+class MetricTest:
+    """One metric's always-valid test: relative lift of the challenger, its confidence sequence."""
+
+    metric: str
+    champion_rate: float | None
+    challenger_rate: float | None
+    lift: float | None  # exp(θ̂) − 1
+    lift_low: float | None
+    lift_high: float | None
+    p_value: float  # always valid
+    alpha: float
+    users: int
+    significant: bool
+    harmful: bool  # significant in the direction that rolls back
+
+    def describe(self) -> str:
+        if self.lift is None:
+            return f"{self.metric}: too few users ({self.users})"
+        return (
+            f"{self.metric} {self.challenger_rate:.2%} vs {self.champion_rate:.2%} "
+            f"(lift {self.lift:+.1%}, CI [{self.lift_low:+.1%}, {self.lift_high:+.1%}], "
+            f"always-valid p={self.p_value:.3g}, α={self.alpha:.3g})"
+        )
 
 
 @dataclass(frozen=True)
 class CanaryDecision:
-    action: str  # promote | rollback | wait
+    action: str  # promote | rollback | step_up | wait
     reason: str
-    ctr_z: float | None
-    ctr_p: float | None
-    rejection_z: float | None
-    rejection_p: float | None
+    mode: str
+    step: int
+    next_fraction: float | None = None
+    tests: list[MetricTest] = field(default_factory=list)
+    guardrails: list[str] = field(default_factory=list)
+
+    def test(self, metric: str) -> MetricTest | None:
+        return next((t for t in self.tests if t.metric == metric), None)
 
     def as_dict(self) -> dict:
         return asdict(self)
 
 
-def two_proportion_test(successes_a: int, n_a: int, successes_b: int, n_b: int) -> tuple[float, float]:
-    """z statistic of (b − a) and its two-sided p-value (pooled standard error)."""
-    if n_a == 0 or n_b == 0:
-        return 0.0, 1.0
-    pooled = (successes_a + successes_b) / (n_a + n_b)
-    se = math.sqrt(pooled * (1 - pooled) * (1 / n_a + 1 / n_b))
-    if se == 0:
-        return 0.0, 1.0
-    z = (successes_b / n_b - successes_a / n_a) / se
-    return z, math.erfc(abs(z) / math.sqrt(2))
+# --- statistics --------------------------------------------------------------------------------
 
 
-def decide_canary(champion: VariantStats, challenger: VariantStats, rules: CanaryRules) -> CanaryDecision:
-    """The decision for ``challenger`` against ``champion``; see the module docstring."""
-    fewest = min(champion.impressions, challenger.impressions)
+def _log_ratio_independent(num: np.ndarray, den: np.ndarray) -> tuple[float, float] | None:
+    """log(Σnum/Σden) over users and the delta-method variance of that log."""
+    n = len(num)
+    m_num, m_den = num.mean() if n else 0.0, den.mean() if n else 0.0
+    if n < 2 or m_num <= 0 or m_den <= 0:
+        return None
+    cov = np.cov(np.vstack([num, den]), ddof=1)
+    gradient = np.array([1 / m_num, -1 / m_den])
+    return math.log(m_num / m_den), float(gradient @ cov @ gradient) / n
+
+
+def log_lift(stratum: Stratum, numerator: str, denominator: str) -> tuple[float, float, int] | None:
+    """θ̂ = log(challenger rate / champion rate) in one step, its variance, and the users behind it.
+
+    A/B: independent arms, the variances add. Interleaved: the same users in both teams, so the
+    delta method runs over each user's four sums and keeps their covariance.
+    """
+    a, b = stratum.champion, stratum.challenger
+    if stratum.paired:
+        n = a.users
+        x = np.vstack([getattr(b, numerator), getattr(b, denominator), getattr(a, numerator), getattr(a, denominator)])
+        means = x.mean(axis=1) if n else np.zeros(4)
+        if n < 2 or (means <= 0).any():
+            return None
+        gradient = np.array([1 / means[0], -1 / means[1], -1 / means[2], 1 / means[3]])
+        theta = math.log(means[0] / means[1]) - math.log(means[2] / means[3])
+        return theta, float(gradient @ np.cov(x, ddof=1) @ gradient) / n, n
+    ra = _log_ratio_independent(getattr(a, numerator), getattr(a, denominator))
+    rb = _log_ratio_independent(getattr(b, numerator), getattr(b, denominator))
+    if ra is None or rb is None:
+        return None
+    return rb[0] - ra[0], ra[1] + rb[1], a.users + b.users
+
+
+def stratified(estimates: Sequence[tuple[float, float, int]]) -> tuple[float, float, int] | None:
+    """Inverse-variance combination of per-step estimates."""
+    usable = [(t, v, n) for t, v, n in estimates if v > 0 and math.isfinite(v)]
+    if not usable:
+        return None
+    weights = np.array([1 / v for _, v, _ in usable])
+    theta = float(np.dot(weights, [t for t, _, _ in usable]) / weights.sum())
+    return theta, float(1 / weights.sum()), sum(n for _, _, n in usable)
+
+
+def msprt_p_value(theta: float, variance: float, tau: float) -> float:
+    """Always-valid p-value of H0: θ = 0 against the mixture θ ~ N(0, tau²) (two-sided).
+
+    Λ = N(θ̂; 0, V + τ²) / N(θ̂; 0, V): the likelihood of the estimate under the mixture over the null.
+    """
+    log_lr = stats.norm.logpdf(theta, scale=math.sqrt(variance + tau**2)) - stats.norm.logpdf(
+        theta, scale=math.sqrt(variance)
+    )
+    return float(min(1.0, math.exp(-log_lr)))
+
+
+def confidence_sequence(theta: float, variance: float, tau: float, alpha: float) -> tuple[float, float]:
+    """The always-valid (1 − α) interval for θ that is dual to :func:`msprt_p_value`."""
+    v, t2 = variance, tau**2
+    radius = math.sqrt(v * (v + t2) / t2 * (math.log((v + t2) / v) - 2 * math.log(alpha)))
+    return theta - radius, theta + radius
+
+
+def _rate(arms: Sequence[Arm], numerator: str, denominator: str) -> float | None:
+    den = sum(a.total(denominator) for a in arms)
+    return sum(a.total(numerator) for a in arms) / den if den else None
+
+
+def metric_test(strata: Sequence[Stratum], metric: str, rules: CanaryRules) -> MetricTest:
+    """The always-valid test of one metric over all steps."""
+    _, numerator, denominator, direction, share = next(m for m in METRICS if m[0] == metric)
+    alpha = rules.alpha * share
+    usable = [
+        s for s in strata if min(s.champion.users, s.challenger.users) >= rules.min_users
+    ]  # the normal approximation needs users on both sides
+    estimates = [e for s in usable if (e := log_lift(s, numerator, denominator)) is not None]
+    combined = stratified(estimates)
+    champion_rate = _rate([s.champion for s in strata], numerator, denominator)
+    challenger_rate = _rate([s.challenger for s in strata], numerator, denominator)
+    users = sum(s.champion.users + (0 if s.paired else s.challenger.users) for s in strata)
+    if combined is None:
+        return MetricTest(metric, champion_rate, challenger_rate, None, None, None, 1.0, alpha, users, False, False)
+    theta, variance, _ = combined
+    p = msprt_p_value(theta, variance, rules.tau)
+    low, high = confidence_sequence(theta, variance, rules.tau, alpha)
+    significant = p < alpha
+    harmful = significant and (
+        (direction in ("both", "lower_is_harm") and theta < 0) or (direction == "higher_is_harm" and theta > 0)
+    )
+    return MetricTest(
+        metric, champion_rate, challenger_rate, math.expm1(theta), math.expm1(low), math.expm1(high),
+        p, alpha, users, significant, harmful,
+    )  # fmt: skip
+
+
+def guardrail_breaches(champion: ServingHealth, challenger: ServingHealth, rules: CanaryRules) -> list[str]:
+    """What the challenger's serving health breaks, once both variants have served enough requests."""
+    if min(champion.requests, challenger.requests) < rules.min_requests:
+        return []
+    breaches = []
+    if champion.latency_p99_seconds is not None and challenger.latency_p99_seconds is not None:
+        limit = champion.latency_p99_seconds * (1 + rules.latency_margin) + rules.latency_slack_seconds
+        if challenger.latency_p99_seconds > limit:
+            breaches.append(
+                f"latency p99 {challenger.latency_p99_seconds * 1000:.1f} ms > {limit * 1000:.1f} ms "
+                f"(champion {champion.latency_p99_seconds * 1000:.1f} ms × {1 + rules.latency_margin:g} "
+                f"+ {rules.latency_slack_seconds * 1000:g} ms)"
+            )
+    if challenger.error_rate > champion.error_rate + rules.error_margin:
+        breaches.append(
+            f"error rate {challenger.error_rate:.2%} > {champion.error_rate:.2%} + {rules.error_margin:.2%} "
+            f"({challenger.errors} of {challenger.requests} requests)"
+        )
+    return breaches
+
+
+# --- the decision ------------------------------------------------------------------------------
+
+
+def decide_canary(
+    strata: Sequence[Stratum],
+    rules: CanaryRules,
+    *,
+    step: int,
+    mode: str = AB,
+    health: tuple[ServingHealth, ServingHealth] | None = None,
+) -> CanaryDecision:
+    """The decision at one look.
+
+    Args:
+        strata: the user-level data, one stratum per traffic step seen so far (the current one last).
+        rules: thresholds, α, steps.
+        step: the index of the current step in ``rules.steps``.
+        mode: ``ab`` or ``interleaving``.
+        health: the champion's and the challenger's serving health, when known.
+
+    Returns:
+        ``rollback`` on a guardrail breach or a significant harm; ``promote`` on a significantly
+        higher CTR, or on no significant difference once the challenger has ``max_impressions``
+        (it did no harm: ship it); ``step_up`` once the current step has ``min_impressions`` on the
+        challenger and a larger step is planned; else ``wait``.
+    """
+    if mode not in MODES:
+        raise ValueError(f"mode={mode!r}: expected one of {', '.join(MODES)}")
+    breaches = guardrail_breaches(*health, rules) if health is not None else []
+    if breaches:
+        return CanaryDecision("rollback", "guardrail: " + "; ".join(breaches), mode, step, guardrails=breaches)
+    tests = [metric_test(strata, name, rules) for name, *_ in METRICS]
+    numbers = "; ".join(t.describe() for t in tests)
+    challenger_impressions = sum(s.challenger.total("impressions") for s in strata)
+    champion_impressions = sum(s.champion.total("impressions") for s in strata)
+    fewest = int(min(champion_impressions, challenger_impressions))
     if fewest < rules.min_impressions:
         return CanaryDecision(
-            "wait",
-            f"{fewest:,} impressions on the smaller variant, {rules.min_impressions:,} needed",
-            None, None, None, None,
+            "wait", f"{fewest:,} impressions on the smaller variant, {rules.min_impressions:,} needed",
+            mode, step, tests=tests,
         )  # fmt: skip
-    ctr_z, ctr_p = two_proportion_test(champion.clicks, champion.impressions, challenger.clicks, challenger.impressions)
-    rej_z, rej_p = two_proportion_test(
-        champion.rejections, champion.impressions, challenger.rejections, challenger.impressions
-    )
-    numbers = (
-        f"CTR {challenger.ctr:.2%} vs {champion.ctr:.2%} (z={ctr_z:+.2f}, p={ctr_p:.3g}); "
-        f"rejection {challenger.rejection_rate:.2%} vs {champion.rejection_rate:.2%} (z={rej_z:+.2f}, p={rej_p:.3g})"
-    )
-    if rej_p < rules.alpha and rej_z > 0:
-        return CanaryDecision("rollback", f"rejection rate significantly higher: {numbers}", ctr_z, ctr_p, rej_z, rej_p)
-    if ctr_p < rules.alpha:
-        action = "promote" if ctr_z > 0 else "rollback"
-        verdict = "significantly higher" if ctr_z > 0 else "significantly lower"
-        return CanaryDecision(action, f"CTR {verdict}: {numbers}", ctr_z, ctr_p, rej_z, rej_p)
+    if harmful := [t for t in tests if t.harmful]:
+        what = ", ".join(f"{t.metric} significantly {'higher' if t.metric == 'rejection_rate' else 'lower'}"
+                         for t in harmful)  # fmt: skip
+        return CanaryDecision("rollback", f"{what}: {numbers}", mode, step, tests=tests)
+    ctr = tests[0]
+    if ctr.significant:
+        return CanaryDecision("promote", f"ctr significantly higher: {numbers}", mode, step, tests=tests)
     if fewest >= rules.max_impressions:
         return CanaryDecision(
             "promote", f"no significant difference after {fewest:,} impressions (no harm): {numbers}",
-            ctr_z, ctr_p, rej_z, rej_p,
+            mode, step, tests=tests,
         )  # fmt: skip
-    return CanaryDecision("wait", f"not significant yet: {numbers}", ctr_z, ctr_p, rej_z, rej_p)
+    current = strata[-1] if strata else None
+    in_step = int(current.challenger.total("impressions")) if current and current.step == step else 0
+    if step + 1 < len(rules.steps) and in_step >= rules.min_impressions:
+        nxt = rules.steps[step + 1]
+        return CanaryDecision(
+            "step_up", f"no harm after {in_step:,} challenger impressions at {rules.steps[step]:.0%}: "
+            f"{rules.steps[step]:.0%} → {nxt:.0%}; {numbers}", mode, step, next_fraction=nxt, tests=tests,
+        )  # fmt: skip
+    return CanaryDecision("wait", f"not conclusive yet: {numbers}", mode, step, tests=tests)

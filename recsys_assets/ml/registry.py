@@ -9,6 +9,11 @@
   action, from, to, why, by) plus a ``recsys.status`` tag.
 - Nothing is half-registered: if a step after the version's creation fails, the version is deleted
   before the error is raised.
+- The canary's traffic plan lives here too, so every replica of the service serves the same split: a
+  ``recsys.canary`` tag on the registered model (JSON: the challenger version it is for, the mode,
+  the current step and fraction, and when each step started). The service reads it with the aliases
+  in one call; only the control plane writes it (:meth:`Registry.set_canary`), and each step is also
+  recorded in the challenger's history.
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ MODEL_NAME = "recsys-two-tower"
 EXPERIMENT = "recsys-two-tower"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
+CANARY_TAG = "recsys.canary"
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["recsys-assets", "mlflow==3.17.2", "numpy", "pandas", "polars==2.1.0"]
 
@@ -69,6 +75,49 @@ class VersionInfo:
             for k, v in self.tags.items()
             if k.startswith("recsys.") and not k.startswith("recsys.event.") and k != "recsys.status"
         }
+
+
+@dataclass(frozen=True)
+class CanaryState:
+    """The canary's traffic plan as the registry holds it."""
+
+    version: int  # the challenger it applies to; any other challenger gets no traffic yet
+    mode: str  # ab | interleaving
+    step: int
+    fraction: float
+    started: list[dict]  # [{"step", "fraction", "at"}], one per step so far
+
+    @classmethod
+    def parse(cls, raw: str | None) -> CanaryState | None:
+        if not raw:
+            return None
+        value = json.loads(raw)
+        return cls(int(value["version"]), value["mode"], int(value["step"]), float(value["fraction"]),
+                   list(value["started"]))  # fmt: skip
+
+    def step_starts(self) -> list[tuple[int, float, datetime]]:
+        """(step, fraction, start) for every step so far, oldest first."""
+        return [(int(s["step"]), float(s["fraction"]), datetime.fromisoformat(s["at"])) for s in self.started]
+
+
+@dataclass(frozen=True)
+class ServingState:
+    """What the service follows, read in one registry call: the aliases and the canary plan."""
+
+    champion: int | None
+    challenger: int | None
+    canary: CanaryState | None
+
+    @property
+    def fraction(self) -> float:
+        """The share of users who get the challenger now (0 until its canary is started)."""
+        if self.challenger is None or self.canary is None or self.canary.version != self.challenger:
+            return 0.0
+        return self.canary.fraction
+
+    @property
+    def mode(self) -> str:
+        return self.canary.mode if self.canary else "ab"
 
 
 def _now() -> str:
@@ -232,6 +281,62 @@ class Registry:
             raise RegistryError(f"reading the alias {alias} failed on {self.tracking_uri}: {exc}") from exc
         return self._version(mv)
 
+    def serving_state(self) -> ServingState:
+        """The aliases and the canary plan, from one read of the registered model."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            model = self.client().get_registered_model(MODEL_NAME)
+        except MlflowException as exc:
+            if exc.error_code in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                return ServingState(None, None, None)
+            raise RegistryError(f"reading {MODEL_NAME} failed on {self.tracking_uri}: {exc}") from exc
+        except OSError as exc:
+            raise RegistryError(f"reading {MODEL_NAME} failed on {self.tracking_uri}: {exc}") from exc
+        aliases = {alias: int(version) for alias, version in (model.aliases or {}).items()}
+        return ServingState(
+            aliases.get(CHAMPION), aliases.get(CHALLENGER), CanaryState.parse(model.tags.get(CANARY_TAG))
+        )
+
+    def canary_state(self) -> CanaryState | None:
+        return self.serving_state().canary
+
+    def set_canary(self, version: int, *, step: int, fraction: float, mode: str, reason: str, by: str) -> CanaryState:
+        """Start the canary of challenger ``version`` (``step`` 0) or move it to a later step.
+
+        Raises:
+            RegistryError: ``version`` is not the challenger, or the step goes backwards.
+        """
+        challenger = self.by_alias(CHALLENGER)
+        if challenger is None or challenger.version != version:
+            raise RegistryError(
+                f"version {version} is not the challenger (it is {getattr(challenger, 'version', None)})"
+            )
+        if not 0 <= fraction <= 1:
+            raise RegistryError(f"fraction={fraction!r}: expected a share in [0, 1]")
+        current = self.canary_state()
+        previous = current.started if current is not None and current.version == version else []
+        if previous and step < previous[-1]["step"]:
+            raise RegistryError(f"the canary of v{version} is at step {previous[-1]['step']}: it does not go back")
+        at = _now()
+        state = CanaryState(version, mode, step, fraction, [*previous, {"step": step, "fraction": fraction, "at": at}])
+        payload = {"version": version, "mode": mode, "step": step, "fraction": fraction, "started": state.started}
+        with self._errors(f"setting the canary of version {version}"):
+            self.client().set_registered_model_tag(MODEL_NAME, CANARY_TAG, json.dumps(payload))
+            self._record(version, {"at": at, "seq": time.monotonic_ns(), "action": f"canary at {fraction:.0%} "
+                                   f"({mode}, step {step})", "alias": CHALLENGER, "from": version, "to": version,
+                                   "reason": reason, "by": by})  # fmt: skip
+        return state
+
+    def _end_canary(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client().delete_registered_model_tag(MODEL_NAME, CANARY_TAG)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
+
     def get(self, version: int) -> VersionInfo:
         with self._errors(f"reading version {version}"):
             return self._version(self.client().get_model_version(MODEL_NAME, str(version)))
@@ -311,6 +416,7 @@ class Registry:
         if challenger is not None and challenger.version == version:
             with self._errors("clearing the challenger alias"):
                 self.client().delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+                self._end_canary()
         return self.get(version)
 
     def reject_challenger(self, *, reason: str, by: str) -> VersionInfo:
@@ -321,6 +427,7 @@ class Registry:
         client = self.client()
         with self._errors("rolling back the challenger"):
             client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+            self._end_canary()
             event = {"at": _now(), "seq": time.monotonic_ns(), "action": "challenger rolled back", "alias": CHALLENGER,
                      "from": challenger.version, "to": None, "reason": reason, "by": by}  # fmt: skip
             self._record(challenger.version, event)
@@ -377,19 +484,6 @@ class Registry:
                 artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri
             )
             local = Path(fetched)
-        model_dir = next(local.rglob("manifest.json")).parent
-        shutil.rmtree(target, ignore_errors=True)
-        model_dir.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
-        return target
-        tmp = self.cache_dir / f".v{version}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        with self._errors(f"downloading version {version}"):
-            mlflow.set_tracking_uri(self.tracking_uri)
-            local = Path(
-                mlflow.artifacts.download_artifacts(artifact_uri=f"models:/{MODEL_NAME}/{version}", dst_path=str(tmp))
-            )
         model_dir = next(local.rglob("manifest.json")).parent
         shutil.rmtree(target, ignore_errors=True)
         model_dir.rename(target)
