@@ -222,3 +222,32 @@ def test_retrain_reasons_take_turns_alert_then_drift_then_new_data(
     assert isinstance(tick(sensors.new_data_sensor, instance, recsys_env)[0], dg.RunRequest)
     again = tick(sensors.kpi_alert_sensor, instance, recsys_env, alert_cursor)[0]
     assert again.skip_message.startswith("1 firing alert episode(s) already handled")
+
+
+def test_canary_sensor_starts_the_canary_then_looks_as_traffic_comes_in(recsys_env, instance, tmp_path) -> None:
+    """No analysis before the canary starts; then one look per `min_impressions` challenger impressions in
+    the current step, with a key per step (each look is safe: the test is always valid)."""
+    registry = register_champion(recsys_env, tmp_path, train_interactions=10)
+    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    assert result.skip_message == "no challenger in canary"
+    run_id = registry.start_run("challenger", tags={})
+    uri = registry.log_model(run_id, tmp_path / "version")
+    registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="test", by="test")
+    assert registry.serving_state().fraction == 0.0  # registered, not yet in canary
+
+    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    assert result.run_key == "canary:v2:start"
+
+    registry.set_canary(2, step=0, fraction=0.05, mode="ab", reason="test", by="test")
+    Warehouse(recsys_env.warehouse_uri).init_schema()
+    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message.startswith("challenger v2 at 5% (step 0): 0 of 5,000 impressions")
+
+
+@pytest.mark.parametrize(
+    ("impressions", "key"),
+    [(0, None), (4999, None), (5000, "canary:v3:s1:1"), (12000, "canary:v3:s1:2")],
+)
+def test_canary_look_keys(impressions: int, key: str | None) -> None:
+    assert sensors.canary_look_key(3, 1, impressions, 5000) == key

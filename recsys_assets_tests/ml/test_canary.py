@@ -64,7 +64,9 @@ def test_the_delta_method_matches_a_cluster_bootstrap() -> None:
     a, b = users(rng, 400), users(rng, 400, lift=0.1)
     theta, variance, n = log_lift(Stratum(0, 0.5, a, b), "clicks", "impressions")
     assert n == 800
-    assert theta == pytest.approx(math.log(b.clicks.sum() / b.impressions.sum() / (a.clicks.sum() / a.impressions.sum())))
+    assert theta == pytest.approx(
+        math.log(b.clicks.sum() / b.impressions.sum() / (a.clicks.sum() / a.impressions.sum()))
+    )
     boot = []
     for _ in range(400):
         ia, ib = rng.integers(0, 400, 400), rng.integers(0, 400, 400)

@@ -47,10 +47,10 @@ def serving_home(tmp_path_factory: pytest.TempPathFactory) -> ServingHome:
     for seed, name in ((3, "champion"), (4, "challenger")):
         trained = train_two_tower(split.train, tracks, None, replace(FAST, seed=seed))
         register_version(registry, trained, split.train, home / "exports", name)
+    registry.set_canary(2, step=0, fraction=0.5, mode="ab", reason="the tests' canary", by="tests")
     env = settings.child_env({})
     env.update(
         RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
-        RECSYS_CANARY_FRACTION="0.5",
         RECSYS_MODEL_POLL_SECONDS="3600",
         RECSYS_FEEDBACK_FLUSH_SECONDS="0.5",
     )

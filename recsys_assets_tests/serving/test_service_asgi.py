@@ -17,7 +17,7 @@ AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
 @pytest.fixture(scope="module")
 def service_env(serving_home):
     """The service's environment for the whole module: BentoML registers its metrics once per process,
-    so one ASGI app serves every test here (the registry is never changed by these tests)."""
+    so one ASGI app serves every test here (a test that changes the canary plan restores it)."""
     import os
 
     saved = dict(os.environ)
@@ -46,7 +46,10 @@ def test_recommend_follows_the_contract(client, service_env) -> None:
     body = response.json()
     assert set(body) == {"user_id", "items", "model_version", "variant", "fallback", "request_id"}
     assert len(body["items"]) == 7
-    assert set(body["items"][0]) == {"track_id", "artist_id", "score"}
+    assert set(body["items"][0]) == {"track_id", "artist_id", "score", "model_version", "variant"}
+    assert {(item["variant"], item["model_version"]) for item in body["items"]} == {
+        (body["variant"], body["model_version"])
+    }
     scores = [item["score"] for item in body["items"]]
     assert scores == sorted(scores, reverse=True)
     assert body["fallback"] is False
@@ -169,10 +172,44 @@ def test_counters_move_per_variant_and_version(client) -> None:
     assert sample("recsys_feedback_total", **labels, event_type="click") == clicks + 1
 
 
-def test_admin_endpoints_need_the_token(client) -> None:
+def test_admin_endpoints_need_the_token(client, service_env) -> None:
     assert client.post("/admin/canary", json={}).status_code == 401
     assert client.post("/admin/canary", json={}, headers={"Authorization": "Bearer wrong"}).status_code == 401
     response = client.post("/admin/canary", json={"fraction": 0.25}, headers=AUTH)
     assert response.status_code == 200, response.text
-    assert response.json() == {"fraction": 0.25, "champion_version": 1, "challenger_version": 2}
+    expected = {"fraction": 0.25, "mode": "ab", "step": 0, "champion_version": 1, "challenger_version": 2}
+    assert response.json() == expected
     assert client.post("/admin/canary", json={"fraction": 1.5}, headers=AUTH).status_code == 400
+    # The fraction went to the registry (every replica reads it there); the session's plan is restored.
+    assert service_env.registry.serving_state().fraction == 0.25
+    assert client.post("/admin/canary", json={"fraction": 0.5}, headers=AUTH).json()["fraction"] == 0.5
+
+
+def test_interleaving_gives_canary_users_one_list_from_both_models(client, service_env) -> None:
+    """With the registry's canary in interleaving mode, a canary user gets one team-draft list whose items
+    each name the model that picked them; the impressions land per item."""
+    registry = service_env.registry
+    registry.set_canary(2, step=0, fraction=1.0, mode="interleaving", reason="test", by="tests")
+    try:
+        client.post("/admin/reload", json={}, headers=AUTH)
+        body = client.post("/recommend", json={"user_id": service_env.known_user, "k": 10}).json()
+        assert body["variant"] == "interleaved"
+        teams = [(item["variant"], item["model_version"]) for item in body["items"]]
+        assert set(teams) <= {("champion", 1), ("challenger", 2)}
+        assert abs(teams.count(("champion", 1)) - teams.count(("challenger", 2))) <= 1
+        assert len({item["track_id"] for item in body["items"]}) == 10
+        warehouse = Warehouse(service_env.env["RECSYS_WAREHOUSE_URI"])
+        deadline = time.monotonic() + 30
+        landed = 0
+        while landed < 10 and time.monotonic() < deadline:
+            time.sleep(0.3)
+            landed = warehouse.scalar(
+                "SELECT COUNT(*) FROM listening_events WHERE event_id LIKE ?", [f"imp-{body['request_id']}-%"]
+            )
+        rows = warehouse.fetch(
+            "SELECT variant, model_version FROM listening_events WHERE event_id LIKE ?", [f"imp-{body['request_id']}-%"]
+        )
+        assert sorted(rows.iter_rows()) == sorted((v, str(m)) for v, m in teams)
+    finally:
+        registry.set_canary(2, step=0, fraction=0.5, mode="ab", reason="test restored", by="tests")
+        client.post("/admin/reload", json={}, headers=AUTH)

@@ -29,7 +29,7 @@ def server(serving_home, tmp_path: Path):
     home = tmp_path / "home"
     shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
     settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
-    env = {**serving_home.env, **settings.child_env({}), "RECSYS_CANARY_FRACTION": "0.3"}
+    env = {**serving_home.env, **settings.child_env({})}
     stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
     stack.start([bento_spec(settings)], timeout=180)
     try:
@@ -45,6 +45,8 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     client = httpx.Client(base_url=url, timeout=10)
 
     # The canary split: 2,000 users, 30% challenger, within ±5 points; sticky per user.
+    set_fraction = client.post("/admin/canary", json={"fraction": 0.3}, headers=AUTH)
+    assert set_fraction.json()["fraction"] == 0.3, set_fraction.text
     variants = {}
     for i in range(2000):
         body = client.post("/recommend", json={"user_id": f"canary-{i}", "k": 3}).json()
