@@ -87,7 +87,7 @@ def old_decision(a: dict, b: dict, min_impressions: int, max_impressions: int, a
     if ctr_p < alpha:
         return "promote" if ctr_z > 0 else "rollback"
     if fewest >= max_impressions:
-        return "promote-horizon"
+        return "promote-horizon"  # the old rule: no significant difference means no harm
     return "wait"
 
 
@@ -161,10 +161,11 @@ def simulate(method: str, lift: float, rng: np.random.Generator, args) -> tuple[
                 else:
                     strata.append(Stratum(s, steps[s], _arm(acc_a, np.flatnonzero(acc_a["impressions"] > 0)),
                                           _arm(acc_b, np.flatnonzero(acc_b["impressions"] > 0))))  # fmt: skip
-            decision = decide_canary(strata, rules, step=step, mode=INTERLEAVING if method == INTERLEAVING else AB)
+            mode = INTERLEAVING if method == INTERLEAVING else AB
+            decision = decide_canary(strata, rules, step=step, mode=mode, intervals=False)
             action = decision.action
-            if action == "promote" and "no significant difference" in decision.reason:
-                action = "promote-horizon"
+            if "no significant difference" in decision.reason:
+                action += "-horizon"
             if action == "step_up":
                 step += 1
                 per_step.append((zeros(), zeros()))

@@ -42,7 +42,8 @@ DEMO_ENVIRONMENT = {
     # The stream compresses a simulated day into seconds: compare the last 15 minutes, not 7 days.
     "RECSYS_DRIFT_WINDOW_DAYS": "0.0104",
     "RECSYS_DRIFT_CRON": "*/2 * * * *",
-    "RECSYS_CANARY_FRACTION": "0.3",
+    # The challenger's traffic steps up 10% → 30% (a look, and a step, per 1,500 challenger impressions).
+    "RECSYS_CANARY_STEPS": "0.1,0.3",
     "RECSYS_CANARY_MIN_IMPRESSIONS": "1500",
     "RECSYS_CANARY_MAX_IMPRESSIONS": "6000",
     "RECSYS_RETRAIN_BACKOFF_SECONDS": "120",

@@ -116,7 +116,7 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         **{f"RECSYS_{name.upper()}_PORT": str(port) for name, port in ports.items()},
         "RECSYS_SENSOR_INTERVAL_SECONDS": "5",
         "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS": "30",
-        "RECSYS_CANARY_FRACTION": "0.5",
+        "RECSYS_CANARY_STEPS": "0.2,0.5",
         "RECSYS_CANARY_MIN_IMPRESSIONS": "400",
         "RECSYS_CANARY_MAX_IMPRESSIONS": "2000",
         "RECSYS_DRIFT_CRON": "* * * * *",
