@@ -137,7 +137,7 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
-    from recsys_assets.ml.registry import Registry
+    from recsys_assets.ml.control import ControlPlane
     from recsys_assets.settings import load_settings
     from recsys_assets.stack.services import bento_spec
     from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port
@@ -156,7 +156,7 @@ def main() -> None:
             return
 
         settings = load_settings({"RECSYS_HOME": str(tmp / "home"), "RECSYS_BENTO_PORT": str(free_port())})
-        registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp / "cache")
+        registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp / "cache")
         run_id = registry.start_run("serving-benchmark", tags={})
         uri = registry.log_model(run_id, model_dir)
         registry.end_run(run_id)

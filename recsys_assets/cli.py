@@ -361,10 +361,11 @@ def model() -> None:
 
 
 def _registry(settings: Settings):
-    from recsys_assets.ml.registry import Registry
+    """The control plane: the one writer of aliases and the canary plan (the service only reads)."""
+    from recsys_assets.ml.control import ControlPlane
 
     root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
-    return Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "registry")
+    return ControlPlane(settings.mlflow_tracking_uri, root, settings.home / "models" / "registry")
 
 
 def _who() -> str:
@@ -430,6 +431,48 @@ def model_rollback(ctx: click.Context, to: int | None, reason: str) -> None:
     except RegistryError as exc:
         raise click.ClickException(str(exc)) from exc
     click.echo(f"champion is now version {champion.version}")
+
+
+@model.command(name="reject")
+@click.option("--reason", default="rejected by hand", show_default=True)
+@click.pass_context
+def model_reject(ctx: click.Context, reason: str) -> None:
+    """Roll the challenger back (end its canary); the champion stays."""
+    from recsys_assets.ml.registry import RegistryError
+
+    try:
+        rejected = _registry(_settings(ctx)).reject_challenger(reason=reason, by=_who())
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    click.echo(f"challenger version {rejected.version} rolled back")
+
+
+@model.command(name="canary")
+@click.option("--fraction", type=click.FloatRange(0, 1), help="Set the challenger's share of users (every replica).")
+@click.option("--reason", default="set by hand", show_default=True)
+@click.pass_context
+def model_canary(ctx: click.Context, fraction: float | None, reason: str) -> None:
+    """Show the canary's traffic plan, or set its fraction (held in the registry)."""
+    from recsys_assets.ml.registry import RegistryError
+
+    registry = _registry(_settings(ctx))
+    try:
+        state = registry.serving_state()
+        if fraction is not None:
+            if state.challenger is None:
+                raise click.ClickException("there is no challenger to canary")
+            current = state.canary if state.canary and state.canary.version == state.challenger else None
+            registry.set_canary(state.challenger, step=current.step if current else 0, fraction=fraction,
+                                mode=state.mode, reason=reason, by=_who())  # fmt: skip
+            state = registry.serving_state()
+    except RegistryError as exc:
+        raise click.ClickException(str(exc)) from exc
+    if state.challenger is None:
+        click.echo(f"no challenger; champion v{state.champion}")
+        return
+    step = f", step {state.canary.step}" if state.canary and state.canary.version == state.challenger else ""
+    click.echo(f"challenger v{state.challenger} gets {state.fraction:.0%} of users ({state.mode}{step}); "
+               f"champion v{state.champion}")  # fmt: skip
 
 
 # --- simulated traffic --------------------------------------------------------------------------

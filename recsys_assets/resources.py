@@ -16,6 +16,7 @@ from pydantic import Field
 
 from recsys_assets.data.store import PreparedStore
 from recsys_assets.data.warehouse import Warehouse
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.ml.registry import Registry
 from recsys_assets.settings import Settings
 
@@ -49,7 +50,14 @@ class MLflowResource(dg.ConfigurableResource):
     cache_dir: str = Field(description="Where downloaded model versions are cached.")
 
     def get_registry(self) -> Registry:
+        """The registry's reading client (and the tracking runs' writer)."""
         return Registry(
+            self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
+        )
+
+    def get_control_plane(self) -> ControlPlane:
+        """The one writer of versions, aliases and the canary plan."""
+        return ControlPlane(
             self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
         )
 

@@ -30,6 +30,7 @@ from recsys_assets.data.simulator import Drift, World
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.demo import StreamDriver, TrafficDriver
 from recsys_assets.ml.artifacts import ModelArtifact
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry
 from recsys_assets.sensors import RUN_KEY_TAG, drift_run_key
 from recsys_assets.settings import load_settings
@@ -150,7 +151,7 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         warehouse = Warehouse(settings.warehouse_uri)
         end = datetime.now(UTC).replace(microsecond=0)
         simulate_history(warehouse, settings.home, users=150, tracks=500, days=10, seed=3, end=end)
-        registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
+        registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
         os.environ["DAGSTER_HOME"] = str(settings.dagster_home)
 
         # 1. No champion: the platform trains and serves its first model by itself.

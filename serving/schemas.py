@@ -11,22 +11,6 @@ TrackId = Annotated[str, Field(min_length=1, max_length=256)]
 FEEDBACK_TYPES = ("click", "skip", "like", "dislike", "play")
 
 
-class RecommendRequest(BaseModel):
-    user_id: UserId
-    k: int = Field(default=10, ge=1, le=100, description="How many tracks.")
-
-
-class FeedbackRequest(BaseModel):
-    user_id: UserId
-    track_id: TrackId
-    event_type: Literal["click", "skip", "like", "dislike", "play"]
-    model_version: int | None = Field(default=None, description="From the /recommend answer.")
-    variant: Literal["champion", "challenger"] | None = Field(
-        default=None, description="The recommended item's own variant, from the /recommend answer."
-    )
-    event_id: str | None = Field(default=None, max_length=128, description="Idempotency key; generated if absent.")
-
-
 class Item(BaseModel):
     track_id: str
     artist_id: str

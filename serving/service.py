@@ -2,7 +2,9 @@
 
 The canary's share of users and its mode (A/B or team-draft interleaving) are the registry's
 (``recsys.canary`` on the registered model), read with the aliases at every poll, so every replica
-serves the same split.
+serves the same split. The service only reads the registry: promotions, rollbacks and the canary
+plan are the control plane's (``recsys model …``, the Dagster assets), and replicas follow them
+within one poll (or at once on ``/admin/reload``).
 
     bentoml serve serving.service:Recommender --port 3001
 
@@ -38,7 +40,7 @@ from pydantic import Field
 
 import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import Registry, RegistryError
+from recsys_assets.ml.registry import Registry
 from recsys_assets.settings import admin_token, fault_delay_seconds, load_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
@@ -57,7 +59,6 @@ from serving.schemas import (
 
 log = logging.getLogger("recsys.serving")
 
-AdminReason = Annotated[str, Field(max_length=2000, description="Why; recorded on the model versions.")]
 LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 RECOMMENDATIONS = prometheus_client.Counter(
@@ -252,26 +253,9 @@ class Recommender:
                            challenger_version=slots.challenger_version)  # fmt: skip
 
     @bentoml.api(route="/admin/canary")
-    async def canary(
-        self, ctx: bentoml.Context, fraction: Annotated[float, Ge(0.0), Le(1.0)] | None = None
-    ) -> CanaryState:
-        """Read, or set (``fraction``, in the registry, for every replica), the share of users who get
-        the challenger."""
+    async def canary(self, ctx: bentoml.Context) -> CanaryState:
+        """The canary plan this replica serves (the registry's; set it with ``recsys model canary``)."""
         self._authorize(ctx)
-        if fraction is not None:
-            state = self.slots.current.registry
-            if state.challenger is None:
-                raise InvalidArgument("there is no challenger to canary")
-            current = state.canary if state.canary and state.canary.version == state.challenger else None
-            try:
-                self.registry.set_canary(
-                    state.challenger, step=current.step if current else 0, fraction=fraction,
-                    mode=state.mode, reason=f"fraction set to {fraction} through the admin API", by="serving admin API",
-                )  # fmt: skip
-            except RegistryError as exc:
-                raise InvalidArgument(str(exc)) from exc
-            self.slots.refresh(reason="canary change")
-            log.info("canary fraction set to %s", fraction)
         slots = self.slots.current
         canary = slots.registry.canary
         return CanaryState(
@@ -287,34 +271,3 @@ class Recommender:
         if self.slots.last_error:
             raise ServiceUnavailable(f"reload failed: {self.slots.last_error}")
         return self._result("swapped" if swapped else "already up to date")
-
-    @bentoml.api(route="/admin/promote")
-    def promote(
-        self, ctx: bentoml.Context, reason: AdminReason = "promoted through the admin API", version: int | None = None
-    ) -> AdminResult:
-        """Make the challenger (or ``version``) the champion in the registry, then swap."""
-        self._authorize(ctx)
-        try:
-            promoted = self.registry.promote(version, reason=reason, by="serving admin API")
-        except RegistryError as exc:
-            raise InvalidArgument(str(exc)) from exc
-        self.slots.refresh(reason="promotion")
-        return self._result(f"version {promoted.version} is the champion")
-
-    @bentoml.api(route="/admin/rollback")
-    def rollback(
-        self, ctx: bentoml.Context, reason: AdminReason = "rolled back through the admin API", to: int | None = None
-    ) -> AdminResult:
-        """Drop the challenger if there is one (and no ``to``); else move the champion back."""
-        self._authorize(ctx)
-        try:
-            if to is None and self.registry.by_alias("challenger") is not None:
-                rejected = self.registry.reject_challenger(reason=reason, by="serving admin API")
-                detail = f"challenger version {rejected.version} rolled back"
-            else:
-                champion = self.registry.rollback(to, reason=reason, by="serving admin API")
-                detail = f"version {champion.version} is the champion again"
-        except RegistryError as exc:
-            raise InvalidArgument(str(exc)) from exc
-        self.slots.refresh(reason="rollback")
-        return self._result(detail)

@@ -23,7 +23,8 @@ from recsys_assets.data.kpis import (
 )
 from recsys_assets.metadata import markdown_table
 from recsys_assets.ml.canary import CanaryRules, decide_canary
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, CanaryState, Registry
+from recsys_assets.ml.control import ControlPlane
+from recsys_assets.ml.registry import CHALLENGER, CHAMPION, CanaryState
 from recsys_assets.resources import (
     MLflowResource,
     PrometheusResource,
@@ -95,7 +96,7 @@ class DeploymentConfig(dg.Config):
     )
 
 
-def start_canary(registry: Registry, challenger: int, by: str) -> CanaryState:
+def start_canary(registry: ControlPlane, challenger: int, by: str) -> CanaryState:
     """The challenger's canary at its first step, unless it has started already (the one place that
     starts a canary: the deployment and the canary analysis both call it)."""
     state = registry.canary_state()
@@ -140,7 +141,7 @@ def model_deployment(
 
     canary = None
     if recommender_bento["challenger"] is not None:
-        registry = mlflow.get_registry()
+        registry = mlflow.get_control_plane()
         if getattr(registry.by_alias(CHALLENGER), "version", None) == recommender_bento["challenger"]:
             canary = start_canary(
                 registry, recommender_bento["challenger"], by=f"model_deployment (run {context.run_id})"
@@ -221,7 +222,7 @@ def canary_analysis(
     set, else from the service's ``/metrics``. Every decision is recorded on the MLflow version, and
     the service is told to follow the registry at once.
     """
-    registry = mlflow.get_registry()
+    registry = mlflow.get_control_plane()
     state = registry.serving_state()
     if state.challenger is None or state.champion is None:
         return dg.MaterializeResult(metadata={"decision": dg.MetadataValue.text("no canary running"), "action": "none"})

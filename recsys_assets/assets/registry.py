@@ -23,7 +23,7 @@ def registered_model(
             description="the gate rejected this candidate; it is not registered",
             metadata={"reasons": dg.MetadataValue.md("\n".join(f"- {r}" for r in decision["reasons"]))},
         )
-    registry = mlflow.get_registry()
+    registry = mlflow.get_control_plane()
     lineage = {
         **two_tower_model["lineage"],
         "dagster_run_id": context.run.run_id,

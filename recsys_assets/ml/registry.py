@@ -4,16 +4,16 @@
   params, per-epoch metrics, data lineage (cutoff, row counts, data hash) and the model version's
   directory logged as a pyfunc model ("models from code", see ``pyfunc_model.py``).
 - Registered model ``recsys-two-tower``: a blessed model becomes a new version with alias
-  ``challenger``; the very first becomes ``champion`` at once. Aliases move in one registry call, and
-  every move is recorded on the versions it touches as a ``recsys.event.<n>`` tag (JSON: when,
-  action, from, to, why, by) plus a ``recsys.status`` tag.
-- Nothing is half-registered: if a step after the version's creation fails, the version is deleted
-  before the error is raised.
+  ``challenger``; the very first becomes ``champion`` at once. Every move is recorded on the versions
+  it touches (``recsys.event.*`` tags, see ``control.py``). Nothing is half-registered.
 - The canary's traffic plan lives here too, so every replica of the service serves the same split: a
   ``recsys.canary`` tag on the registered model (JSON: the challenger version it is for, the mode,
   the current step and fraction, and when each step started). The service reads it with the aliases
-  in one call; only the control plane writes it (:meth:`Registry.set_canary`), and each step is also
-  recorded in the challenger's history.
+  in one call.
+
+This module is the registry's *reading* client (and the tracking runs' writer): the serving plane
+uses it. Every write of the registry's state (versions, aliases, statuses, history, the canary plan)
+is in :mod:`recsys_assets.ml.control`, the one writer of the control plane.
 """
 
 from __future__ import annotations
@@ -39,6 +39,7 @@ EXPERIMENT = "recsys-two-tower"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 CANARY_TAG = "recsys.canary"
+EVENT_PREFIX = "recsys.event."
 PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
 PIP_REQUIREMENTS = ["recsys-assets", "mlflow==3.17.2", "numpy", "pandas", "polars==2.1.0"]
 
@@ -61,8 +62,9 @@ class VersionInfo:
 
     @property
     def history(self) -> list[dict]:
-        events = [json.loads(v) for k, v in self.tags.items() if k.startswith("recsys.event.")]
-        return sorted(events, key=lambda e: (e["at"], e.get("seq", 0)))
+        """Every recorded move, in wall-clock order (ties: by the tag's key, the same on every host)."""
+        events = [(k, json.loads(v)) for k, v in self.tags.items() if k.startswith(EVENT_PREFIX)]
+        return [event for _, event in sorted(events, key=lambda pair: (pair[1]["at"], pair[0]))]
 
     def lineage(self, key: str) -> str | None:
         return self.tags.get(f"recsys.{key}")
@@ -73,7 +75,7 @@ class VersionInfo:
         return {
             k.removeprefix("recsys."): v
             for k, v in self.tags.items()
-            if k.startswith("recsys.") and not k.startswith("recsys.event.") and k != "recsys.status"
+            if k.startswith("recsys.") and not k.startswith(EVENT_PREFIX) and k != "recsys.status"
         }
 
 
@@ -120,7 +122,7 @@ class ServingState:
         return self.canary.mode if self.canary else "ab"
 
 
-def _now() -> str:
+def utc_now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="milliseconds")
 
 
@@ -301,162 +303,9 @@ class Registry:
     def canary_state(self) -> CanaryState | None:
         return self.serving_state().canary
 
-    def set_canary(self, version: int, *, step: int, fraction: float, mode: str, reason: str, by: str) -> CanaryState:
-        """Start the canary of challenger ``version`` (``step`` 0) or move it to a later step.
-
-        Raises:
-            RegistryError: ``version`` is not the challenger, or the step goes backwards.
-        """
-        challenger = self.by_alias(CHALLENGER)
-        if challenger is None or challenger.version != version:
-            raise RegistryError(
-                f"version {version} is not the challenger (it is {getattr(challenger, 'version', None)})"
-            )
-        if not 0 <= fraction <= 1:
-            raise RegistryError(f"fraction={fraction!r}: expected a share in [0, 1]")
-        current = self.canary_state()
-        previous = current.started if current is not None and current.version == version else []
-        if previous and step < previous[-1]["step"]:
-            raise RegistryError(f"the canary of v{version} is at step {previous[-1]['step']}: it does not go back")
-        at = _now()
-        state = CanaryState(version, mode, step, fraction, [*previous, {"step": step, "fraction": fraction, "at": at}])
-        payload = {"version": version, "mode": mode, "step": step, "fraction": fraction, "started": state.started}
-        with self._errors(f"setting the canary of version {version}"):
-            self.client().set_registered_model_tag(MODEL_NAME, CANARY_TAG, json.dumps(payload))
-            self._record(version, {"at": at, "seq": time.monotonic_ns(), "action": f"canary at {fraction:.0%} "
-                                   f"({mode}, step {step})", "alias": CHALLENGER, "from": version, "to": version,
-                                   "reason": reason, "by": by})  # fmt: skip
-        return state
-
-    def _end_canary(self) -> None:
-        from mlflow.exceptions import MlflowException
-
-        try:
-            self.client().delete_registered_model_tag(MODEL_NAME, CANARY_TAG)
-        except MlflowException as exc:
-            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
-                raise
-
     def get(self, version: int) -> VersionInfo:
         with self._errors(f"reading version {version}"):
             return self._version(self.client().get_model_version(MODEL_NAME, str(version)))
-
-    def register(self, *, model_uri: str, run_id: str, lineage: dict[str, Any], reason: str, by: str) -> VersionInfo:
-        """Create a version: ``challenger``, or ``champion`` if there is none yet.
-
-        Raises:
-            RegistryError: the registry refused; the version, if created, has been deleted.
-        """
-        from mlflow.exceptions import MlflowException
-
-        client = self.client()
-        with self._errors("creating the registered model"):
-            try:
-                client.create_registered_model(
-                    MODEL_NAME, description="Two-tower retrieval model (TFRS) of recsys-assets."
-                )
-            except MlflowException as exc:
-                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
-                    raise
-        champion = self.by_alias(CHAMPION)
-        with self._errors("creating the version"):
-            mv = client.create_model_version(MODEL_NAME, source=model_uri, run_id=run_id, tags={
-                **{f"recsys.{k}": str(v) for k, v in lineage.items()},
-            })  # fmt: skip
-        version = int(mv.version)
-        try:
-            if champion is None:
-                self._move(CHAMPION, version, action="registered as the first champion", reason=reason, by=by)
-            else:
-                self._move(CHALLENGER, version, action="registered as challenger", reason=reason, by=by)
-        except BaseException:
-            log.exception("registering version %d failed: deleting it", version)
-            client.delete_model_version(MODEL_NAME, str(version))
-            raise
-        return self.get(version)
-
-    def _move(self, alias: str, version: int, *, action: str, reason: str, by: str) -> VersionInfo | None:
-        """Point ``alias`` at ``version`` (one call) and record the move on both versions."""
-        client = self.client()
-        previous = self.by_alias(alias)
-        with self._errors(f"moving {alias} to version {version}"):
-            client.set_registered_model_alias(MODEL_NAME, alias, str(version))
-            event = {
-                "at": _now(),
-                "seq": time.monotonic_ns(),
-                "action": action,
-                "alias": alias,
-                "from": previous.version if previous else None,
-                "to": version,
-                "reason": reason,
-                "by": by,
-            }
-            for v in {version, previous.version if previous else None} - {None}:
-                self._record(v, event)
-            client.set_model_version_tag(MODEL_NAME, str(version), "recsys.status", alias)
-            if previous and previous.version != version:
-                # A champion replaced retires; a challenger replaced before its canary ended is superseded.
-                status = "retired" if alias == CHAMPION else "superseded"
-                client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", status)
-        return previous
-
-    def _record(self, version: int, event: dict) -> None:
-        """Append ``event`` to ``version``'s history (one ``recsys.event.<n>`` tag)."""
-        n = len([k for k in self.get(version).tags if k.startswith("recsys.event.")])
-        self.client().set_model_version_tag(MODEL_NAME, str(version), f"recsys.event.{n:04d}", json.dumps(event))
-
-    def promote(self, version: int | None = None, *, reason: str, by: str) -> VersionInfo:
-        """Make ``version`` (default: the challenger) the champion; the challenger alias is cleared."""
-        challenger = self.by_alias(CHALLENGER)
-        if version is None:
-            if challenger is None:
-                raise RegistryError("there is no challenger to promote")
-            version = challenger.version
-        self._move(CHAMPION, version, action="promoted to champion", reason=reason, by=by)
-        if challenger is not None and challenger.version == version:
-            with self._errors("clearing the challenger alias"):
-                self.client().delete_registered_model_alias(MODEL_NAME, CHALLENGER)
-                self._end_canary()
-        return self.get(version)
-
-    def reject_challenger(self, *, reason: str, by: str) -> VersionInfo:
-        """The canary lost: clear the challenger alias and record why (the champion stays)."""
-        challenger = self.by_alias(CHALLENGER)
-        if challenger is None:
-            raise RegistryError("there is no challenger to roll back")
-        client = self.client()
-        with self._errors("rolling back the challenger"):
-            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
-            self._end_canary()
-            event = {"at": _now(), "seq": time.monotonic_ns(), "action": "challenger rolled back", "alias": CHALLENGER,
-                     "from": challenger.version, "to": None, "reason": reason, "by": by}  # fmt: skip
-            self._record(challenger.version, event)
-            client.set_model_version_tag(MODEL_NAME, str(challenger.version), "recsys.status", "rolled_back")
-        return self.get(challenger.version)
-
-    def rollback(self, to: int | None = None, *, reason: str, by: str) -> VersionInfo:
-        """Move ``champion`` back: to ``to``, or to the version that was champion before this one."""
-        current = self.by_alias(CHAMPION)
-        if current is None:
-            raise RegistryError("there is no champion to roll back")
-        if to is None:
-            before = [
-                e["from"]
-                for e in current.history
-                if e["alias"] == CHAMPION and e["to"] == current.version and e["from"]
-            ]
-            if not before:
-                raise RegistryError(f"version {current.version} has no earlier champion to roll back to; use --to")
-            to = before[-1]
-        if to == current.version:
-            raise RegistryError(f"version {to} is already the champion")
-        existing = {v.version for v in self.versions()}
-        if to not in existing:
-            raise RegistryError(f"version {to} does not exist (versions: {sorted(existing)})")
-        self._move(CHAMPION, to, action="rolled back to", reason=reason, by=by)
-        with self._errors("marking the rolled-back version"):
-            self.client().set_model_version_tag(MODEL_NAME, str(current.version), "recsys.status", "rolled_back")
-        return self.get(to)
 
     # --- artifacts ----------------------------------------------------------------------------
 

@@ -15,7 +15,7 @@ import pytest
 
 from recsys_assets import sensors
 from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import Registry
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.resources import build_resources
 from recsys_assets.stack.supervisor import free_port
 
@@ -69,8 +69,8 @@ def _firing(url: str) -> bool:
     return any(alert["state"] == "firing" for alert in response.json()["data"]["alerts"])
 
 
-def register_champion(settings, tmp_path, train_interactions: int) -> Registry:
-    registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
+def register_champion(settings, tmp_path, train_interactions: int) -> ControlPlane:
+    registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
     model_dir = tmp_path / "version"
     model_dir.mkdir()
     (model_dir / "manifest.json").write_text(json.dumps({"format_version": 1}))

@@ -12,7 +12,8 @@ import pytest
 
 from recsys_assets.data.kpis import canary_events, canary_strata, histogram_quantile, serving_health_from_metrics
 from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import CanaryState, Registry, RegistryError
+from recsys_assets.ml.control import ControlPlane
+from recsys_assets.ml.registry import CanaryState, RegistryError
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 
@@ -119,7 +120,7 @@ def test_serving_health_from_the_services_own_metrics() -> None:
 
 
 def test_the_canary_plan_lives_in_the_registry_and_ends_with_the_canary(tmp_path) -> None:
-    registry = Registry(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
+    registry = ControlPlane(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
     model_dir = tmp_path / "v"
     model_dir.mkdir()
     (model_dir / "manifest.json").write_text(json.dumps({"format_version": 1}))

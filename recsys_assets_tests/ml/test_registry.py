@@ -7,14 +7,15 @@ from pathlib import Path
 
 import pytest
 
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def registry(tmp_path: Path) -> Registry:
-    return Registry(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
+def registry(tmp_path: Path) -> ControlPlane:
+    return ControlPlane(f"sqlite:///{tmp_path / 'mlflow' / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
 
 
 def fake_version_dir(tmp_path: Path, name: str) -> Path:
@@ -25,7 +26,7 @@ def fake_version_dir(tmp_path: Path, name: str) -> Path:
     return directory
 
 
-def register(registry: Registry, tmp_path: Path, name: str) -> int:
+def register(registry: ControlPlane, tmp_path: Path, name: str) -> int:
     run_id = registry.start_run(name, tags={})
     registry.log_run(run_id, params={"name": name}, metrics={"ndcg_at_10": 0.1}, history=[{"epoch": 1, "loss": 2.0}])
     uri = registry.log_model(run_id, fake_version_dir(tmp_path, name))
@@ -35,7 +36,7 @@ def register(registry: Registry, tmp_path: Path, name: str) -> int:
     ).version
 
 
-def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry: Registry, tmp_path: Path) -> None:
+def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry: ControlPlane, tmp_path: Path) -> None:
     v1 = register(registry, tmp_path, "first")
     assert registry.by_alias(CHAMPION).version == v1
     assert registry.by_alias(CHALLENGER) is None
@@ -76,7 +77,7 @@ def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry
     assert listed == {v1: [CHAMPION], v2: [], v3: [], v4: [], v5: [CHALLENGER]}
 
 
-def test_download_gives_back_the_logged_directory(registry: Registry, tmp_path: Path) -> None:
+def test_download_gives_back_the_logged_directory(registry: ControlPlane, tmp_path: Path) -> None:
     v1 = register(registry, tmp_path, "first")
     local = registry.download(v1)
     assert json.loads((local / "manifest.json").read_text())["name"] == "first"
@@ -112,7 +113,7 @@ def test_impossible_moves_say_why(registry: Registry, call, message: str) -> Non
         call(registry)
 
 
-def test_rollback_to_a_missing_version_is_refused(registry: Registry, tmp_path: Path) -> None:
+def test_rollback_to_a_missing_version_is_refused(registry: ControlPlane, tmp_path: Path) -> None:
     register(registry, tmp_path, "first")
     with pytest.raises(RegistryError, match="version 7 does not exist"):
         registry.rollback(to=7, reason="x", by="t")
@@ -136,11 +137,52 @@ def test_two_stores_with_the_same_version_number_never_share_a_cached_model(tmp_
     import mlflow
 
     cache = tmp_path / "shared-cache"
-    first = Registry(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "a-artifacts", cache)
-    second = Registry(f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "b-artifacts", cache)
+    first = ControlPlane(f"sqlite:///{tmp_path / 'a.db'}", tmp_path / "a-artifacts", cache)
+    second = ControlPlane(f"sqlite:///{tmp_path / 'b.db'}", tmp_path / "b-artifacts", cache)
     assert register(first, tmp_path, "from-a") == register(second, tmp_path, "from-b") == 1
     mlflow.set_tracking_uri(first.tracking_uri)  # another thread's global must not matter either
     a, b = first.download(1), second.download(1)
     assert a != b
     assert json.loads((a / "manifest.json").read_text())["name"] == "from-a"
     assert json.loads((b / "manifest.json").read_text())["name"] == "from-b"
+
+
+def _moves_from_a_process(uri: str, root: str, cache: str, worker: int, n: int) -> None:
+    plane = ControlPlane(uri, Path(root), Path(cache))
+    for i in range(n):
+        plane.set_canary(2, step=0, fraction=0.01 * (i + 1), mode="ab", reason=f"process {worker} move {i}", by="test")
+
+
+def test_concurrent_moves_from_threads_and_processes_lose_no_event(registry: ControlPlane, tmp_path: Path) -> None:
+    """Four threads and two processes move the canary at once: every move is in the history (the old
+    history counted the tags, then wrote the next number, so two moves at once overwrote one)."""
+    import multiprocessing
+    import threading
+
+    register(registry, tmp_path, "champion")
+    register(registry, tmp_path, "challenger")
+    before = len(registry.get(2).history)
+
+    def thread_moves(worker: int) -> None:
+        plane = ControlPlane(registry.tracking_uri, registry.artifact_root, registry.cache_dir)
+        for i in range(5):
+            plane.set_canary(2, step=0, fraction=0.5, mode="ab", reason=f"thread {worker} move {i}", by="test")
+
+    context = multiprocessing.get_context("spawn")
+    processes = [
+        context.Process(target=_moves_from_a_process,
+                        args=(registry.tracking_uri, str(registry.artifact_root), str(registry.cache_dir), w, 5))
+        for w in range(2)
+    ]  # fmt: skip
+    threads = [threading.Thread(target=thread_moves, args=(w,)) for w in range(4)]
+    for worker in [*processes, *threads]:
+        worker.start()
+    for worker in [*processes, *threads]:
+        worker.join(timeout=120)
+    assert all(p.exitcode == 0 for p in processes)
+    history = registry.get(2).history
+    reasons = {event["reason"] for event in history[before:]}
+    expected = {f"thread {w} move {i}" for w in range(4) for i in range(5)}
+    expected |= {f"process {w} move {i}" for w in range(2) for i in range(5)}
+    assert reasons == expected
+    assert [e["at"] for e in history] == sorted(e["at"] for e in history)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from recsys_assets.ml.artifacts import export_model
-from recsys_assets.ml.registry import Registry
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.ml.split import global_temporal_split
 from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
 from recsys_assets.settings import load_settings
@@ -22,12 +22,12 @@ ADMIN_TOKEN = "test-admin-token"
 class ServingHome:
     home: Path
     env: dict[str, str]
-    registry: Registry
+    registry: ControlPlane
     known_user: str
     world: object
 
 
-def register_version(registry: Registry, trained, train, root: Path, name: str) -> int:
+def register_version(registry: ControlPlane, trained, train, root: Path, name: str) -> int:
     model_dir = export_model(trained, train, {"data": {"train_interactions": train.height}}, root / name, k=20).path
     run_id = registry.start_run(name, tags={})
     uri = registry.log_model(run_id, model_dir)
@@ -41,7 +41,7 @@ def register_version(registry: Registry, trained, train, root: Path, name: str) 
 def serving_home(tmp_path_factory: pytest.TempPathFactory) -> ServingHome:
     home = tmp_path_factory.mktemp("serving") / "home"
     settings = load_settings({"RECSYS_HOME": str(home)})
-    registry = Registry(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, home / "models" / "registry")
+    registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, home / "models" / "registry")
     world, interactions, tracks = simulated_interactions(users=120, tracks=400, days=14, seed=21)
     split = global_temporal_split(interactions)
     for seed, name in ((3, "champion"), (4, "challenger")):

@@ -13,6 +13,7 @@ import httpx
 import psutil
 import pytest
 
+from recsys_assets.ml.control import ControlPlane
 from recsys_assets.settings import load_settings
 from recsys_assets.stack.services import bento_spec
 from recsys_assets.stack.supervisor import Stack, free_port
@@ -33,7 +34,8 @@ def server(serving_home, tmp_path: Path):
     stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
     stack.start([bento_spec(settings)], timeout=180)
     try:
-        yield settings.url("bento"), stack
+        yield settings.url("bento"), stack, ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir,
+                                                         home / "control-cache")  # fmt: skip
     finally:
         pids = stack.all_pids()
         stack.stop(grace=20)
@@ -41,12 +43,13 @@ def server(serving_home, tmp_path: Path):
 
 
 def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
-    url, _ = server
+    url, _, control = server
     client = httpx.Client(base_url=url, timeout=10)
 
     # The canary split: 2,000 users, 30% challenger, within ±5 points; sticky per user.
-    set_fraction = client.post("/admin/canary", json={"fraction": 0.3}, headers=AUTH)
-    assert set_fraction.json()["fraction"] == 0.3, set_fraction.text
+    control.set_canary(2, step=0, fraction=0.3, mode="ab", reason="integration test", by="test")
+    assert client.post("/admin/reload", json={}, headers=AUTH).status_code == 200
+    assert client.post("/admin/canary", json={}, headers=AUTH).json()["fraction"] == 0.3
     variants = {}
     for i in range(2000):
         body = client.post("/recommend", json={"user_id": f"canary-{i}", "k": 3}).json()
@@ -81,14 +84,15 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     for t in threads:
         t.start()
     time.sleep(3)
-    promoted = client.post("/admin/promote", json={"reason": "integration test"}, headers=AUTH)
+    control.promote(reason="integration test", by="test")  # the control plane moves; the service follows
+    reloaded = client.post("/admin/reload", json={}, headers=AUTH)
     time.sleep(3)
     stop.set()
     for t in threads:
         t.join()
-    assert promoted.status_code == 200, promoted.text
-    assert promoted.json()["champion_version"] == 2
-    assert promoted.json()["challenger_version"] is None
+    assert reloaded.status_code == 200, reloaded.text
+    assert reloaded.json()["champion_version"] == 2
+    assert reloaded.json()["challenger_version"] is None
     assert set(outcomes) == {200}, outcomes
     assert outcomes[200] > 100
     assert served[("champion", 2)] > 0  # after the swap, everyone gets version 2 as champion
@@ -96,7 +100,8 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     assert (after["variant"], after["model_version"]) == ("champion", 2)
 
     # Roll back: version 1 is the champion again.
-    rolled = client.post("/admin/rollback", json={"reason": "integration test"}, headers=AUTH)
+    control.rollback(reason="integration test", by="test")
+    rolled = client.post("/admin/reload", json={}, headers=AUTH)
     assert rolled.status_code == 200, rolled.text
     assert rolled.json()["champion_version"] == 1
     assert client.post("/recommend", json={"user_id": "canary-7", "k": 3}).json()["model_version"] == 1
@@ -117,5 +122,6 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     assert 'recsys_recommendations_total{fallback="true",model_version="1",variant="champion"}' in metrics
     assert 'recsys_impressions_total{model_version="2",variant="challenger"}' in metrics
     assert 'recsys_feedback_total{event_type="click",model_version="1",variant="champion"}' in metrics
-    assert 'recsys_model_reloads_total{reason="promotion",variant="champion"}' in metrics
+    assert 'recsys_model_reloads_total{reason="admin reload",variant="champion"}' in metrics
+    assert 'recsys_request_duration_seconds_bucket{le="0.001",model_version="2",variant="challenger"}' in metrics
     assert "bentoml_service_request_duration_seconds_bucket" in metrics

@@ -1,0 +1,194 @@
+"""The control plane: the one writer of the registry's state.
+
+Registering a version, promoting, rolling back, rejecting a challenger and moving the canary's traffic
+plan all go through :class:`ControlPlane`, and nothing else writes aliases or the ``recsys.canary``
+tag: the registry asset, the deployment and canary assets and the ``recsys model`` commands use it.
+The serving plane only reads (:class:`recsys_assets.ml.registry.Registry`).
+
+Every move is recorded on the versions it touches as a ``recsys.event.<time>-<random>`` tag (JSON:
+when, action, alias, from, to, why, by) plus a ``recsys.status`` tag. The key needs no read of the
+existing history, so concurrent moves from several threads, processes or hosts never overwrite one
+another; the history is ordered by wall-clock time, ties broken by the key.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from datetime import datetime
+from typing import Any
+
+from recsys_assets.ml.registry import (
+    CANARY_TAG,
+    CHALLENGER,
+    CHAMPION,
+    EVENT_PREFIX,
+    MODEL_NAME,
+    CanaryState,
+    Registry,
+    RegistryError,
+    VersionInfo,
+    utc_now_iso,
+)
+
+log = logging.getLogger(__name__)
+
+
+class ControlPlane(Registry):
+    """The registry's reads, plus the only writes of aliases, statuses, history and the canary plan."""
+
+    def register(self, *, model_uri: str, run_id: str, lineage: dict[str, Any], reason: str, by: str) -> VersionInfo:
+        """Create a version: ``challenger``, or ``champion`` if there is none yet.
+
+        Raises:
+            RegistryError: the registry refused; the version, if created, has been deleted.
+        """
+        from mlflow.exceptions import MlflowException
+
+        client = self.client()
+        with self._errors("creating the registered model"):
+            try:
+                client.create_registered_model(
+                    MODEL_NAME, description="Two-tower retrieval model (TFRS) of recsys-assets."
+                )
+            except MlflowException as exc:
+                if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        champion = self.by_alias(CHAMPION)
+        with self._errors("creating the version"):
+            mv = client.create_model_version(MODEL_NAME, source=model_uri, run_id=run_id, tags={
+                **{f"recsys.{k}": str(v) for k, v in lineage.items()},
+            })  # fmt: skip
+        version = int(mv.version)
+        try:
+            if champion is None:
+                self._move(CHAMPION, version, action="registered as the first champion", reason=reason, by=by)
+            else:
+                self._move(CHALLENGER, version, action="registered as challenger", reason=reason, by=by)
+        except BaseException:
+            log.exception("registering version %d failed: deleting it", version)
+            client.delete_model_version(MODEL_NAME, str(version))
+            raise
+        return self.get(version)
+
+    def _move(self, alias: str, version: int, *, action: str, reason: str, by: str) -> VersionInfo | None:
+        """Point ``alias`` at ``version`` (one call) and record the move on both versions."""
+        client = self.client()
+        previous = self.by_alias(alias)
+        with self._errors(f"moving {alias} to version {version}"):
+            client.set_registered_model_alias(MODEL_NAME, alias, str(version))
+            event = {
+                "at": utc_now_iso(),
+                "action": action,
+                "alias": alias,
+                "from": previous.version if previous else None,
+                "to": version,
+                "reason": reason,
+                "by": by,
+            }
+            for v in {version, previous.version if previous else None} - {None}:
+                self._record(v, event)
+            client.set_model_version_tag(MODEL_NAME, str(version), "recsys.status", alias)
+            if previous and previous.version != version:
+                # A champion replaced retires; a challenger replaced before its canary ended is superseded.
+                status = "retired" if alias == CHAMPION else "superseded"
+                client.set_model_version_tag(MODEL_NAME, str(previous.version), "recsys.status", status)
+        return previous
+
+    def _record(self, version: int, event: dict) -> None:
+        """Add ``event`` to ``version``'s history: one tag whose key cannot collide with another
+        writer's (its time, then a random suffix: two moves at once, from any hosts, both stay)."""
+        stamp = datetime.fromisoformat(event["at"]).strftime("%Y%m%dT%H%M%S%f")
+        key = f"{EVENT_PREFIX}{stamp}-{uuid.uuid4().hex[:12]}"
+        with self._errors(f"recording {event['action']!r} on version {version}"):
+            self.client().set_model_version_tag(MODEL_NAME, str(version), key, json.dumps(event))
+
+    def promote(self, version: int | None = None, *, reason: str, by: str) -> VersionInfo:
+        """Make ``version`` (default: the challenger) the champion; the challenger alias is cleared."""
+        challenger = self.by_alias(CHALLENGER)
+        if version is None:
+            if challenger is None:
+                raise RegistryError("there is no challenger to promote")
+            version = challenger.version
+        self._move(CHAMPION, version, action="promoted to champion", reason=reason, by=by)
+        if challenger is not None and challenger.version == version:
+            with self._errors("clearing the challenger alias"):
+                self.client().delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+                self._end_canary()
+        return self.get(version)
+
+    def reject_challenger(self, *, reason: str, by: str) -> VersionInfo:
+        """The canary lost: clear the challenger alias and record why (the champion stays)."""
+        challenger = self.by_alias(CHALLENGER)
+        if challenger is None:
+            raise RegistryError("there is no challenger to roll back")
+        client = self.client()
+        with self._errors("rolling back the challenger"):
+            client.delete_registered_model_alias(MODEL_NAME, CHALLENGER)
+            self._end_canary()
+            event = {"at": utc_now_iso(), "action": "challenger rolled back", "alias": CHALLENGER,
+                     "from": challenger.version, "to": None, "reason": reason, "by": by}  # fmt: skip
+            self._record(challenger.version, event)
+            client.set_model_version_tag(MODEL_NAME, str(challenger.version), "recsys.status", "rolled_back")
+        return self.get(challenger.version)
+
+    def rollback(self, to: int | None = None, *, reason: str, by: str) -> VersionInfo:
+        """Move ``champion`` back: to ``to``, or to the version that was champion before this one."""
+        current = self.by_alias(CHAMPION)
+        if current is None:
+            raise RegistryError("there is no champion to roll back")
+        if to is None:
+            before = [
+                e["from"]
+                for e in current.history
+                if e["alias"] == CHAMPION and e["to"] == current.version and e["from"]
+            ]
+            if not before:
+                raise RegistryError(f"version {current.version} has no earlier champion to roll back to; use --to")
+            to = before[-1]
+        if to == current.version:
+            raise RegistryError(f"version {to} is already the champion")
+        existing = {v.version for v in self.versions()}
+        if to not in existing:
+            raise RegistryError(f"version {to} does not exist (versions: {sorted(existing)})")
+        self._move(CHAMPION, to, action="rolled back to", reason=reason, by=by)
+        with self._errors("marking the rolled-back version"):
+            self.client().set_model_version_tag(MODEL_NAME, str(current.version), "recsys.status", "rolled_back")
+        return self.get(to)
+
+    def set_canary(self, version: int, *, step: int, fraction: float, mode: str, reason: str, by: str) -> CanaryState:
+        """Start the canary of challenger ``version`` (``step`` 0) or move it to a later step.
+
+        Raises:
+            RegistryError: ``version`` is not the challenger, or the step goes backwards.
+        """
+        challenger = self.by_alias(CHALLENGER)
+        if challenger is None or challenger.version != version:
+            raise RegistryError(
+                f"version {version} is not the challenger (it is {getattr(challenger, 'version', None)})"
+            )
+        if not 0 <= fraction <= 1:
+            raise RegistryError(f"fraction={fraction!r}: expected a share in [0, 1]")
+        current = self.canary_state()
+        previous = current.started if current is not None and current.version == version else []
+        if previous and step < previous[-1]["step"]:
+            raise RegistryError(f"the canary of v{version} is at step {previous[-1]['step']}: it does not go back")
+        at = utc_now_iso()
+        state = CanaryState(version, mode, step, fraction, [*previous, {"step": step, "fraction": fraction, "at": at}])
+        payload = {"version": version, "mode": mode, "step": step, "fraction": fraction, "started": state.started}
+        with self._errors(f"setting the canary of version {version}"):
+            self.client().set_registered_model_tag(MODEL_NAME, CANARY_TAG, json.dumps(payload))
+            self._record(version, {"at": at, "action": f"canary at {fraction:.0%} "
+                                   f"({mode}, step {step})", "alias": CHALLENGER, "from": version, "to": version,
+                                   "reason": reason, "by": by})  # fmt: skip
+        return state
+
+    def _end_canary(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client().delete_registered_model_tag(MODEL_NAME, CANARY_TAG)
+        except MlflowException as exc:
+            if exc.error_code not in ("RESOURCE_DOES_NOT_EXIST", "NOT_FOUND"):
+                raise
