@@ -233,15 +233,36 @@ def _choice(env: Mapping[str, str], name: str, default: str, choices: tuple[str,
     return value
 
 
-def fault_delay_seconds(env: Mapping[str, str] | None = None) -> float:
-    """``RECSYS_FAULT_CHALLENGER_DELAY_MS``: a fault drill's extra latency on every challenger answer
-    (0, the default, in any real deployment). The canary's latency guardrail is tested with it."""
+@dataclass(frozen=True)
+class ServingSettings:
+    """The recommendation service's own knobs."""
+
+    model_poll_seconds: float  # RECSYS_MODEL_POLL_SECONDS: how often the registry is read
+    feedback_flush_seconds: float  # RECSYS_FEEDBACK_FLUSH_SECONDS: how often feedback lands
+    warehouse_enabled: bool  # RECSYS_WAREHOUSE_URI=none: no warehouse (benchmarks)
+    access_log: bool  # RECSYS_ACCESS_LOG=1: BentoML's access log (a line per request)
+    fault_delay_seconds: float  # RECSYS_FAULT_CHALLENGER_DELAY_MS: a fault drill's extra challenger latency
+
+
+def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
+    """The service's knobs. ``RECSYS_FAULT_CHALLENGER_DELAY_MS`` is 0 in any real deployment: the
+    canary's latency guardrail is tested with it."""
     env = os.environ if env is None else env
-    raw = env.get("RECSYS_FAULT_CHALLENGER_DELAY_MS", "0")
-    try:
-        return max(float(raw), 0.0) / 1000
-    except ValueError:
-        raise ValueError(f"RECSYS_FAULT_CHALLENGER_DELAY_MS={raw!r} is not a number") from None
+
+    def number(name: str, default: float) -> float:
+        raw = env.get(name, str(default))
+        try:
+            return float(raw)
+        except ValueError:
+            raise ValueError(f"{name}={raw!r} is not a number") from None
+
+    return ServingSettings(
+        model_poll_seconds=number("RECSYS_MODEL_POLL_SECONDS", 5.0),
+        feedback_flush_seconds=number("RECSYS_FEEDBACK_FLUSH_SECONDS", 2.0),
+        warehouse_enabled=env.get("RECSYS_WAREHOUSE_URI") != "none",
+        access_log=env.get("RECSYS_ACCESS_LOG", "0") == "1",
+        fault_delay_seconds=max(number("RECSYS_FAULT_CHALLENGER_DELAY_MS", 0.0), 0.0) / 1000,
+    )
 
 
 def _json(env: Mapping[str, str], name: str) -> dict:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 import secrets
 import time
 import uuid
@@ -41,7 +40,7 @@ from pydantic import Field
 import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry
-from recsys_assets.settings import admin_token, fault_delay_seconds, load_settings
+from recsys_assets.settings import admin_token, load_settings, serving_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft
@@ -97,26 +96,26 @@ MODEL_INFO = prometheus_client.Gauge(
     name="recommender",
     traffic={"timeout": 10},
     workers=1,
-    logging={"access": {"enabled": os.environ.get("RECSYS_ACCESS_LOG", "0") == "1"}},
+    logging={"access": {"enabled": serving_settings().access_log}},
 )
 class Recommender:
     """Real-time recommendations from the MLflow registry's champion, with a canary challenger."""
 
     def __init__(self) -> None:
-        settings = load_settings()
+        settings, knobs = load_settings(), serving_settings()
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
-        self.fault_delay = fault_delay_seconds()
-        self.rng = np.random.default_rng()
+        self.fault_delay = knobs.fault_delay_seconds
+        self.rng = np.random.default_rng()  # the team-draft coin flips
         self.token = admin_token(settings.home)
         self.slots = ModelSlots(self.registry, on_swap=self._swapped)
         self.slots.refresh(reason="start-up")
-        self.slots.start(float(os.environ.get("RECSYS_MODEL_POLL_SECONDS", "5")))
-        warehouse = None if os.environ.get("RECSYS_WAREHOUSE_URI") == "none" else Warehouse(settings.warehouse_uri)
+        self.slots.start(knobs.model_poll_seconds)
+        warehouse = Warehouse(settings.warehouse_uri) if knobs.warehouse_enabled else None
         self.feedback_writer = FeedbackWriter(
             warehouse,
             spill_dir=settings.home / "serving" / "spill",
-            flush_seconds=float(os.environ.get("RECSYS_FEEDBACK_FLUSH_SECONDS", "2")),
+            flush_seconds=knobs.feedback_flush_seconds,
         )
         self.feedback_writer.start()
 
