@@ -201,7 +201,8 @@ class CanaryConfig(dg.Config):
     )
     max_impressions: int | None = Field(
         default=None,
-        description="Per variant: no significant difference by then means promote (RECSYS_CANARY_MAX_IMPRESSIONS).",
+        description="The horizon: no significant difference by then, the CTR estimate decides "
+        "(RECSYS_CANARY_MAX_IMPRESSIONS).",
     )
 
 
