@@ -6,6 +6,10 @@ they feed the next training and the online metrics. A background thread lands th
 ``flush_seconds`` through :meth:`Warehouse.land_events`, the same path as all other data. If the
 warehouse is unavailable the rows stay buffered; beyond ``max_buffer`` rows they are spilled to a JSON
 lines file under ``spill_dir`` (landed later by :meth:`FeedbackWriter.flush`), so nothing is lost.
+
+A spilled file the warehouse refuses for its content (not for being unavailable) is moved to
+``spill_dir/quarantine`` with the reason beside it, and never blocks the files behind it; the flush
+loop survives any error, counts it, and says whether it is alive (the service's readiness reads it).
 """
 
 from __future__ import annotations
@@ -39,6 +43,7 @@ class FeedbackWriter:
         self._thread: threading.Thread | None = None
         self.landed = 0
         self.failures = 0
+        self.quarantined = 0
 
     def start(self) -> None:
         if self.warehouse is None or self._thread is not None:
@@ -68,7 +73,7 @@ class FeedbackWriter:
         path = self.spill_dir / f"feedback-{time.time_ns()}.jsonl"
         with open(path, "w") as f:
             for row in rows:
-                f.write(json.dumps(row, default=str) + "\n")
+                f.write(json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in row]) + "\n")
         log.warning("warehouse unavailable: spilled %d feedback events to %s", len(rows), path)
 
     def flush(self) -> int:
@@ -77,12 +82,15 @@ class FeedbackWriter:
             return 0
         landed = 0
         for path in sorted(self.spill_dir.glob("feedback-*.jsonl")) if self.spill_dir.exists() else []:
-            rows = [tuple(json.loads(line)) for line in path.read_text().splitlines() if line.strip()]
             try:
+                rows = [_row_from_json(line) for line in path.read_text().splitlines() if line.strip()]
                 landed += self._land(rows, origin=f"serving spill {path.name}")
             except WarehouseError as exc:
                 log.warning("spilled feedback %s not landed yet: %s", path, exc)
                 return landed
+            except (ValueError, TypeError, IndexError, pl.exceptions.PolarsError) as exc:
+                self._quarantine(path, f"{type(exc).__name__}: {exc}")
+                continue
             path.unlink()
         rows = self._take()
         if not rows:
@@ -96,6 +104,20 @@ class FeedbackWriter:
                 self._rows[:0] = rows
         return landed
 
+    def _quarantine(self, path: Path, reason: str) -> None:
+        """Set aside a spilled file whose content cannot be landed, with the reason beside it."""
+        target = self.spill_dir / "quarantine" / path.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        path.replace(target)
+        target.with_suffix(".reason.txt").write_text(reason + "\n")
+        self.quarantined += 1
+        log.error("spilled feedback %s cannot be landed (%s): moved to %s", path.name, reason, target)
+
+    @property
+    def alive(self) -> bool:
+        """Whether the flush loop runs (or none is needed: no warehouse)."""
+        return self.warehouse is None or (self._thread is not None and self._thread.is_alive())
+
     def _land(self, rows: list[tuple], origin: str) -> int:
         frame = pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row")
         report = self.warehouse.land_events(frame, source="serving-feedback", origin=origin)
@@ -104,7 +126,11 @@ class FeedbackWriter:
 
     def _run(self) -> None:
         while not self._stop.wait(self.flush_seconds):
-            self.flush()
+            try:
+                self.flush()
+            except Exception:  # a background loop survives anything: logged, counted, retried
+                self.failures += 1
+                log.exception("feedback flush failed; retrying at the next flush")
 
     def close(self) -> None:
         self._stop.set()
@@ -113,6 +139,14 @@ class FeedbackWriter:
         self.flush()
         if self._rows:
             self._spill()
+
+
+def _row_from_json(line: str) -> tuple:
+    """A spilled row back as the tuple :func:`event_row` made (its time parsed back)."""
+    row = json.loads(line)
+    if row[4] is not None:
+        row[4] = datetime.fromisoformat(row[4])
+    return tuple(row)
 
 
 def event_row(

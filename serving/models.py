@@ -59,9 +59,16 @@ class ModelSlots:
         on_swap: called with (variant, old version, new version, reason) after each swap.
     """
 
-    def __init__(self, registry: Registry, on_swap: Callable[[str, int | None, int | None, str], None] | None = None):
+    def __init__(
+        self,
+        registry: Registry,
+        on_swap: Callable[[str, int | None, int | None, str], None] | None = None,
+        on_load_failure: Callable[[str, int], None] | None = None,
+    ):
         self.registry = registry
         self.on_swap = on_swap
+        self.on_load_failure = on_load_failure
+        self.load_failures = 0
         self.current = Slots(None, None)
         self._lock = threading.Lock()  # one refresh at a time; requests never take it
         self._stop = threading.Event()
@@ -97,9 +104,12 @@ class ModelSlots:
                     reuse = [r for r in (current.champion, current.challenger) if r and r.version == version]
                     try:
                         ranker = reuse[0] if reuse else self._load(version)
-                    except (OSError, ValueError, RegistryError) as exc:
-                        self.last_error = f"version {version} for {variant}: {exc}"
-                        log.error("not swapping %s to version %s: %s", variant, version, exc)
+                    except Exception as exc:  # any broken version (IndexError, StopIteration…): keep the current one
+                        self.last_error = f"version {version} for {variant}: {type(exc).__name__}: {exc}"
+                        self.load_failures += 1
+                        log.exception("not swapping %s to version %s", variant, version)
+                        if self.on_load_failure is not None:
+                            self.on_load_failure(variant, version)
                         continue
                     new = replace(new, **{variant: ranker})
                 swapped.append((variant, loaded.version if loaded else None, version))
@@ -113,10 +123,19 @@ class ModelSlots:
                 self.on_swap(variant, old, version, reason)
         return True
 
+    @property
+    def alive(self) -> bool:
+        """Whether the poll loop runs (the service is not ready without it)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self, poll_seconds: float) -> None:
         def run() -> None:
             while not self._stop.wait(poll_seconds):
-                self.refresh()
+                try:
+                    self.refresh()
+                except Exception as exc:  # a background loop survives anything: logged, kept, retried
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.exception("registry poll failed; retrying at the next poll")
 
         self._thread = threading.Thread(target=run, name="model-slots", daemon=True)
         self._thread.start()

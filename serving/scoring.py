@@ -29,6 +29,22 @@ def single_threaded_blas() -> None:
     threadpool_limits(limits=1, user_api="blas")
 
 
+def _check_shapes(artifact: ModelArtifact, version: int) -> None:
+    """Refuse a version whose files disagree (a truncated upload, a half-written copy): it would load,
+    pass a smoke query, then fail or mis-rank requests."""
+    checks = {
+        "item_embeddings.npy rows": (len(artifact.item_embeddings), len(artifact.item_ids), "items.parquet rows"),
+        "user_embeddings.npy rows": (len(artifact.user_embeddings), len(artifact.user_ids), "users.parquet rows"),
+        "seen.npz users": (len(artifact.seen_indptr) - 1, len(artifact.user_ids), "users.parquet rows"),
+    }
+    for what, (found, expected, against) in checks.items():
+        if found != expected:
+            raise ValueError(f"model version {version}: {what} = {found}, {against} = {expected}")
+    if len(artifact.seen_indices) and int(artifact.seen_indices.max()) >= len(artifact.item_ids):
+        raise ValueError(f"model version {version}: seen.npz names item row {int(artifact.seen_indices.max())}, "
+                         f"the version has {len(artifact.item_ids)}")  # fmt: skip
+
+
 @dataclass(frozen=True)
 class Recommendation:
     track_ids: list[str]
@@ -46,6 +62,7 @@ class Ranker:
     """
 
     def __init__(self, artifact: ModelArtifact, version: int):
+        _check_shapes(artifact, version)
         single_threaded_blas()
         self.artifact = artifact
         self.version = version

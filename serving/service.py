@@ -87,6 +87,10 @@ REQUEST_ERRORS = prometheus_client.Counter(
 MODEL_RELOADS = prometheus_client.Counter(
     name="recsys_model_reloads", documentation="Model swaps", labelnames=["variant", "reason"]
 )
+MODEL_LOAD_FAILURES = prometheus_client.Counter(
+    name="recsys_model_load_failures", documentation="Versions that could not be loaded (the current one stays)",
+    labelnames=["variant"],
+)  # fmt: skip
 MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
 )
@@ -108,7 +112,11 @@ class Recommender:
         self.fault_delay = knobs.fault_delay_seconds
         self.rng = np.random.default_rng()  # the team-draft coin flips
         self.token = admin_token(settings.home)
-        self.slots = ModelSlots(self.registry, on_swap=self._swapped)
+        self.slots = ModelSlots(
+            self.registry,
+            on_swap=self._swapped,
+            on_load_failure=lambda variant, _version: MODEL_LOAD_FAILURES.labels(variant=variant).inc(),
+        )
         self.slots.refresh(reason="start-up")
         self.slots.start(knobs.model_poll_seconds)
         warehouse = Warehouse(settings.warehouse_uri) if knobs.warehouse_enabled else None
@@ -122,6 +130,10 @@ class Recommender:
     def _swapped(self, variant: str, old: int | None, new: int | None, reason: str) -> None:
         MODEL_RELOADS.labels(variant=variant, reason=reason).inc()
         MODEL_INFO.labels(variant=variant).set(new or 0)
+
+    def __is_ready__(self) -> bool:
+        """``/readyz``: not ready once a background loop (registry poll, feedback landing) has stopped."""
+        return self.slots.alive and self.feedback_writer.alive
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:

@@ -211,3 +211,26 @@ def test_interleaving_gives_canary_users_one_list_from_both_models(client, servi
     finally:
         registry.set_canary(2, step=0, fraction=0.5, mode="ab", reason="test restored", by="tests")
         client.post("/admin/reload", json={}, headers=AUTH)
+
+
+def test_readiness_fails_when_the_registry_poll_stops(client) -> None:
+    """A background loop that stops makes /readyz say so (the service would otherwise go on serving
+    versions the registry no longer names, with no signal)."""
+    from serving.service import Recommender
+
+    assert client.get("/readyz").status_code == 200
+    service = next(s for s in _instances(Recommender.inner) if s.slots.alive)
+    service.slots.close()
+    try:
+        assert client.get("/readyz").status_code == 503
+    finally:
+        service.slots._stop.clear()
+        service.slots.start(3600)
+    assert client.get("/readyz").status_code == 200
+
+
+def _instances(cls) -> list:
+    """The live instances of ``cls`` (the ASGI app keeps its service instance private)."""
+    import gc
+
+    return [o for o in gc.get_objects() if isinstance(o, cls)]
