@@ -6,8 +6,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, Field
 
-UserId = Annotated[str, Field(min_length=1, max_length=128, description="The listener's id, as in the warehouse.")]
-TrackId = Annotated[str, Field(min_length=1, max_length=256)]
+# No control characters (NUL, newlines…) in ids: they land in the warehouse and in logs.
+NO_CONTROL_CHARACTERS = r"^[^\x00-\x1f\x7f]+$"
+UserId = Annotated[
+    str,
+    Field(
+        min_length=1,
+        max_length=128,
+        pattern=NO_CONTROL_CHARACTERS,
+        description="The listener's id, as in the warehouse.",
+    ),
+]
+TrackId = Annotated[str, Field(min_length=1, max_length=256, pattern=NO_CONTROL_CHARACTERS)]
+# A registry version: positive, and small enough for every store (a 32-bit integer).
+ModelVersion = Annotated[int, Field(strict=True, ge=1, le=2**31 - 1, description="From the /recommend item.")]
 FEEDBACK_TYPES = ("click", "skip", "like", "dislike", "play")
 
 

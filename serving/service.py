@@ -51,6 +51,7 @@ from serving.schemas import (
     CanaryState,
     FeedbackAccepted,
     Item,
+    ModelVersion,
     Recommendations,
     TrackId,
     UserId,
@@ -143,7 +144,9 @@ class Recommender:
     # --- the contract --------------------------------------------------------------------------
 
     @bentoml.api(route="/recommend")
-    async def recommend(self, user_id: UserId, k: Annotated[int, Ge(1), Le(100)] = 10) -> Recommendations:
+    async def recommend(
+        self, user_id: UserId, k: Annotated[int, Field(strict=True), Ge(1), Le(100)] = 10
+    ) -> Recommendations:
         """Top-k tracks for a user, already-heard tracks excluded; popular tracks for unknown users."""
         slots = self.slots.current  # read once: a swap during this request does not affect it
         if slots.champion is None:
@@ -216,7 +219,7 @@ class Recommender:
         user_id: UserId,
         track_id: TrackId,
         event_type: Annotated[str, Field(description=f"One of {', '.join(FEEDBACK_TYPES)}.")],
-        model_version: int | None = None,
+        model_version: ModelVersion | None = None,
         variant: str | None = None,
         event_id: Annotated[str | None, Field(max_length=128)] = None,
         ctx: bentoml.Context = None,
@@ -228,7 +231,7 @@ class Recommender:
             raise InvalidArgument(f"variant={variant!r}: expected champion or challenger")
         event_id = event_id or f"fb-{uuid.uuid4().hex}"
         FEEDBACK.labels(
-            model_version=str(model_version) if model_version is not None else "unknown",
+            model_version=self._version_label(model_version),
             variant=variant or "unknown",
             event_type=event_type,
         ).inc()
@@ -249,11 +252,21 @@ class Recommender:
             ctx.response.status_code = HTTPStatus.ACCEPTED
         return FeedbackAccepted(accepted=True, event_id=event_id)
 
+    def _version_label(self, model_version: int | None) -> str:
+        """The metric label of a client-sent version: the served versions by number, anything else
+        ``other`` (unauthenticated input must not grow the number of series)."""
+        if model_version is None:
+            return "unknown"
+        slots = self.slots.current
+        return str(model_version) if model_version in (slots.champion_version, slots.challenger_version) else "other"
+
     # --- administration (bearer token) ------------------------------------------------------------
 
     def _authorize(self, ctx: bentoml.Context) -> None:
         header = ctx.request.headers.get("authorization", "")
-        if not secrets.compare_digest(header, f"Bearer {self.token}"):
+        # Compared as bytes: a non-ASCII header made compare_digest raise TypeError (a 500).
+        given = header.encode("utf-8", "surrogateescape")
+        if not secrets.compare_digest(given, f"Bearer {self.token}".encode()):
             raise BentoMLException(
                 "admin endpoints need 'Authorization: Bearer <token>'", error_code=HTTPStatus.UNAUTHORIZED
             )
