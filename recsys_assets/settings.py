@@ -180,15 +180,19 @@ class AutomationSettings:
     extract_min_interval_seconds: int  # RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one extraction run per …
 
 
+def _number(env: Mapping[str, str], name: str, default: float, cast=float):
+    raw = env.get(name, str(default))
+    try:
+        return cast(raw)
+    except ValueError:
+        raise ValueError(f"{name}={raw!r} is not a number") from None
+
+
 def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSettings:
     env = os.environ if env is None else env
 
     def number(name: str, default: float, cast=float):
-        raw = env.get(name, str(default))
-        try:
-            return cast(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not a number") from None
+        return _number(env, name, default, cast)
 
     return AutomationSettings(
         new_data_fraction=number("RECSYS_RETRAIN_NEW_DATA_FRACTION", 0.2),
@@ -250,11 +254,7 @@ def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
     env = os.environ if env is None else env
 
     def number(name: str, default: float) -> float:
-        raw = env.get(name, str(default))
-        try:
-            return float(raw)
-        except ValueError:
-            raise ValueError(f"{name}={raw!r} is not a number") from None
+        return _number(env, name, default)
 
     return ServingSettings(
         model_poll_seconds=number("RECSYS_MODEL_POLL_SECONDS", 5.0),

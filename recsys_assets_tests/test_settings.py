@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -46,3 +47,31 @@ def test_child_env_reproduces_the_settings(tmp_path: Path) -> None:
     settings = load_settings({"RECSYS_HOME": str(tmp_path), "RECSYS_MLFLOW_PORT": "5050"})
     assert load_settings(settings.child_env({})) == settings
     assert settings.child_env({})["TF_USE_LEGACY_KERAS"] == "1"
+
+
+def test_canary_settings_parse_and_name_what_is_wrong() -> None:
+    from recsys_assets.settings import automation_settings
+
+    defaults = automation_settings({})
+    assert (defaults.canary_steps, defaults.canary_mode) == ((0.05, 0.2, 0.5), "ab")
+    custom = automation_settings({"RECSYS_CANARY_STEPS": "0.1,0.3", "RECSYS_CANARY_MODE": "interleaving"})
+    assert (custom.canary_steps, custom.canary_mode) == ((0.1, 0.3), "interleaving")
+    for env, message in [
+        ({"RECSYS_CANARY_STEPS": "0.5,0.2"}, "RECSYS_CANARY_STEPS='0.5,0.2': expected increasing"),
+        ({"RECSYS_CANARY_STEPS": "half"}, "RECSYS_CANARY_STEPS='half': expected comma-separated"),
+        ({"RECSYS_CANARY_MODE": "bandit"}, "RECSYS_CANARY_MODE='bandit': expected one of ab, interleaving"),
+        ({"RECSYS_CANARY_ALPHA": "x"}, "RECSYS_CANARY_ALPHA='x' is not a number"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            automation_settings(env)
+
+
+def test_serving_settings() -> None:
+    from recsys_assets.settings import serving_settings
+
+    knobs = serving_settings({"RECSYS_FAULT_CHALLENGER_DELAY_MS": "40", "RECSYS_WAREHOUSE_URI": "none"})
+    assert knobs.fault_delay_seconds == pytest.approx(0.04)
+    assert not knobs.warehouse_enabled
+    assert serving_settings({}).model_poll_seconds == 5.0
+    with pytest.raises(ValueError, match="RECSYS_MODEL_POLL_SECONDS='soon' is not a number"):
+        serving_settings({"RECSYS_MODEL_POLL_SECONDS": "soon"})
