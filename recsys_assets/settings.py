@@ -246,6 +246,7 @@ class ServingSettings:
     warehouse_enabled: bool  # RECSYS_WAREHOUSE_URI=none: no warehouse (benchmarks)
     access_log: bool  # RECSYS_ACCESS_LOG=1: BentoML's access log (a line per request)
     fault_delay_seconds: float  # RECSYS_FAULT_CHALLENGER_DELAY_MS: a fault drill's extra challenger latency
+    max_body_bytes: int  # RECSYS_MAX_BODY_BYTES: larger request bodies get a 413
 
 
 def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
@@ -262,6 +263,7 @@ def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
         warehouse_enabled=env.get("RECSYS_WAREHOUSE_URI") != "none",
         access_log=env.get("RECSYS_ACCESS_LOG", "0") == "1",
         fault_delay_seconds=max(number("RECSYS_FAULT_CHALLENGER_DELAY_MS", 0.0), 0.0) / 1000,
+        max_body_bytes=int(number("RECSYS_MAX_BODY_BYTES", 65536)),
     )
 
 

@@ -15,6 +15,7 @@ Configuration (environment, read through ``recsys_assets.settings``):
 | ``MLFLOW_TRACKING_URI`` | ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db`` | where champion and challenger are |
 | ``RECSYS_WAREHOUSE_URI`` | the DuckDB file | where impressions and feedback land (``none`` to disable) |
 | ``RECSYS_FAULT_CHALLENGER_DELAY_MS`` | ``0`` | fault drill: extra latency on every challenger answer |
+| ``RECSYS_MAX_BODY_BYTES`` | ``65536`` | larger request bodies get a 413; multipart bodies a 415 |
 | ``RECSYS_MODEL_POLL_SECONDS`` | ``5`` | how often the registry's aliases are checked |
 | ``RECSYS_FEEDBACK_FLUSH_SECONDS`` | ``2`` | how often buffered events land in the warehouse |
 | ``RECSYS_ADMIN_TOKEN`` | the content of ``$RECSYS_HOME/admin_token`` | bearer token of the ``/admin/*`` endpoints |
@@ -44,6 +45,7 @@ from recsys_assets.settings import admin_token, load_settings, serving_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft
+from serving.limits import RequestLimits
 from serving.models import ModelSlots
 from serving.schemas import (
     FEEDBACK_TYPES,
@@ -295,3 +297,6 @@ class Recommender:
         if self.slots.last_error:
             raise ServiceUnavailable(f"reload failed: {self.slots.last_error}")
         return self._result("swapped" if swapped else "already up to date")
+
+
+Recommender.add_asgi_middleware(RequestLimits, max_bytes=serving_settings().max_body_bytes)

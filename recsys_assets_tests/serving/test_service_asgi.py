@@ -265,3 +265,12 @@ def _instances(cls) -> list:
     import gc
 
     return [o for o in gc.get_objects() if isinstance(o, cls)]
+
+
+def test_bodies_over_the_limit_are_a_413_and_multipart_a_415(client, service_env) -> None:
+    big = {"user_id": service_env.known_user, "k": 5, "padding": "x" * 70_000}
+    assert client.post("/recommend", json=big).status_code == 413
+    no_boundary = client.post("/feedback", content=b"--x\r\n", headers={"content-type": "multipart/form-data"})
+    assert no_boundary.status_code == 415
+    assert "multipart" in no_boundary.json()["error"]
+    assert client.post("/recommend", json={"user_id": service_env.known_user, "k": 5}).status_code == 200
