@@ -1,4 +1,5 @@
-"""Request limits in front of the endpoints: a body-size cap and no multipart bodies.
+"""Request limits in front of the endpoints (a body-size cap, no multipart bodies), and client errors
+logged as what they are.
 
 A pure ASGI middleware (BentoML's ``add_asgi_middleware``): it reads a POST body up to ``max_bytes``
 before the app sees it, answers 413 beyond that (50 MB bodies used to be accepted), and 415 for
@@ -66,3 +67,35 @@ async def _error(send: Send, status: int, detail: str) -> None:
     headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
     await send({"type": "http.response.start", "status": status, "headers": headers})
     await send({"type": "http.response.body", "body": body})
+
+
+class ClientErrorsAtInfo:
+    """A logging filter for BentoML's request logger: a client's error (a validation error, or a
+    ``BentoMLException`` under 500) is logged at INFO in one line, without a traceback. BentoML logs
+    every one at ERROR with its traceback (2.5 MB of log for 2,000 fuzzed requests); server errors
+    keep both."""
+
+    def filter(self, record) -> bool:
+        import logging
+
+        from bentoml.exceptions import BentoMLException
+        from pydantic import ValidationError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        client_error = isinstance(exc, ValidationError) or (
+            isinstance(exc, BentoMLException) and int(exc.error_code) < 500
+        )
+        if client_error:
+            record.msg = f"{record.msg}: {type(exc).__name__}: {str(exc).splitlines()[0][:300]}"
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+def log_client_errors_at_info() -> None:
+    """Install :class:`ClientErrorsAtInfo` on BentoML's request logger (once)."""
+    import logging
+
+    logger = logging.getLogger("bentoml._internal.server.http_app")
+    if not any(isinstance(f, ClientErrorsAtInfo) for f in logger.filters):
+        logger.addFilter(ClientErrorsAtInfo())

@@ -45,7 +45,7 @@ from recsys_assets.settings import admin_token, load_settings, serving_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft
-from serving.limits import RequestLimits
+from serving.limits import RequestLimits, log_client_errors_at_info
 from serving.models import ModelSlots
 from serving.schemas import (
     FEEDBACK_TYPES,
@@ -109,6 +109,7 @@ class Recommender:
     """Real-time recommendations from the MLflow registry's champion, with a canary challenger."""
 
     def __init__(self) -> None:
+        log_client_errors_at_info()
         settings, knobs = load_settings(), serving_settings()
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")

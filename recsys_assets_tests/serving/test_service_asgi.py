@@ -274,3 +274,16 @@ def test_bodies_over_the_limit_are_a_413_and_multipart_a_415(client, service_env
     assert no_boundary.status_code == 415
     assert "multipart" in no_boundary.json()["error"]
     assert client.post("/recommend", json={"user_id": service_env.known_user, "k": 5}).status_code == 200
+
+
+def test_client_errors_are_logged_at_info_without_a_traceback(client, caplog) -> None:
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="bentoml._internal.server.http_app"):
+        assert client.post("/recommend", json={"user_id": "u", "k": 0}).status_code == 400
+        assert client.post("/feedback", json={"user_id": "u", "track_id": "t", "event_type": "x"}).status_code == 400
+    records = [r for r in caplog.records if r.name == "bentoml._internal.server.http_app"]
+    assert len(records) == 2
+    assert all(r.levelno == logging.INFO and r.exc_info is None for r in records)
+    assert "ValidationError" in records[0].getMessage()
+    assert "event_type='x'" in records[1].getMessage()
