@@ -75,3 +75,7 @@ def test_serving_settings() -> None:
     assert serving_settings({}).model_poll_seconds == 5.0
     with pytest.raises(ValueError, match="RECSYS_MODEL_POLL_SECONDS='soon' is not a number"):
         serving_settings({"RECSYS_MODEL_POLL_SECONDS": "soon"})
+
+
+def test_the_home_is_private_to_its_owner(recsys_env) -> None:
+    assert recsys_env.home.stat().st_mode & 0o777 == 0o700

@@ -328,13 +328,16 @@ class Registry:
             tmp = self.cache_dir / f".v{version}-{run_id[:12]}.{os.getpid()}.{threading.get_ident()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            source = client.get_model_version_download_uri(MODEL_NAME, str(version))
-            fetched = mlflow.artifacts.download_artifacts(
-                artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri
-            )
-            local = Path(fetched)
-        model_dir = next(local.rglob("manifest.json")).parent
-        shutil.rmtree(target, ignore_errors=True)
-        model_dir.rename(target)
-        shutil.rmtree(tmp, ignore_errors=True)
+            try:  # a failed download leaves no temporary directory behind
+                source = client.get_model_version_download_uri(MODEL_NAME, str(version))
+                fetched = mlflow.artifacts.download_artifacts(
+                    artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri
+                )
+                manifest = next(Path(fetched).rglob("manifest.json"), None)
+                if manifest is None:
+                    raise RegistryError(f"version {version} has no manifest.json: it is not a model version")
+                shutil.rmtree(target, ignore_errors=True)
+                manifest.parent.rename(target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
         return target

@@ -55,6 +55,9 @@ def ensure_home(settings: Settings) -> None:
         settings.run_dir,
     ):
         path.mkdir(parents=True, exist_ok=True)
+    # The stores, logs and the admin token are the owner's alone: a private root keeps every file
+    # under it out of other users' reach, whatever mode the libraries create them with.
+    settings.home.chmod(0o700)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
     if not dagster_yaml.exists():
         dagster_yaml.write_text(DAGSTER_YAML)

@@ -186,3 +186,17 @@ def test_concurrent_moves_from_threads_and_processes_lose_no_event(registry: Con
     expected |= {f"process {w} move {i}" for w in range(2) for i in range(5)}
     assert reasons == expected
     assert [e["at"] for e in history] == sorted(e["at"] for e in history)
+
+
+def test_a_version_without_a_manifest_is_refused_and_leaves_no_temporary_directory(
+    registry: ControlPlane, tmp_path: Path
+) -> None:
+    directory = tmp_path / "not-a-model"
+    directory.mkdir()
+    (directory / "weights.bin").write_bytes(b"0")
+    run_id = registry.start_run("broken", tags={})
+    uri = registry.log_model(run_id, directory)
+    version = registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="x", by="test").version
+    with pytest.raises(RegistryError, match=r"has no manifest\.json"):
+        registry.download(version)
+    assert not [p for p in registry.cache_dir.iterdir() if p.name.endswith(".tmp")]
