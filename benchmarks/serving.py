@@ -8,7 +8,7 @@ top-k code, one worker each, loopback, in the same run.
    each) is written in the export format and registered as ``champion`` in a throw-away MLflow store
    (the service reads it from the registry, as in production). Random embeddings cost exactly what
    trained ones cost.
-2. Scoring plus top-k alone (``serving.scoring.Ranker.top_rows``), in process: best and median of five
+2. Scoring plus top-k alone (``recsys_assets.ml.scoring.Ranker.top_rows``), in process: best and median of five
    rounds of 4,000 calls.
 3. For each server (``bentoml serve serving.service:Recommender``, with its canary routing, metrics and
    impression writes to the warehouse; and ``benchmarks/raw_app.py`` under uvicorn): wrk at full
@@ -77,8 +77,9 @@ def write_version(directory: Path, items: int, dim: int, users: int, seen: int =
 def scoring_microbenchmark(model_dir: Path, users: int, calls: int = 4_000, rounds: int = 5) -> dict:
     """Per-call time of ``Ranker.top_rows`` for random known users: the best and the median of
     ``rounds`` rounds of ``calls`` calls (the best is the code's cost, the median shows the noise)."""
-    from serving.scoring import Ranker
+    from recsys_assets.ml.scoring import Ranker, single_threaded_blas
 
+    single_threaded_blas()  # as the service does at start
     ranker = Ranker.load(model_dir, 1)
     ids = [f"u{i:06d}" for i in np.random.default_rng(1).integers(1, users + 1, calls)]
     for user in ids[:1000]:

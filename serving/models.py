@@ -16,7 +16,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from recsys_assets.ml.registry import Registry, RegistryError, ServingState
-from serving.scoring import Ranker
+from recsys_assets.ml.scoring import Ranker
 
 log = logging.getLogger(__name__)
 

@@ -41,6 +41,7 @@ from pydantic import Field
 import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
 from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.registry import Registry
+from recsys_assets.ml.scoring import single_threaded_blas
 from recsys_assets.settings import admin_token, load_settings, serving_settings
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
@@ -110,6 +111,7 @@ class Recommender:
 
     def __init__(self) -> None:
         log_client_errors_at_info()
+        single_threaded_blas()
         settings, knobs = load_settings(), serving_settings()
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")

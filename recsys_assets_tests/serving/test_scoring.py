@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from recsys_assets.ml.artifacts import FORMAT_VERSION
-from serving.scoring import Ranker
+from recsys_assets.ml.scoring import Ranker
 
 ITEMS, USERS, DIM = 300, 6, 8
 

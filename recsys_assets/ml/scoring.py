@@ -1,4 +1,8 @@
-"""Brute-force top-k over a model version's exported embeddings (numpy, no TensorFlow).
+"""The one scorer: brute-force top-k over a model version's exported embeddings (numpy, no TensorFlow).
+
+``/recommend`` (the BentoML service), the registered MLflow pyfunc (``pyfunc_model.py``) and the raw
+Starlette baseline of the serving benchmark all rank with :class:`Ranker`; a test checks that the
+offline evaluation's top-k equals ``/recommend``'s, item for item.
 
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
 already-heard tracks masked out, and a partition for the k-th best score. It allocates two vectors of
@@ -6,8 +10,7 @@ the catalogue's size per request (the scores and the partition's copy) and nothi
 10,000 tracks × 64 dimensions (``benchmarks/serving.py``): the item matrix stored transposed
 (dimensions × tracks, so BLAS streams it row by row) takes the product from 77 to 51 µs, and
 selecting by threshold (``partition`` of the values, then the indices above the k-th) beats
-``argpartition`` by about 20 µs. The BentoML service and the raw Starlette
-baseline of ``benchmarks/serving.py`` run this same code.
+``argpartition`` by about 20 µs.
 """
 
 from __future__ import annotations
@@ -23,7 +26,8 @@ from recsys_assets.ml.artifacts import ModelArtifact
 def single_threaded_blas() -> None:
     """One BLAS thread per process: a 10,000 × 64 matrix-vector product is faster on one core than
     split across two that the web server and the load are already using (measured: 6× on the
-    service's throughput). Parallelism comes from workers and concurrent requests instead."""
+    service's throughput). Parallelism comes from workers and concurrent requests instead. A server
+    calls it once at start (not the :class:`Ranker`: a pyfunc loaded in a notebook keeps its BLAS)."""
     from threadpoolctl import threadpool_limits
 
     threadpool_limits(limits=1, user_api="blas")
@@ -63,7 +67,6 @@ class Ranker:
 
     def __init__(self, artifact: ModelArtifact, version: int):
         _check_shapes(artifact, version)
-        single_threaded_blas()
         self.artifact = artifact
         self.version = version
         # Contiguous float32 copies; the items transposed (see the module docstring).
