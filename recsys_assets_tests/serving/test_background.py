@@ -4,38 +4,25 @@ loaded, a registry poll that raises."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 from pathlib import Path
 
 import numpy as np
-import polars as pl
 import pytest
 
 from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.artifacts import FORMAT_VERSION
 from recsys_assets.ml.registry import RegistryError, ServingState
+from recsys_assets_tests.serving.versions import write_version
 from serving.feedback import FeedbackWriter, event_row
 from serving.models import ModelSlots
 
 
 def version_dir(directory: Path, items: int = 50, users: int = 5) -> Path:
     rng = np.random.default_rng(0)
-    directory.mkdir(parents=True)
-    pl.DataFrame({"user_id": ["[OOV]", *[f"u{i}" for i in range(1, users + 1)]]}).write_parquet(
-        directory / "users.parquet"
+    return write_version(
+        directory, rng.normal(size=(users + 1, 4)), rng.normal(size=(items + 1, 4)), [[] for _ in range(users + 1)]
     )
-    ids = ["[OOV]", *[f"t{i}" for i in range(1, items + 1)]]
-    popularity = np.arange(items + 1, dtype=np.float32)[::-1].copy()
-    pl.DataFrame({"track_id": ids, "artist_id": "a", "genre": "g", "popularity": popularity}).write_parquet(
-        directory / "items.parquet"
-    )
-    np.save(directory / "user_embeddings.npy", rng.normal(size=(users + 1, 4)).astype(np.float32))
-    np.save(directory / "item_embeddings.npy", rng.normal(size=(items + 1, 4)).astype(np.float32))
-    np.savez(directory / "seen.npz", indptr=np.zeros(users + 2, dtype=np.int64), indices=np.zeros(0, dtype=np.int32))
-    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
-    return directory
 
 
 def rows(n: int, prefix: str) -> list[tuple]:

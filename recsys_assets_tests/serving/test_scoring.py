@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-import polars as pl
 import pytest
 
-from recsys_assets.ml.artifacts import FORMAT_VERSION
 from recsys_assets.ml.scoring import Ranker
+from recsys_assets_tests.serving.versions import write_version
 
 ITEMS, USERS, DIM = 300, 6, 8
 
@@ -22,23 +19,9 @@ def ranker(tmp_path_factory: pytest.TempPathFactory) -> Ranker:
     item_emb = rng.integers(-3, 4, size=(ITEMS + 1, DIM)).astype(np.float32)
     item_emb[10:20] = item_emb[9]  # a block of ten equal tracks
     user_emb = rng.integers(-3, 4, size=(USERS + 1, DIM)).astype(np.float32)
-    pl.DataFrame({"user_id": ["[OOV]", *[f"u{i}" for i in range(1, USERS + 1)]]}).write_parquet(
-        directory / "users.parquet"
-    )
-    ids = ["[OOV]", *[f"t{i}" for i in range(1, ITEMS + 1)]]
-    popularity = np.arange(ITEMS + 1, dtype=np.float32)[::-1].copy()
-    pl.DataFrame({"track_id": ids, "artist_id": "a", "genre": "g", "popularity": popularity}).write_parquet(
-        directory / "items.parquet"
-    )
-    np.save(directory / "user_embeddings.npy", user_emb)
-    np.save(directory / "item_embeddings.npy", item_emb)
     # User 1 heard nothing, user 2 heard the tied block, user 3 heard all but five tracks.
     seen = [[], [], list(range(9, 21)), list(range(1, ITEMS - 4)), [], [], []]
-    indptr = np.cumsum([0, *map(len, seen)]).astype(np.int64)
-    indices = np.array([r for rows in seen for r in rows], dtype=np.int32)
-    np.savez(directory / "seen.npz", indptr=indptr, indices=indices)
-    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
-    return Ranker.load(directory, version=1)
+    return Ranker.load(write_version(directory, user_emb, item_emb, seen), version=1)
 
 
 def full_sort(ranker: Ranker, row: int, k: int) -> list[int]:

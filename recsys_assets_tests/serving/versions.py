@@ -1,0 +1,33 @@
+"""Model-version directories in the export format, written from arrays, for the scorer's tests."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+from recsys_assets.ml.artifacts import FORMAT_VERSION
+
+
+def write_version(directory: Path, user_emb: np.ndarray, item_emb: np.ndarray, seen: list[list[int]]) -> Path:
+    """Users ``u1…``, tracks ``t1…`` (row 0 is the out-of-vocabulary slot of both), popularity
+    decreasing with the row, ``seen[row]`` the item rows each user row heard."""
+    directory.mkdir(parents=True, exist_ok=True)
+    users, items = len(user_emb) - 1, len(item_emb) - 1
+    pl.DataFrame({"user_id": ["[OOV]", *[f"u{i}" for i in range(1, users + 1)]]}).write_parquet(
+        directory / "users.parquet"
+    )
+    ids = ["[OOV]", *[f"t{i}" for i in range(1, items + 1)]]
+    popularity = np.arange(items + 1, dtype=np.float32)[::-1].copy()
+    pl.DataFrame({"track_id": ids, "artist_id": "a", "genre": "g", "popularity": popularity}).write_parquet(
+        directory / "items.parquet"
+    )
+    np.save(directory / "user_embeddings.npy", user_emb.astype(np.float32))
+    np.save(directory / "item_embeddings.npy", item_emb.astype(np.float32))
+    indptr = np.cumsum([0, *map(len, seen)]).astype(np.int64)
+    indices = np.array([r for rows in seen for r in rows], dtype=np.int32)
+    np.savez(directory / "seen.npz", indptr=indptr, indices=indices)
+    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
+    return directory
