@@ -178,11 +178,28 @@ class ControlPlane(Registry):
         state = CanaryState(version, mode, step, fraction, [*previous, {"step": step, "fraction": fraction, "at": at}])
         payload = {"version": version, "mode": mode, "step": step, "fraction": fraction, "started": state.started}
         with self._errors(f"setting the canary of version {version}"):
-            self.client().set_registered_model_tag(MODEL_NAME, CANARY_TAG, json.dumps(payload))
+            self._set_model_tag(CANARY_TAG, json.dumps(payload))
             self._record(version, {"at": at, "action": f"canary at {fraction:.0%} "
                                    f"({mode}, step {step})", "alias": CHALLENGER, "from": version, "to": version,
                                    "reason": reason, "by": by})  # fmt: skip
         return state
+
+    def _set_model_tag(self, key: str, value: str, attempts: int = 5) -> None:
+        """Set a registered-model tag. MLflow's SQL store upserts a tag by reading then inserting, so two
+        writers at once can hit its unique constraint (seen with four threads and two processes): the
+        loser retries, and the last writer wins, as one writer after the other would."""
+        import time
+
+        from mlflow.exceptions import MlflowException
+
+        for attempt in range(attempts):
+            try:
+                self.client().set_registered_model_tag(MODEL_NAME, key, value)
+                return
+            except MlflowException as exc:
+                if "UNIQUE constraint" not in str(exc) or attempt == attempts - 1:
+                    raise
+                time.sleep(0.05 * (attempt + 1))
 
     def _end_canary(self) -> None:
         from mlflow.exceptions import MlflowException
