@@ -5,9 +5,12 @@ PYTHON ?= python3.11
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
+# The serving plane's own environment: the Bento's lock alone (no TensorFlow, Dagster or Evidently).
+SERVING_VENV ?= .venv-serving
+SERVING_STAMP := $(SERVING_VENV)/.installed-stamp
 PYTEST_ARGS ?=
 
-.PHONY: install demo test lint lock clean
+.PHONY: install demo test lint lock lock-serving clean
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -18,14 +21,24 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
+$(SERVING_STAMP): serving/requirements.txt constraints.txt
+	@test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
+	$(SERVING_VENV)/bin/python -m pip install --quiet --disable-pip-version-check pip==26.3
+	$(SERVING_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off \
+		-c constraints.txt -r serving/requirements.txt pytest
+	@touch $@
+
 ## demo: start the local stack (Dagster UI, daemon, MLflow UI, …) and run the main job on the embedded default
 demo: $(STAMP)
 	$(BIN)/recsys demo
 
-## test: the whole suite, integration tests with real processes included
-test: $(STAMP)
+## test: the whole suite, integration tests with real processes included: the architecture's import
+## contracts, the serving plane's tests in its own lean environment, then everything else
+test: $(STAMP) $(SERVING_STAMP)
 	./scripts/test-setup.sh
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/lint-imports
+	$(SERVING_VENV)/bin/python -m pytest recsys_assets_tests/service $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=recsys_assets_tests/service $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .
@@ -39,6 +52,17 @@ lock:
 	{ echo "# The full lock: every transitive version of the pinned set, for every install (pip install -c constraints.txt …)."; \
 	  echo "# Regenerate with: make lock"; \
 	  .lock-venv/bin/python -m pip freeze --exclude-editable | grep -v '^recsys-assets'; } > constraints.txt
+	rm -rf .lock-venv
+
+## lock-serving: re-resolve serving/requirements.in against constraints.txt into serving/requirements.txt
+lock-serving:
+	rm -rf .lock-venv && $(PYTHON) -m venv .lock-venv
+	.lock-venv/bin/python -m pip install --quiet pip==26.3
+	.lock-venv/bin/python -m pip install --quiet -c constraints.txt -r serving/requirements.in
+	.lock-venv/bin/python -m pip check
+	{ echo "# The serving plane's lock (the Bento's requirements): serving/requirements.in resolved against constraints.txt."; \
+	  echo "# Regenerate with: make lock-serving"; \
+	  .lock-venv/bin/python -m pip freeze; } > serving/requirements.txt
 	rm -rf .lock-venv
 
 clean:

@@ -39,7 +39,7 @@ import httpx
 import recsys_assets  # noqa: F401  (environment first)
 
 REPO = Path(__file__).resolve().parents[1]
-PREPARATION = ("listening_events", "clean_listening_events", "user_features", "track_features", "training_interactions")
+PREPARATION = ("listening_events", "clean_listening_events", "track_features", "training_interactions")
 OWN_VARIABLES = ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "PROMETHEUS_URL", "BENTOML_HOME")
 PERMISSIVE_GATE = {"min_improvement": -1.0, "guards": {"recall@10": 1.0, "coverage@10": 1.0}}
 STAGES = {
@@ -107,11 +107,11 @@ def main() -> None:
 
     from recsys_assets.data.simulation import simulate_history, stream_tick, world_dir
     from recsys_assets.data.simulator import World
-    from recsys_assets.data.warehouse import Warehouse
-    from recsys_assets.ml.registry import CHAMPION, Registry
-    from recsys_assets.settings import load_settings
     from recsys_assets.stack.supervisor import free_port
     from recsys_assets.triggers import new_positive_events
+    from recsys_core.registry import CHAMPION, Registry
+    from recsys_core.settings import load_settings
+    from recsys_core.warehouse import Warehouse
 
     home = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="recsys-loop-"))
     ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}

@@ -41,9 +41,9 @@ def generate(events: int, directory: Path, seed: int = 11) -> Path:
     import numpy as np
     import polars as pl
 
-    from recsys_assets.data.contracts import RAW_EVENTS_SCHEMA, conform
     from recsys_assets.data.simulation import expected_events_per_day
     from recsys_assets.data.simulator import World
+    from recsys_core.contracts import RAW_EVENTS_SCHEMA, conform
 
     target = directory / f"raw-{events}"
     if (target / "done").exists():
@@ -101,6 +101,59 @@ def _peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
+def user_features(clean, genres: list[str]):
+    """Per-user features: the workload this benchmark has measured since its first run (the product
+    dropped the asset: nothing read it; the query tower computes its features per split). One row
+    per user: activity, skip rate, completion, recency and genre shares.
+
+    Args:
+        clean: clean listening events.
+        genres: the genres that get a share column (see :func:`top_genres`); the rest count as
+            ``genre_share__other``.
+    """
+    import polars as pl
+
+    from recsys_assets.data.features import GENRE_PREFIX, genre_column
+
+    reference = clean.select(pl.col("played_at").max()).collect(engine="streaming").item()
+    play = pl.col("event_type") == "play"
+    skip = pl.col("event_type") == "skip"
+    listens = play | skip
+    shares = [
+        ((pl.col("genre") == g) & play).sum().truediv(play.sum().clip(lower_bound=1)).alias(genre_column(g))
+        for g in genres
+    ]
+    other = (
+        (~pl.col("genre").is_in(genres) & play)
+        .sum()
+        .truediv(play.sum().clip(lower_bound=1))
+        .alias(GENRE_PREFIX + "other")
+    )
+    return (
+        clean.group_by("user_id")
+        .agg(
+            play.sum().alias("plays"),
+            skip.sum().alias("skips"),
+            (pl.col("event_type") == "like").sum().alias("likes"),
+            (pl.col("event_type") == "dislike").sum().alias("dislikes"),
+            (skip.sum() / listens.sum().clip(lower_bound=1)).alias("skip_rate"),
+            pl.col("completion").filter(listens).mean().alias("completion_mean"),
+            pl.col("track_id").filter(play).n_unique().alias("distinct_tracks"),
+            pl.col("played_at").dt.date().n_unique().alias("active_days"),
+            pl.col("played_at").min().alias("first_played_at"),
+            pl.col("played_at").max().alias("last_played_at"),
+            pl.col("suspected_bot").any().alias("suspected_bot"),
+            *shares,
+            other,
+        )
+        .with_columns(
+            ((pl.lit(reference) - pl.col("last_played_at")).dt.total_seconds() / 86400.0).alias("recency_days"),
+            (pl.col("plays") / pl.col("active_days").clip(lower_bound=1)).alias("plays_per_active_day"),
+        )
+        .sort("user_id")
+    )
+
+
 def run_engine(engine: str, directory: Path) -> dict:
     """One engine's preparation of every raw file in ``directory``, in this process."""
     import polars as pl
@@ -122,7 +175,7 @@ def run_engine(engine: str, directory: Path) -> dict:
         )
         clean = result.clean.lazy()
         genres = F.top_genres(clean)
-        users = F.user_features(clean, genres).collect(engine="streaming")
+        users = user_features(clean, genres).collect(engine="streaming")
         tracks = F.track_features(clean).collect(engine="streaming")
         interactions = F.training_interactions(clean).collect(engine="streaming")
         counts = {
@@ -185,7 +238,7 @@ def run_end_to_end(directory: Path, work: Path) -> dict:
     clean_seconds = time.perf_counter() - t0
     scan = pl.scan_parquet(sorted(out.glob("*.parquet")))
     genres = F.top_genres(scan)
-    F.user_features(scan, genres).sink_parquet(work / "user_features.parquet")
+    user_features(scan, genres).sink_parquet(work / "user_features.parquet")
     F.track_features(scan).sink_parquet(work / "track_features.parquet")
     F.training_interactions(scan).sink_parquet(work / "training_interactions.parquet")
     seconds = time.perf_counter() - t0

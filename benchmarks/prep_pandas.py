@@ -14,8 +14,8 @@ import numpy as np
 import pandas as pd
 
 from recsys_assets.data.cleaning import CleaningRules
-from recsys_assets.data.contracts import EVENT_TYPES, POSITIVE_EVENT_TYPES, SOURCES
 from recsys_assets.data.features import LIKE_WEIGHT, genre_column
+from recsys_core.contracts import EVENT_TYPES, POSITIVE_EVENT_TYPES, SOURCES
 
 pd.options.future.infer_string = True
 

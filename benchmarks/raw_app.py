@@ -1,5 +1,5 @@
 """The peer of the serving benchmark: a minimal raw Starlette app on the same exported embeddings and
-the same top-k code (``recsys_assets.ml.scoring.Ranker``), no BentoML, no canary, no feedback writes.
+the same top-k code (``recsys_core.scoring.Ranker``), no BentoML, no canary, no feedback writes.
 
     RAW_MODEL_DIR=/path/to/version uvicorn benchmarks.raw_app:app --port 3100 --workers 1
 """
@@ -15,7 +15,7 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route
 
 import recsys_assets  # noqa: F401
-from recsys_assets.ml.scoring import Ranker, single_threaded_blas
+from recsys_core.scoring import Ranker, single_threaded_blas
 
 single_threaded_blas()  # as the service does at start
 RANKER = Ranker.load(Path(os.environ["RAW_MODEL_DIR"]), version=1)

@@ -8,7 +8,7 @@ top-k code, one worker each, loopback, in the same run.
    each) is written in the export format and registered as ``champion`` in a throw-away MLflow store
    (the service reads it from the registry, as in production). Random embeddings cost exactly what
    trained ones cost.
-2. Scoring plus top-k alone (``recsys_assets.ml.scoring.Ranker.top_rows``), in process: best and median of five
+2. Scoring plus top-k alone (``recsys_core.scoring.Ranker.top_rows``), in process: best and median of five
    rounds of 4,000 calls.
 3. For each server (``bentoml serve serving.service:Recommender``, with its canary routing, metrics and
    impression writes to the warehouse; and ``benchmarks/raw_app.py`` under uvicorn): wrk at full
@@ -48,7 +48,7 @@ MACHINE = f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.pytho
 
 def write_version(directory: Path, items: int, dim: int, users: int, seen: int = 30, seed: int = 0) -> Path:
     """A model version directory in the export format, with random embeddings."""
-    from recsys_assets.ml.artifacts import FORMAT_VERSION
+    from recsys_core.model_version import FORMAT_VERSION
 
     rng = np.random.default_rng(seed)
     directory.mkdir(parents=True)
@@ -77,7 +77,7 @@ def write_version(directory: Path, items: int, dim: int, users: int, seen: int =
 def scoring_microbenchmark(model_dir: Path, users: int, calls: int = 4_000, rounds: int = 5) -> dict:
     """Per-call time of ``Ranker.top_rows`` for random known users: the best and the median of
     ``rounds`` rounds of ``calls`` calls (the best is the code's cost, the median shows the noise)."""
-    from recsys_assets.ml.scoring import Ranker, single_threaded_blas
+    from recsys_core.scoring import Ranker, single_threaded_blas
 
     single_threaded_blas()  # as the service does at start
     ranker = Ranker.load(model_dir, 1)
@@ -138,10 +138,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
-    from recsys_assets.ml.control import ControlPlane
-    from recsys_assets.settings import load_settings
     from recsys_assets.stack.services import bento_spec
     from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port
+    from recsys_core.control import ControlPlane
+    from recsys_core.settings import load_settings
 
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)

@@ -1,6 +1,6 @@
 """``recsys``: the project's command line.
 
-Every command resolves its settings from the environment (``recsys_assets.settings``), makes
+Every command resolves its settings from the environment (``recsys_core.settings``), makes
 ``RECSYS_HOME`` absolute and hands it to the processes it starts.
 """
 
@@ -16,7 +16,6 @@ import time
 import click
 
 import recsys_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from recsys_assets.settings import Settings, load_settings
 from recsys_assets.stack.services import (
     REPO_ROOT,
     ensure_home,
@@ -25,6 +24,7 @@ from recsys_assets.stack.services import (
     stack_services,
 )
 from recsys_assets.stack.supervisor import Stack, StackError
+from recsys_core.settings import Settings, load_settings
 
 
 def _settings(ctx: click.Context) -> Settings:
@@ -187,7 +187,7 @@ def data() -> None:
 
 
 def _warehouse(settings: Settings):
-    from recsys_assets.data.warehouse import Warehouse
+    from recsys_core.warehouse import Warehouse
 
     return Warehouse(settings.warehouse_uri)
 
@@ -362,7 +362,7 @@ def model() -> None:
 
 def _registry(settings: Settings):
     """The control plane: the one writer of aliases and the canary plan (the service only reads)."""
-    from recsys_assets.ml.control import ControlPlane
+    from recsys_core.control import ControlPlane
 
     root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
     return ControlPlane(settings.mlflow_tracking_uri, root, settings.home / "models" / "registry")
@@ -379,7 +379,7 @@ def _who() -> str:
 @click.pass_context
 def model_list(ctx: click.Context, history: bool) -> None:
     """List the versions of recsys-two-tower with their aliases, status and lineage."""
-    from recsys_assets.ml.registry import MODEL_NAME, RegistryError
+    from recsys_core.registry import MODEL_NAME, RegistryError
 
     try:
         versions = _registry(_settings(ctx)).versions()
@@ -409,7 +409,7 @@ def model_list(ctx: click.Context, history: bool) -> None:
 @click.pass_context
 def model_promote(ctx: click.Context, version: int | None, reason: str) -> None:
     """Make a version (default: the challenger) the champion."""
-    from recsys_assets.ml.registry import RegistryError
+    from recsys_core.registry import RegistryError
 
     try:
         promoted = _registry(_settings(ctx)).promote(version, reason=reason, by=_who())
@@ -424,7 +424,7 @@ def model_promote(ctx: click.Context, version: int | None, reason: str) -> None:
 @click.pass_context
 def model_rollback(ctx: click.Context, to: int | None, reason: str) -> None:
     """Move the champion alias back to an earlier version, atomically, and record it."""
-    from recsys_assets.ml.registry import RegistryError
+    from recsys_core.registry import RegistryError
 
     try:
         champion = _registry(_settings(ctx)).rollback(to, reason=reason, by=_who())
@@ -438,7 +438,7 @@ def model_rollback(ctx: click.Context, to: int | None, reason: str) -> None:
 @click.pass_context
 def model_reject(ctx: click.Context, reason: str) -> None:
     """Roll the challenger back (end its canary); the champion stays."""
-    from recsys_assets.ml.registry import RegistryError
+    from recsys_core.registry import RegistryError
 
     try:
         rejected = _registry(_settings(ctx)).reject_challenger(reason=reason, by=_who())
@@ -453,7 +453,7 @@ def model_reject(ctx: click.Context, reason: str) -> None:
 @click.pass_context
 def model_canary(ctx: click.Context, fraction: float | None, reason: str) -> None:
     """Show the canary's traffic plan, or set its fraction (held in the registry)."""
-    from recsys_assets.ml.registry import RegistryError
+    from recsys_core.registry import RegistryError
 
     registry = _registry(_settings(ctx))
     try:

@@ -18,7 +18,7 @@ from recsys_assets.assets import (
 )
 from recsys_assets.jobs import retrain_job
 from recsys_assets.resources import build_resources
-from recsys_assets.settings import load_settings
+from recsys_core.settings import load_settings
 
 defs = dg.Definitions(
     assets=[

@@ -30,8 +30,8 @@ import numpy as np
 from recsys_assets.data.simulation import LiveWorld, stream, world_dir
 from recsys_assets.data.simulator import Drift, World
 from recsys_assets.data.traffic import Behaviour, TrafficReport, run_traffic
-from recsys_assets.data.warehouse import BatchReport, Warehouse
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_core.warehouse import BatchReport, Warehouse
 
 log = logging.getLogger(__name__)
 
@@ -201,7 +201,7 @@ def play_world(
     traffic.start()
     narrator.say(f"streaming {stream_rate:g} events/s and {traffic_rps:g} requests/s of simulated users")
     # One line a minute sums the stream and the traffic up; a line per landed batch would bury the story.
-    batch_log = logging.getLogger("recsys_assets.data.warehouse")
+    batch_log = logging.getLogger("recsys_core.warehouse")
     batch_log_level = batch_log.level
     if not batch_log.isEnabledFor(logging.DEBUG):
         batch_log.setLevel(logging.WARNING)

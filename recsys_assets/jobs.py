@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recsys_assets.constants import RETRAIN_TAG
-from recsys_assets.settings import automation_settings
+from recsys_core.settings import automation_settings
 
 # Extraction, cleaning, features, training, evaluation and its gate, registration, the Bento and its
 # deployment: everything downstream of the raw events but the monitoring assets (drift report, canary

@@ -1,7 +1,7 @@
 """Dagster resources: thin, frozen handles on the platform's stores.
 
 Each resource is configured from environment variables through ``dg.EnvVar`` when they are set, and
-otherwise from :func:`recsys_assets.settings.load_settings`'s embedded defaults, so the code location
+otherwise from :func:`recsys_core.settings.load_settings`'s embedded defaults, so the code location
 works on a bare machine. A resource hands out a plain client (``get_…()``) that the library modules
 use; they never see Dagster.
 """
@@ -15,10 +15,10 @@ import dagster as dg
 from pydantic import Field
 
 from recsys_assets.data.store import PreparedStore
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.ml.registry import Registry
-from recsys_assets.settings import Settings
+from recsys_core.control import ControlPlane
+from recsys_core.registry import Registry
+from recsys_core.settings import Settings
+from recsys_core.warehouse import Warehouse
 
 
 class WarehouseResource(dg.ConfigurableResource):
@@ -50,13 +50,13 @@ class MLflowResource(dg.ConfigurableResource):
     cache_dir: str = Field(description="Where downloaded model versions are cached.")
 
     def get_registry(self) -> Registry:
-        """The registry's reading client (and the tracking runs' writer)."""
+        """The registry's reading client."""
         return Registry(
             self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
         )
 
     def get_control_plane(self) -> ControlPlane:
-        """The one writer of versions, aliases and the canary plan."""
+        """The one writer: training runs, versions, aliases and the canary plan."""
         return ControlPlane(
             self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
         )
@@ -118,7 +118,7 @@ class ServingResource(dg.ConfigurableResource):
     home: str = Field(description="RECSYS_HOME (where the default token lives).")
 
     def get_client(self) -> ServingClient:
-        from recsys_assets.settings import admin_token
+        from recsys_core.settings import admin_token
 
         return ServingClient(self.url, self.admin_token or admin_token(Path(self.home)))
 

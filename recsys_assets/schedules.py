@@ -6,7 +6,7 @@ import dagster as dg
 
 from recsys_assets.constants import RETRAIN_TAG
 from recsys_assets.jobs import retrain_job
-from recsys_assets.settings import automation_settings
+from recsys_core.settings import automation_settings
 
 monthly_retrain = dg.ScheduleDefinition(
     name="monthly_retrain",

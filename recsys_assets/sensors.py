@@ -26,11 +26,8 @@ import dagster as dg
 import httpx
 
 from recsys_assets.constants import RETRAIN_TAG
-from recsys_assets.data.warehouse import WarehouseError
 from recsys_assets.jobs import retrain_job
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, RegistryError
 from recsys_assets.resources import MLflowResource, PrometheusResource, ServingResource, WarehouseResource
-from recsys_assets.settings import automation_settings
 from recsys_assets.triggers import (
     AlertEpisode,
     NewDataProgress,
@@ -39,6 +36,9 @@ from recsys_assets.triggers import (
     firing_episodes,
     new_positive_events,
 )
+from recsys_core.registry import CHALLENGER, CHAMPION, RegistryError
+from recsys_core.settings import automation_settings
+from recsys_core.warehouse import WarehouseError
 
 SETTINGS = automation_settings()
 RUN_KEY_TAG = "dagster/run_key"

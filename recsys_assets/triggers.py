@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 
-from recsys_assets.data.warehouse import Warehouse
+from recsys_core.warehouse import Warehouse
 
 MAX_BACKOFF = timedelta(days=2)
 

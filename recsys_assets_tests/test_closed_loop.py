@@ -27,15 +27,15 @@ import pytest
 
 from recsys_assets.data.simulation import simulate_history, world_dir
 from recsys_assets.data.simulator import Drift, World
-from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.demo import StreamDriver, TrafficDriver
-from recsys_assets.ml.artifacts import ModelArtifact
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry
 from recsys_assets.sensors import RUN_KEY_TAG, drift_run_key
-from recsys_assets.settings import load_settings
 from recsys_assets.stack.supervisor import free_port
 from recsys_assets_tests.conftest import BIN
+from recsys_core.control import ControlPlane
+from recsys_core.model_version import ModelArtifact
+from recsys_core.registry import CHALLENGER, CHAMPION, Registry
+from recsys_core.settings import load_settings
+from recsys_core.warehouse import Warehouse
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

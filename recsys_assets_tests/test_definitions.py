@@ -14,7 +14,6 @@ from recsys_assets_tests.conftest import BIN, REPO_ROOT
 EXPECTED_ASSETS = {
     "listening_events",
     "clean_listening_events",
-    "user_features",
     "track_features",
     "training_interactions",
     "warehouse/listening_events",

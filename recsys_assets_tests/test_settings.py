@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from recsys_assets.settings import load_settings
+from recsys_core.settings import load_settings
 
 
 def test_defaults_root_everything_in_recsys_home(tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_child_env_reproduces_the_settings(tmp_path: Path) -> None:
 
 
 def test_canary_settings_parse_and_name_what_is_wrong() -> None:
-    from recsys_assets.settings import automation_settings
+    from recsys_core.settings import automation_settings
 
     defaults = automation_settings({})
     assert (defaults.canary_steps, defaults.canary_mode) == ((0.05, 0.2, 0.5), "ab")
@@ -67,7 +67,7 @@ def test_canary_settings_parse_and_name_what_is_wrong() -> None:
 
 
 def test_serving_settings() -> None:
-    from recsys_assets.settings import serving_settings
+    from recsys_core.settings import serving_settings
 
     knobs = serving_settings({"RECSYS_FAULT_CHALLENGER_DELAY_MS": "40", "RECSYS_WAREHOUSE_URI": "none"})
     assert knobs.fault_delay_seconds == pytest.approx(0.04)

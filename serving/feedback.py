@@ -23,8 +23,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys_assets.data.contracts import LISTENING_EVENTS_SCHEMA
-from recsys_assets.data.warehouse import Warehouse, WarehouseError
+from recsys_core.contracts import LISTENING_EVENTS_SCHEMA
+from recsys_core.warehouse import Warehouse, WarehouseError
 
 log = logging.getLogger(__name__)
 

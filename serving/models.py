@@ -15,8 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from recsys_assets.ml.registry import Registry, RegistryError, ServingState
-from recsys_assets.ml.scoring import Ranker
+from recsys_core.registry import Registry, RegistryError, ServingState
+from recsys_core.scoring import Ranker
 
 log = logging.getLogger(__name__)
 

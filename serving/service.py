@@ -8,7 +8,7 @@ within one poll (or at once on ``/admin/reload``).
 
     bentoml serve serving.service:Recommender --port 3001
 
-Configuration (environment, read through ``recsys_assets.settings``):
+Configuration (environment, read through ``recsys_core.settings``):
 
 | variable | default | what |
 |---|---|---|
@@ -38,11 +38,10 @@ from annotated_types import Ge, Le
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field
 
-import recsys_assets  # noqa: F401  (the environment; nothing above imports TensorFlow)
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import Registry
-from recsys_assets.ml.scoring import single_threaded_blas
-from recsys_assets.settings import admin_token, load_settings, serving_settings
+from recsys_core.registry import Registry
+from recsys_core.scoring import single_threaded_blas
+from recsys_core.settings import admin_token, load_settings, serving_settings
+from recsys_core.warehouse import Warehouse
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft

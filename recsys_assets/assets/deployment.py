@@ -23,8 +23,6 @@ from recsys_assets.data.kpis import (
 )
 from recsys_assets.metadata import markdown_table
 from recsys_assets.ml.canary import CanaryRules, decide_canary
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, CanaryState
 from recsys_assets.resources import (
     MLflowResource,
     PrometheusResource,
@@ -32,8 +30,10 @@ from recsys_assets.resources import (
     ServingResource,
     WarehouseResource,
 )
-from recsys_assets.settings import automation_settings
 from recsys_assets.stack.services import REPO_ROOT
+from recsys_core.control import ControlPlane
+from recsys_core.registry import CHALLENGER, CHAMPION, CanaryState
+from recsys_core.settings import automation_settings
 
 BENTOFILE = REPO_ROOT / "serving" / "bentofile.yaml"
 K8S_TEMPLATE = REPO_ROOT / "deploy" / "k8s" / "recommender.yaml"

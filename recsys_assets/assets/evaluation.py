@@ -95,26 +95,28 @@ def model_evaluation(
     The report is also written to ``$RECSYS_HOME/reports/evaluation/<run id>.json`` and its metrics to
     the candidate's MLflow run. The blocking check ``promotion_gate`` acts on the decision.
     """
-    from recsys_assets.ml.artifacts import ModelArtifact
     from recsys_assets.ml.gate import decide
     from recsys_assets.ml.metrics import build_eval_set, evaluate, popularity_scorer
-    from recsys_assets.ml.registry import CHAMPION
+    from recsys_core.registry import CHAMPION
+    from recsys_core.scoring import Ranker
 
-    registry = mlflow.get_registry()
+    registry = mlflow.get_control_plane()
     split_dir = Path(two_tower_model["split_dir"])
     train = pl.read_parquet(split_dir / "train.parquet")
     holdout = pl.read_parquet(split_dir / "holdout.parquet")
     eval_set = build_eval_set(train, holdout)
     clicks = click_model_for(recsys_home.path)
-    candidate_artifact = ModelArtifact.load(Path(two_tower_model["model_dir"]))
-    candidate = evaluate(candidate_artifact.scorer(eval_set.items), eval_set, click_model=clicks)
+    candidate_ranker = Ranker.load(Path(two_tower_model["model_dir"]), version=0)
+    candidate = evaluate(candidate_ranker.scorer(eval_set.items), eval_set, click_model=clicks)
     popularity = evaluate(popularity_scorer(train, eval_set.items), eval_set, click_model=clicks)
     results = {"candidate": candidate.metrics}
     champion_eval, champion_label = None, None
     champion = registry.by_alias(CHAMPION)
     if champion is not None:
         champion_dir = registry.download(champion.version)
-        champion_eval = evaluate(ModelArtifact.load(champion_dir).scorer(eval_set.items), eval_set, click_model=clicks)
+        champion_eval = evaluate(
+            Ranker.load(champion_dir, version=0).scorer(eval_set.items), eval_set, click_model=clicks
+        )
         champion_label = f"champion v{champion.version}"
         results[champion_label] = champion_eval.metrics
     results["popularity"] = popularity.metrics

@@ -1,4 +1,8 @@
-"""Features: user and track/artist features, and the positive interactions the model trains on."""
+"""Features: track/artist features and the positive interactions the model trains on.
+
+There is no user-features asset: the query tower's user features are computed per split from the
+train side only (``ml.two_tower.query_features``), so that the holdout never leaks into them.
+"""
 
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
 # definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
@@ -26,32 +30,6 @@ def _written(store, name: str, df: pl.DataFrame, extra: dict[str, object] | None
     }
     metadata.update(extra or {})
     return dg.MaterializeResult(metadata=metadata)
-
-
-@dg.asset(
-    group_name=FEATURES,
-    deps=["clean_listening_events"],
-    kinds={"polars", "parquet"},
-    freshness_policy=FEATURES_FRESHNESS,
-    automation_condition=automation.prepared_data,
-)
-def user_features(context: dg.AssetExecutionContext, prepared: PreparedDataResource) -> dg.MaterializeResult:
-    """Per-user features: activity, skip rate, completion, recency and genre shares."""
-    store = prepared.get_store()
-    clean = store.scan(CLEAN_EVENTS_DATASET)
-    genres = F.top_genres(clean)
-    df = F.user_features(clean, genres).collect(engine="streaming")
-    context.log.info(f"{df.height:,} users, {len(genres)} genre share columns")
-    return _written(
-        store,
-        "user_features",
-        df,
-        {
-            "genres": dg.MetadataValue.json(genres),
-            "suspected_bots": dg.MetadataValue.int(int(df["suspected_bot"].sum())),
-            "median_skip_rate": dg.MetadataValue.float(float(df["skip_rate"].median() or 0.0)),
-        },
-    )
 
 
 @dg.asset(

@@ -11,9 +11,9 @@ from pydantic import Field
 from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, MONITORING
 from recsys_assets.metadata import markdown_table
-from recsys_assets.ml.registry import CHAMPION
 from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
-from recsys_assets.settings import automation_settings
+from recsys_core.registry import CHAMPION
+from recsys_core.settings import automation_settings
 
 
 class DriftConfig(dg.Config):

@@ -12,10 +12,10 @@ from pydantic import Field
 from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
 from recsys_assets.data.cleaning import CleaningRules, clean_events
-from recsys_assets.data.contracts import TRACKS_SCHEMA, USERS_SCHEMA
 from recsys_assets.data.store import write_json_atomic
 from recsys_assets.metadata import counts_table, markdown_table, reason_category, time_range
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
+from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
 
 
 class CleaningConfig(dg.Config):

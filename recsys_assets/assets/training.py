@@ -82,11 +82,11 @@ def two_tower_model(
     run; the version directory (towers as SavedModels, embeddings, vocabularies, seen lists,
     popularity fallback) is logged as the run's pyfunc model. Registration waits for the gate.
     """
-    from recsys_assets.ml.artifacts import export_model
+    from recsys_assets.ml.export import export_model
     from recsys_assets.ml.two_tower import train_two_tower
 
     params = config.params()
-    registry = mlflow.get_registry()
+    registry = mlflow.get_control_plane()
     registry.check()  # an unreachable store fails now, not after the training
     store = prepared.get_store()
     interactions = store.scan_table("training_interactions").collect()

@@ -20,7 +20,7 @@ from datetime import UTC, datetime, timedelta
 
 import polars as pl
 
-from recsys_assets.data.contracts import EVENT_TYPES, QUARANTINE_SCHEMA, SOURCES
+from recsys_core.contracts import EVENT_TYPES, QUARANTINE_SCHEMA, SOURCES
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 

@@ -10,7 +10,7 @@ import re
 
 import polars as pl
 
-from recsys_assets.data.contracts import POSITIVE_EVENT_TYPES
+from recsys_core.contracts import POSITIVE_EVENT_TYPES
 
 MAX_GENRES = 24
 GENRE_PREFIX = "genre_share__"
@@ -35,53 +35,6 @@ def top_genres(clean: pl.LazyFrame, limit: int = MAX_GENRES) -> list[str]:
         .collect(engine="streaming")
     )
     return counts["genre"].to_list()
-
-
-def user_features(clean: pl.LazyFrame, genres: list[str]) -> pl.LazyFrame:
-    """One row per user: activity, skip rate, completion, recency and genre shares.
-
-    Args:
-        clean: clean listening events.
-        genres: the genres that get a share column (see :func:`top_genres`); the rest count as
-            ``genre_share__other``.
-    """
-    reference = clean.select(pl.col("played_at").max()).collect(engine="streaming").item()
-    play = pl.col("event_type") == "play"
-    skip = pl.col("event_type") == "skip"
-    listens = play | skip
-    shares = [
-        ((pl.col("genre") == g) & play).sum().truediv(play.sum().clip(lower_bound=1)).alias(genre_column(g))
-        for g in genres
-    ]
-    other = (
-        (~pl.col("genre").is_in(genres) & play)
-        .sum()
-        .truediv(play.sum().clip(lower_bound=1))
-        .alias(GENRE_PREFIX + "other")
-    )
-    return (
-        clean.group_by("user_id")
-        .agg(
-            play.sum().alias("plays"),
-            skip.sum().alias("skips"),
-            (pl.col("event_type") == "like").sum().alias("likes"),
-            (pl.col("event_type") == "dislike").sum().alias("dislikes"),
-            (skip.sum() / listens.sum().clip(lower_bound=1)).alias("skip_rate"),
-            pl.col("completion").filter(listens).mean().alias("completion_mean"),
-            pl.col("track_id").filter(play).n_unique().alias("distinct_tracks"),
-            pl.col("played_at").dt.date().n_unique().alias("active_days"),
-            pl.col("played_at").min().alias("first_played_at"),
-            pl.col("played_at").max().alias("last_played_at"),
-            pl.col("suspected_bot").any().alias("suspected_bot"),
-            *shares,
-            other,
-        )
-        .with_columns(
-            ((pl.lit(reference) - pl.col("last_played_at")).dt.total_seconds() / 86400.0).alias("recency_days"),
-            (pl.col("plays") / pl.col("active_days").clip(lower_bound=1)).alias("plays_per_active_day"),
-        )
-        .sort("user_id")
-    )
 
 
 def track_features(clean: pl.LazyFrame) -> pl.LazyFrame:

@@ -43,8 +43,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys_assets.data.contracts import LISTENING_EVENTS_SCHEMA, QUARANTINE_SCHEMA, TRACKS_SCHEMA, conform
-from recsys_assets.data.warehouse import BatchReport, Warehouse
+from recsys_core.contracts import LISTENING_EVENTS_SCHEMA, QUARANTINE_SCHEMA, TRACKS_SCHEMA, conform
+from recsys_core.warehouse import BatchReport, Warehouse
 
 log = logging.getLogger(__name__)
 

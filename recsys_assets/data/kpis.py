@@ -23,9 +23,9 @@ import httpx
 import numpy as np
 import polars as pl
 
-from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.ml.canary import INTERLEAVING, Arm, ServingHealth, Stratum
-from recsys_assets.ml.registry import CanaryState
+from recsys_core.registry import CanaryState
+from recsys_core.warehouse import Warehouse
 
 log = logging.getLogger(__name__)
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys_assets.data.simulator import Drift, World, history_bounds
-from recsys_assets.data.warehouse import BatchReport, Warehouse
+from recsys_core.warehouse import BatchReport, Warehouse
 
 log = logging.getLogger(__name__)
 

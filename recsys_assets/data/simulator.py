@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys_assets.data.contracts import LISTENING_EVENTS_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA, conform
+from recsys_core.contracts import LISTENING_EVENTS_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA, conform
 
 log = logging.getLogger(__name__)
 

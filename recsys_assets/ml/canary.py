@@ -136,7 +136,7 @@ class CanaryRules:
 
     @classmethod
     def from_settings(cls, settings) -> CanaryRules:
-        """The rules of a deployment (``recsys_assets.settings.AutomationSettings``)."""
+        """The rules of a deployment (``recsys_core.settings.AutomationSettings``)."""
         return cls(
             steps=settings.canary_steps,
             min_impressions=settings.canary_min_impressions,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import httpx
 
-from recsys_assets.settings import Settings, automation_settings
 from recsys_assets.stack.supervisor import ServiceSpec
+from recsys_core.settings import Settings, automation_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"

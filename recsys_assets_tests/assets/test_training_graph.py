@@ -10,9 +10,9 @@ import dagster as dg
 import pytest
 
 from recsys_assets.data.simulation import simulate_history
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, MODEL_NAME
 from recsys_assets.resources import build_resources
+from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME
+from recsys_core.warehouse import Warehouse
 
 pytestmark = [pytest.mark.slow]
 

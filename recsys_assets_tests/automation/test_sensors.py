@@ -14,10 +14,10 @@ import polars as pl
 import pytest
 
 from recsys_assets import sensors
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.control import ControlPlane
 from recsys_assets.resources import build_resources
 from recsys_assets.stack.supervisor import free_port
+from recsys_core.control import ControlPlane
+from recsys_core.warehouse import Warehouse
 
 pytestmark = pytest.mark.slow
 CUTOFF = datetime(2026, 5, 1, tzinfo=UTC)

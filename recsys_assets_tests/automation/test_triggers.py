@@ -7,8 +7,8 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from recsys_assets.data.warehouse import Warehouse
 from recsys_assets.triggers import NewDataProgress, RetrainState, feedback_ctr_episode, firing_episodes
+from recsys_core.warehouse import Warehouse
 
 NOW = datetime(2026, 6, 1, 12, 30, tzinfo=UTC)
 

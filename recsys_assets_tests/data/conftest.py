@@ -9,7 +9,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from recsys_assets.data.warehouse import Warehouse
+from recsys_core.warehouse import Warehouse
 
 _databases = itertools.count()
 

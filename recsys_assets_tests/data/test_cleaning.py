@@ -8,7 +8,7 @@ import polars as pl
 import pytest
 
 from recsys_assets.data.cleaning import CLEAN_EXTRA_SCHEMA, CleaningRules, clean_events
-from recsys_assets.data.contracts import RAW_EVENTS_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA, conform
+from recsys_core.contracts import RAW_EVENTS_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA, conform
 
 NOW = datetime(2026, 6, 1, tzinfo=UTC)
 TRACKS = conform(

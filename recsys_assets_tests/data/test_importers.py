@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from recsys_assets.data.importers import UnreadableFileError, import_file, parse_mapping
-from recsys_assets.data.warehouse import Warehouse
+from recsys_core.warehouse import Warehouse
 
 
 def quarantine(wh: Warehouse) -> list[tuple[int, str]]:

@@ -9,8 +9,8 @@ from datetime import UTC, datetime
 import polars as pl
 import pytest
 
-from recsys_assets.data.contracts import TRACKS_SCHEMA
-from recsys_assets.data.warehouse import Warehouse, WarehouseError
+from recsys_core.contracts import TRACKS_SCHEMA
+from recsys_core.warehouse import Warehouse, WarehouseError
 
 T0 = datetime(2024, 5, 1, 12, tzinfo=UTC)
 

@@ -11,9 +11,9 @@ import polars as pl
 import pytest
 
 from recsys_assets.data.kpis import canary_events, canary_strata, histogram_quantile, serving_health_from_metrics
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.ml.registry import CanaryState, RegistryError
+from recsys_core.control import ControlPlane
+from recsys_core.registry import CanaryState, RegistryError
+from recsys_core.warehouse import Warehouse
 
 T0 = datetime(2026, 6, 1, tzinfo=UTC)
 

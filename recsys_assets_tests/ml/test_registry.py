@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.ml.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_core.control import ControlPlane
+from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 
 pytestmark = pytest.mark.slow
 

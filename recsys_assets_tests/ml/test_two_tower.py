@@ -12,10 +12,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_assets.ml.artifacts import ModelArtifact, export_model
+from recsys_assets.ml.export import export_model
 from recsys_assets.ml.metrics import build_eval_set, evaluate, popularity_scorer
 from recsys_assets.ml.split import global_temporal_split, validation_split
 from recsys_assets.ml.two_tower import TrainingError, TwoTowerParams, train_two_tower
+from recsys_core.model_version import ModelArtifact
 
 pytestmark = pytest.mark.slow
 

@@ -7,12 +7,12 @@ from pathlib import Path
 
 import pytest
 
-from recsys_assets.ml.artifacts import export_model
-from recsys_assets.ml.control import ControlPlane
+from recsys_assets.ml.export import export_model
 from recsys_assets.ml.split import global_temporal_split
 from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
-from recsys_assets.settings import load_settings
 from recsys_assets_tests.ml.conftest import simulated_interactions
+from recsys_core.control import ControlPlane
+from recsys_core.settings import load_settings
 
 FAST = TwoTowerParams(embedding_dim=16, batch_size=256, max_epochs=2, refit="none", min_train_pairs=10, seed=3)
 ADMIN_TOKEN = "test-admin-token"

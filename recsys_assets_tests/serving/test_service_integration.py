@@ -10,15 +10,16 @@ from collections import Counter
 from pathlib import Path
 
 import httpx
+import pandas as pd
 import psutil
 import pytest
 
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.settings import load_settings
 from recsys_assets.stack.services import bento_spec
 from recsys_assets.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+from recsys_core.control import ControlPlane
+from recsys_core.settings import load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -125,3 +126,45 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     assert 'recsys_model_reloads_total{reason="admin reload",variant="champion"}' in metrics
     assert 'recsys_request_duration_seconds_bucket{le="0.001",model_version="2",variant="challenger"}' in metrics
     assert "bentoml_service_request_duration_seconds_bucket" in metrics
+
+
+def test_one_scorer_offline_top_k_equals_recommend_and_the_pyfunc(server, serving_home) -> None:
+    """The offline evaluation's top-10, `/recommend`'s and the registered MLflow pyfunc's are the same
+    tracks in the same order for every sampled user: offline metrics describe what is served."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    from recsys_assets.ml.metrics import build_eval_set, recommend
+    from recsys_assets.ml.split import global_temporal_split
+    from recsys_assets_tests.ml.conftest import simulated_interactions
+    from recsys_core.registry import MODEL_NAME
+    from recsys_core.scoring import Ranker
+
+    _, interactions, _ = simulated_interactions(users=120, tracks=400, days=14, seed=21)  # the fixture's world
+    split = global_temporal_split(interactions)
+    eval_set = build_eval_set(split.train, split.holdout)
+    url, _, _ = server
+    client = httpx.Client(base_url=url, timeout=10)
+    registry = serving_home.registry
+    offline, pyfunc = {}, {}
+    for version in (1, 2):
+        # As model_evaluation scores a version: the same Ranker as the service's.
+        top = recommend(Ranker.load(registry.download(version), version).scorer(eval_set.items), eval_set, 10)
+        ranked = zip(eval_set.users, top, strict=True)
+        offline[version] = {str(u): [str(eval_set.items[j]) for j in row] for u, row in ranked}
+        source = MlflowClient(registry.tracking_uri, registry.tracking_uri).get_model_version_download_uri(
+            MODEL_NAME, str(version)
+        )
+        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=registry.tracking_uri)
+        pyfunc[version] = mlflow.pyfunc.load_model(local)
+    users = sorted(offline[1])[:40]
+    assert len(users) >= 20
+    served_versions = set()
+    for user in users:
+        body = client.post("/recommend", json={"user_id": user, "k": 10}).json()
+        version = body["model_version"]
+        served_versions.add(version)
+        assert [item["track_id"] for item in body["items"]] == offline[version][user], user
+        predicted = pyfunc[version].predict(pd.DataFrame({"user_id": [user], "k": [10]}))
+        assert list(predicted["track_ids"][0]) == offline[version][user], user
+    assert served_versions == {1, 2}

@@ -1,8 +1,9 @@
 """The one scorer: brute-force top-k over a model version's exported embeddings (numpy, no TensorFlow).
 
-``/recommend`` (the BentoML service), the registered MLflow pyfunc (``pyfunc_model.py``) and the raw
-Starlette baseline of the serving benchmark all rank with :class:`Ranker`; a test checks that the
-offline evaluation's top-k equals ``/recommend``'s, item for item.
+``/recommend`` (the BentoML service), the registered MLflow pyfunc (``pyfunc_model.py``), the raw
+Starlette baseline of the serving benchmark and the offline evaluation (:meth:`Ranker.scorer`) all
+score with :class:`Ranker`; a test checks that the offline evaluation's top-k equals ``/recommend``'s,
+item for item.
 
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
 already-heard tracks masked out, and a partition for the k-th best score. It allocates two vectors of
@@ -19,8 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import polars as pl
 
-from recsys_assets.ml.artifacts import ModelArtifact
+from recsys_core.model_version import ModelArtifact
 
 
 def single_threaded_blas() -> None:
@@ -102,6 +104,36 @@ class Ranker:
         candidates = np.flatnonzero(scores >= kth)  # k rows, more on ties with the k-th
         top = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]  # ties: the lower row first
         return top, scores[top], False
+
+    def scorer(self, eval_items: np.ndarray):
+        """The scores of ``eval_items`` (track ids) for :func:`recsys_assets.ml.metrics.evaluate`: the
+        same user and item vectors as :meth:`top_rows`, over the evaluation's candidate set.
+
+        Tracks the model does not know score -inf (ranked last); users it does not know get the
+        popularity fallback, as :meth:`top_rows` gives them. Already-heard tracks are the
+        evaluation's to mask (it knows the train side).
+        """
+        table = pl.DataFrame({"track_id": self.item_ids[1:].astype(str), "row": np.arange(1, len(self.item_ids))})
+        rows = (
+            pl.DataFrame({"track_id": pl.Series(eval_items).cast(pl.String)})
+            .join(table, on="track_id", how="left", maintain_order="left")["row"]
+            .fill_null(0)
+            .to_numpy()
+        )
+        candidates_t = np.ascontiguousarray(self._items_t[:, rows])
+        unknown_item = rows == 0
+        popularity = np.where(unknown_item, -np.inf, self._popularity[rows]).astype(np.float32)
+
+        def score(users: np.ndarray) -> np.ndarray:
+            user_rows = np.array([self.artifact.user_row(str(u)) for u in users], dtype=np.int64)
+            scores = self.users[user_rows] @ candidates_t
+            scores[:, unknown_item] = -np.inf
+            unknown_user = user_rows == 0
+            if unknown_user.any():
+                scores[unknown_user] = popularity
+            return scores
+
+        return score
 
     def recommend(self, user_id: str, k: int) -> Recommendation:
         rows, scores, fallback = self.top_rows(user_id, k)

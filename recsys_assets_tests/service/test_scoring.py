@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from recsys_assets.ml.scoring import Ranker
-from recsys_assets_tests.serving.versions import write_version
+from recsys_assets_tests.service.versions import write_version
+from recsys_core.scoring import Ranker
 
 ITEMS, USERS, DIM = 300, 6, 8
 

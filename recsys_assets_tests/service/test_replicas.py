@@ -14,12 +14,12 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recsys_assets.ml.control import ControlPlane
-from recsys_assets.settings import load_settings
 from recsys_assets.stack.services import bento_spec
 from recsys_assets.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
-from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+from recsys_assets_tests.service.conftest import ADMIN_TOKEN
+from recsys_core.control import ControlPlane
+from recsys_core.settings import load_settings
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets.ml.registry import RegistryError, ServingState
-from recsys_assets_tests.serving.versions import write_version
+from recsys_assets_tests.service.versions import write_version
+from recsys_core.registry import RegistryError, ServingState
+from recsys_core.warehouse import Warehouse
 from serving.feedback import FeedbackWriter, event_row
 from serving.models import ModelSlots
 

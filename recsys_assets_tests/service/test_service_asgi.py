@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import time
 
-import pandas as pd
 import pytest
 from starlette.testclient import TestClient
 
-from recsys_assets.data.warehouse import Warehouse
-from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+from recsys_assets_tests.service.conftest import ADMIN_TOKEN
+from recsys_core.warehouse import Warehouse
 
 pytestmark = pytest.mark.slow
 AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
@@ -58,7 +57,7 @@ def test_recommend_follows_the_contract(client, service_env) -> None:
 
 
 def test_already_heard_tracks_are_excluded(client, service_env) -> None:
-    from recsys_assets.ml.artifacts import ModelArtifact
+    from recsys_core.model_version import ModelArtifact
 
     body = client.post("/recommend", json={"user_id": service_env.known_user, "k": 20}).json()
     artifact = ModelArtifact.load(service_env.registry.download(body["model_version"]))
@@ -109,7 +108,7 @@ def test_feedback_is_accepted_and_lands_in_the_warehouse(client, service_env) ->
     response = client.post(
         "/feedback",
         json={
-            "user_id": "u1",
+            "user_id": "feedback-user",
             "track_id": "t0000001",
             "event_type": "click",
             "model_version": 1,
@@ -118,14 +117,15 @@ def test_feedback_is_accepted_and_lands_in_the_warehouse(client, service_env) ->
     )
     assert response.status_code == 202, response.text
     event_id = response.json()["event_id"]
-    client.post("/recommend", json={"user_id": "u1", "k": 3})
+    client.post("/recommend", json={"user_id": "feedback-user", "k": 3})
     warehouse = Warehouse(service_env.env["RECSYS_WAREHOUSE_URI"])
     deadline = time.monotonic() + 20
     rows = None
     while time.monotonic() < deadline:
         warehouse.init_schema()
         rows = warehouse.fetch(
-            "SELECT event_id, event_type, source, model_version, variant FROM listening_events WHERE user_id = 'u1'"
+            "SELECT event_id, event_type, source, model_version, variant FROM listening_events"
+            " WHERE user_id = 'feedback-user'"
         )
         if rows.height >= 4:
             break
@@ -288,43 +288,3 @@ def test_client_errors_are_logged_at_info_without_a_traceback(client, caplog) ->
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in records)
     assert "ValidationError" in records[0].getMessage()
     assert "event_type='x'" in records[1].getMessage()
-
-
-def test_one_scorer_offline_top_k_equals_recommend_and_the_pyfunc(client, service_env) -> None:
-    """The offline evaluation's top-10, `/recommend`'s and the registered MLflow pyfunc's are the same
-    tracks in the same order for every sampled user: offline metrics describe what is served."""
-    import mlflow
-    from mlflow import MlflowClient
-
-    from recsys_assets.ml.artifacts import ModelArtifact
-    from recsys_assets.ml.metrics import build_eval_set, recommend
-    from recsys_assets.ml.registry import MODEL_NAME
-    from recsys_assets.ml.split import global_temporal_split
-    from recsys_assets_tests.ml.conftest import simulated_interactions
-
-    _, interactions, _ = simulated_interactions(users=120, tracks=400, days=14, seed=21)  # the fixture's world
-    split = global_temporal_split(interactions)
-    eval_set = build_eval_set(split.train, split.holdout)
-    registry = service_env.registry
-    offline, pyfunc = {}, {}
-    for version in (1, 2):
-        artifact = ModelArtifact.load(registry.download(version))
-        top = recommend(artifact.scorer(eval_set.items), eval_set, 10)
-        ranked = zip(eval_set.users, top, strict=True)
-        offline[version] = {str(u): [str(eval_set.items[j]) for j in row] for u, row in ranked}
-        source = MlflowClient(registry.tracking_uri, registry.tracking_uri).get_model_version_download_uri(
-            MODEL_NAME, str(version)
-        )
-        local = mlflow.artifacts.download_artifacts(artifact_uri=source, tracking_uri=registry.tracking_uri)
-        pyfunc[version] = mlflow.pyfunc.load_model(local)
-    users = sorted(offline[1])[:40]
-    assert len(users) >= 20
-    served_versions = set()
-    for user in users:
-        body = client.post("/recommend", json={"user_id": user, "k": 10}).json()
-        version = body["model_version"]
-        served_versions.add(version)
-        assert [item["track_id"] for item in body["items"]] == offline[version][user], user
-        predicted = pyfunc[version].predict(pd.DataFrame({"user_id": [user], "k": [10]}))
-        assert list(predicted["track_ids"][0]) == offline[version][user], user
-    assert served_versions == {1, 2}

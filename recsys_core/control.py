@@ -3,7 +3,7 @@
 Registering a version, promoting, rolling back, rejecting a challenger and moving the canary's traffic
 plan all go through :class:`ControlPlane`, and nothing else writes aliases or the ``recsys.canary``
 tag: the registry asset, the deployment and canary assets and the ``recsys model`` commands use it.
-The serving plane only reads (:class:`recsys_assets.ml.registry.Registry`).
+The serving plane only reads (:class:`recsys_core.registry.Registry`).
 
 Every move is recorded on the versions it touches as a ``recsys.event.<time>-<random>`` tag (JSON:
 when, action, alias, from, to, why, by) plus a ``recsys.status`` tag. The key needs no read of the
@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
+import time
 import uuid
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 
-from recsys_assets.ml.registry import (
+from recsys_core.registry import (
     CANARY_TAG,
     CHALLENGER,
     CHAMPION,
@@ -33,6 +36,12 @@ from recsys_assets.ml.registry import (
 )
 
 log = logging.getLogger(__name__)
+
+EXPERIMENT = "recsys-two-tower"
+PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
+PIP_REQUIREMENTS = ["recsys-assets", "mlflow==3.17.2", "numpy", "pandas", "polars==2.1.0"]
+# MLflow's fluent API (log_model) works on process-wide URIs: one caller at a time.
+_FLUENT_API = threading.Lock()
 
 
 class ControlPlane(Registry):
@@ -71,6 +80,73 @@ class ControlPlane(Registry):
             client.delete_model_version(MODEL_NAME, str(version))
             raise
         return self.get(version)
+
+    # --- runs (the training plane's experiment tracking) ----------------------------------------
+
+    def experiment_id(self) -> str:
+        with self._errors("creating the experiment"):
+            client = self.client()
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is not None:
+                return experiment.experiment_id
+            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
+            return client.create_experiment(EXPERIMENT, artifact_location=location)
+
+    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
+        with self._errors("creating the training run"):
+            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
+        return run.info.run_id
+
+    def log_run(
+        self,
+        run_id: str,
+        *,
+        params: dict[str, Any] | None = None,
+        metrics: dict[str, float] | None = None,
+        history: list[dict] | None = None,
+        tags: dict[str, str] | None = None,
+    ) -> None:
+        """Log params, final metrics, per-epoch metrics (as steps) and tags in one batch."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        ts = int(time.time() * 1000)
+        metric_rows = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None]
+        for step, record in enumerate(history or [], start=1):
+            for k, v in record.items():
+                if isinstance(v, int | float) and k != "epoch":
+                    prefix = "refit_" if record.get("phase") == "refit" else ""
+                    metric_rows.append(Metric(f"{prefix}{k}".replace("@", "_at_"), float(v), ts, step))
+        metric_rows = [Metric(m.key.replace("@", "_at_"), m.value, m.timestamp, m.step) for m in metric_rows]
+        with self._errors("logging the run"):
+            client = self.client()
+            for start in range(0, max(len(metric_rows), 1), 900):
+                client.log_batch(
+                    run_id,
+                    metrics=metric_rows[start : start + 900],
+                    params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()] if start == 0 else [],
+                    tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()] if start == 0 else [],
+                )
+
+    def log_model(self, run_id: str, model_dir: Path) -> str:
+        """Log the version directory as the run's pyfunc model; return the model URI."""
+        import mlflow
+
+        # MLflow's fluent API works on process-wide URIs: hold them for the whole call.
+        with _FLUENT_API, self._errors("logging the model"):
+            mlflow.set_tracking_uri(self.tracking_uri)
+            mlflow.set_registry_uri(self.tracking_uri)
+            with mlflow.start_run(run_id=run_id):
+                info = mlflow.pyfunc.log_model(
+                    name="model",
+                    python_model=str(PYFUNC_FILE),
+                    artifacts={"model_dir": str(model_dir)},
+                    pip_requirements=PIP_REQUIREMENTS,
+                )
+        return info.model_uri
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        with self._errors("closing the run"):
+            self.client().set_terminated(run_id, status=status)
 
     def _move(self, alias: str, version: int, *, action: str, reason: str, by: str) -> VersionInfo | None:
         """Point ``alias`` at ``version`` (one call) and record the move on both versions."""

@@ -24,7 +24,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from recsys_assets.data.contracts import (
+from recsys_core.contracts import (
     DDL,
     LISTENING_EVENTS_SCHEMA,
     QUARANTINE_SCHEMA,

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from recsys_assets.ml.artifacts import FORMAT_VERSION
+from recsys_core.model_version import FORMAT_VERSION
 
 
 def write_version(directory: Path, user_emb: np.ndarray, item_emb: np.ndarray, seen: list[list[int]]) -> Path:

@@ -4,7 +4,7 @@ MLflow logs this file with the model version's directory as the artifact ``model
 ``mlflow.pyfunc.load_model("models:/recsys-two-tower@champion")`` works for anyone: ``predict`` takes a
 DataFrame with ``user_id`` (and optionally ``k``) and returns the top-k track ids, already-heard tracks
 excluded, popularity for unknown users. It ranks with the service's own scorer
-(:class:`recsys_assets.ml.scoring.Ranker`), so both answer the same.
+(:class:`recsys_core.scoring.Ranker`), so both answer the same.
 """
 
 from __future__ import annotations
@@ -15,8 +15,8 @@ import pandas as pd
 
 class TwoTowerRecommender(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from recsys_assets.ml.artifacts import ModelArtifact
-        from recsys_assets.ml.scoring import Ranker
+        from recsys_core.model_version import ModelArtifact
+        from recsys_core.scoring import Ranker
 
         self.ranker = Ranker(ModelArtifact.load(context.artifacts["model_dir"]), version=0)
 

@@ -11,9 +11,10 @@
   the current step and fraction, and when each step started). The service reads it with the aliases
   in one call.
 
-This module is the registry's *reading* client (and the tracking runs' writer): the serving plane
-uses it. Every write of the registry's state (versions, aliases, statuses, history, the canary plan)
-is in :mod:`recsys_assets.ml.control`, the one writer of the control plane.
+This module is the registry's *reading* client: the serving plane uses it and nothing more (an
+import-linter contract keeps ``serving`` away from the writer). Every write (training runs, versions,
+aliases, statuses, history, the canary plan) is in :mod:`recsys_core.control`, the one writer of the
+control plane.
 """
 
 from __future__ import annotations
@@ -23,25 +24,19 @@ import logging
 import os
 import shutil
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 log = logging.getLogger(__name__)
-_FLUENT_API = threading.Lock()
 
 MODEL_NAME = "recsys-two-tower"
-EXPERIMENT = "recsys-two-tower"
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 CANARY_TAG = "recsys.canary"
 EVENT_PREFIX = "recsys.event."
-PYFUNC_FILE = Path(__file__).with_name("pyfunc_model.py")
-PIP_REQUIREMENTS = ["recsys-assets", "mlflow==3.17.2", "numpy", "pandas", "polars==2.1.0"]
 
 
 class RegistryError(RuntimeError):
@@ -173,73 +168,6 @@ class Registry:
                 raise RegistryError(f"cannot reach the MLflow store {self.tracking_uri}: {exc}") from exc
         with self._errors("reaching the store"):
             self.client().search_experiments(max_results=1)
-
-    def experiment_id(self) -> str:
-        with self._errors("creating the experiment"):
-            client = self.client()
-            experiment = client.get_experiment_by_name(EXPERIMENT)
-            if experiment is not None:
-                return experiment.experiment_id
-            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-            return client.create_experiment(EXPERIMENT, artifact_location=location)
-
-    # --- runs ---------------------------------------------------------------------------------
-
-    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
-        with self._errors("creating the training run"):
-            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
-        return run.info.run_id
-
-    def log_run(
-        self,
-        run_id: str,
-        *,
-        params: dict[str, Any] | None = None,
-        metrics: dict[str, float] | None = None,
-        history: list[dict] | None = None,
-        tags: dict[str, str] | None = None,
-    ) -> None:
-        """Log params, final metrics, per-epoch metrics (as steps) and tags in one batch."""
-        from mlflow.entities import Metric, Param, RunTag
-
-        ts = int(time.time() * 1000)
-        metric_rows = [Metric(k, float(v), ts, 0) for k, v in (metrics or {}).items() if v is not None]
-        for step, record in enumerate(history or [], start=1):
-            for k, v in record.items():
-                if isinstance(v, int | float) and k != "epoch":
-                    prefix = "refit_" if record.get("phase") == "refit" else ""
-                    metric_rows.append(Metric(f"{prefix}{k}".replace("@", "_at_"), float(v), ts, step))
-        metric_rows = [Metric(m.key.replace("@", "_at_"), m.value, m.timestamp, m.step) for m in metric_rows]
-        with self._errors("logging the run"):
-            client = self.client()
-            for start in range(0, max(len(metric_rows), 1), 900):
-                client.log_batch(
-                    run_id,
-                    metrics=metric_rows[start : start + 900],
-                    params=[Param(k, str(v)[:6000]) for k, v in (params or {}).items()] if start == 0 else [],
-                    tags=[RunTag(k, str(v)) for k, v in (tags or {}).items()] if start == 0 else [],
-                )
-
-    def log_model(self, run_id: str, model_dir: Path) -> str:
-        """Log the version directory as the run's pyfunc model; return the model URI."""
-        import mlflow
-
-        # MLflow's fluent API works on process-wide URIs: hold them for the whole call.
-        with _FLUENT_API, self._errors("logging the model"):
-            mlflow.set_tracking_uri(self.tracking_uri)
-            mlflow.set_registry_uri(self.tracking_uri)
-            with mlflow.start_run(run_id=run_id):
-                info = mlflow.pyfunc.log_model(
-                    name="model",
-                    python_model=str(PYFUNC_FILE),
-                    artifacts={"model_dir": str(model_dir)},
-                    pip_requirements=PIP_REQUIREMENTS,
-                )
-        return info.model_uri
-
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        with self._errors("closing the run"):
-            self.client().set_terminated(run_id, status=status)
 
     # --- versions -----------------------------------------------------------------------------
 
