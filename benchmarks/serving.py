@@ -15,6 +15,11 @@ top-k code, one worker each, loopback, in the same run.
    speed (32 connections, 2 threads) for the peak throughput, then wrk paced (exponential gaps per
    connection, ``benchmarks/wrk/recommend.lua``) at 80% of that server's peak for p50/p99.
 
+``--steps`` measures the service once per lever of BentoML's request path, cumulatively, in the same
+run as the raw app: BentoML's defaults (its metrics middleware, OpenTelemetry spans on every route),
+then its metrics off (``serving/metrics.py`` instead), then the hot routes out of tracing (the
+shipped configuration).
+
 wrk runs on the same 2 cores as the server, so absolute numbers are lower than on separate machines;
 the ratio between the two servers is the comparison that matters.
 """
@@ -134,6 +139,7 @@ def main() -> None:
     parser.add_argument("--scoring-only", action="store_true", help="only the in-process scoring benchmark")
     parser.add_argument("--no-feedback", action="store_true", help="the service writes no impressions")
     parser.add_argument("--bento-env", nargs="*", default=[], help="KEY=VALUE for the servers' environment")
+    parser.add_argument("--steps", action="store_true", help="one service run per lever (see the docstring)")
     args = parser.parse_args()
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
@@ -166,7 +172,7 @@ def main() -> None:
         env = settings.child_env()
         if args.no_feedback:
             env["RECSYS_WAREHOUSE_URI"] = "none"
-        env.update(dict(kv.split("=", 1) for kv in args.bento_env))
+        extra = dict(kv.split("=", 1) for kv in args.bento_env)
         raw_port = free_port()
         raw = ServiceSpec(
             name="raw-starlette",
@@ -202,24 +208,32 @@ def main() -> None:
             ),  # fmt: skip
             env={"RAW_MODEL_DIR": str(model_dir)},
         )
+        levers = {"RECSYS_BENTOML_METRICS": "0", "RECSYS_TRACE_REQUESTS": "0"}
+        runs = [("bentoml", bento_spec(settings), settings.url("bento"), {})]
+        if args.steps:
+            runs = [
+                ("bentoml_defaults", bento_spec(settings), settings.url("bento"),
+                 {"RECSYS_BENTOML_METRICS": "1", "RECSYS_TRACE_REQUESTS": "1"}),
+                ("bentoml_own_metrics", bento_spec(settings), settings.url("bento"), {"RECSYS_TRACE_REQUESTS": "1"}),
+                ("bentoml", bento_spec(settings), settings.url("bento"), {}),
+            ]  # fmt: skip
+        runs.append(("raw_starlette", raw, f"http://127.0.0.1:{raw_port}", {}))
         results = {}
-        for name, spec, url in (
-            ("bentoml", bento_spec(settings), settings.url("bento")),
-            ("raw_starlette", raw, f"http://127.0.0.1:{raw_port}"),
-        ):
-            stack = Stack(tmp / f"run-{name}", env=env, cwd=REPO)
+        for name, spec, url, overrides in runs:
+            stack = Stack(tmp / f"run-{name}", env={**env, **levers, **overrides, **extra}, cwd=REPO)
             stack.start([spec], timeout=180)
             try:
                 results[name] = measure(name, url, args.duration, args.users)
             finally:
                 stack.stop()
+    raw_peak = results["raw_starlette"]["peak"]["rps"]
     summary = {
         "machine": MACHINE,
         "items": args.items,
         "dim": args.dim,
         "scoring": micro,
         **results,
-        "throughput_ratio": results["bentoml"]["peak"]["rps"] / results["raw_starlette"]["peak"]["rps"],
+        "throughput_ratio": {name: r["peak"]["rps"] / raw_peak for name, r in results.items()},
     }
     print(json.dumps(summary))
 

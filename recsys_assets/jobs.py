@@ -5,7 +5,7 @@ from __future__ import annotations
 import dagster as dg
 
 from recsys_assets.constants import RETRAIN_TAG
-from recsys_core.settings import automation_settings
+from recsys_core.settings import load_settings
 
 # Extraction, cleaning, features, training, evaluation and its gate, registration, the Bento and its
 # deployment: everything downstream of the raw events but the monitoring assets (drift report, canary
@@ -19,6 +19,6 @@ retrain_job = dg.define_asset_job(
     selection=RETRAIN_SELECTION,
     tags={RETRAIN_TAG: "true"},
     # RECSYS_RETRAIN_RUN_CONFIG tunes every triggered retrain (hyperparameters, gate, canary fraction).
-    config=automation_settings().retrain_run_config or None,
+    config=load_settings().automation.retrain_run_config or None,
     description="Retrain the two-tower model on fresh data and, if the gate passes, canary it.",
 )

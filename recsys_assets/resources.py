@@ -8,7 +8,6 @@ use; they never see Dagster.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import dagster as dg
@@ -149,13 +148,13 @@ class RecsysHomeResource(dg.ConfigurableResource):
         return self.path / "reports"
 
 
-def _env_or(name: str, default: str) -> str | dg.EnvVar:
-    """``dg.EnvVar(name)`` when the variable is set (the UI then shows where a value came from)."""
-    return dg.EnvVar(name) if os.environ.get(name) else default
-
-
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     """The resources of the code location, for ``settings``."""
+
+    def _env_or(name: str, default: str) -> str | dg.EnvVar:
+        """``dg.EnvVar(name)`` when the variable was set (the UI then shows where a value came from)."""
+        return dg.EnvVar(name) if name in settings.explicit else default
+
     return {
         "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),

@@ -37,10 +37,10 @@ from recsys_assets.triggers import (
     new_positive_events,
 )
 from recsys_core.registry import CHALLENGER, CHAMPION, RegistryError
-from recsys_core.settings import automation_settings
+from recsys_core.settings import load_settings
 from recsys_core.warehouse import WarehouseError
 
-SETTINGS = automation_settings()
+SETTINGS = load_settings().automation
 RUN_KEY_TAG = "dagster/run_key"
 ACTIVE = [
     dg.DagsterRunStatus.QUEUED,
@@ -383,7 +383,7 @@ def canary_sensor(
     canary = state.canary
     if canary is None or canary.version != state.challenger:
         return request(f"canary:v{state.challenger}:start")
-    rules = CanaryRules.from_settings(automation_settings())
+    rules = CanaryRules.from_settings(load_settings().automation)
     versions = {"champion": state.champion, "challenger": state.challenger}
     since = canary.step_starts()[0][2]
     health, _ = serving_health(prometheus.url, serving.get_client().metrics, since, versions, canary.mode)

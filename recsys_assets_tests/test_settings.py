@@ -50,11 +50,11 @@ def test_child_env_reproduces_the_settings(tmp_path: Path) -> None:
 
 
 def test_canary_settings_parse_and_name_what_is_wrong() -> None:
-    from recsys_core.settings import automation_settings
+    from recsys_core.settings import load_settings
 
-    defaults = automation_settings({})
+    defaults = load_settings({}).automation
     assert (defaults.canary_steps, defaults.canary_mode) == ((0.05, 0.2, 0.5), "ab")
-    custom = automation_settings({"RECSYS_CANARY_STEPS": "0.1,0.3", "RECSYS_CANARY_MODE": "interleaving"})
+    custom = load_settings({"RECSYS_CANARY_STEPS": "0.1,0.3", "RECSYS_CANARY_MODE": "interleaving"}).automation
     assert (custom.canary_steps, custom.canary_mode) == ((0.1, 0.3), "interleaving")
     for env, message in [
         ({"RECSYS_CANARY_STEPS": "0.5,0.2"}, "RECSYS_CANARY_STEPS='0.5,0.2': expected increasing"),
@@ -63,18 +63,18 @@ def test_canary_settings_parse_and_name_what_is_wrong() -> None:
         ({"RECSYS_CANARY_ALPHA": "x"}, "RECSYS_CANARY_ALPHA='x' is not a number"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
-            automation_settings(env)
+            load_settings(env)
 
 
 def test_serving_settings() -> None:
-    from recsys_core.settings import serving_settings
+    from recsys_core.settings import load_settings
 
-    knobs = serving_settings({"RECSYS_FAULT_CHALLENGER_DELAY_MS": "40", "RECSYS_WAREHOUSE_URI": "none"})
+    knobs = load_settings({"RECSYS_FAULT_CHALLENGER_DELAY_MS": "40", "RECSYS_WAREHOUSE_URI": "none"}).serving
     assert knobs.fault_delay_seconds == pytest.approx(0.04)
     assert not knobs.warehouse_enabled
-    assert serving_settings({}).model_poll_seconds == 5.0
+    assert load_settings({}).serving.model_poll_seconds == 5.0
     with pytest.raises(ValueError, match="RECSYS_MODEL_POLL_SECONDS='soon' is not a number"):
-        serving_settings({"RECSYS_MODEL_POLL_SECONDS": "soon"})
+        load_settings({"RECSYS_MODEL_POLL_SECONDS": "soon"})
 
 
 def test_the_home_is_private_to_its_owner(recsys_env) -> None:

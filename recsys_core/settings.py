@@ -1,4 +1,12 @@
-"""Where everything lives: the one function that reads the environment.
+"""The platform's settings: one typed, frozen object (:class:`Settings`, with its ``automation`` and
+``serving`` parts), and :func:`load_settings`, the only code that reads the environment. Every value
+is checked when it is read: a bad one raises ``ValueError`` naming the variable and the value.
+
+(Frozen dataclasses and a few parsers rather than pydantic-settings: the variables' names are the
+deployment's public interface, several defaults derive from others (``DAGSTER_HOME`` from
+``RECSYS_HOME``), and the errors name the variable as the operator wrote it.)
+
+Where everything lives:
 
 Every embedded store is rooted in ``RECSYS_HOME`` (default ``./.recsys``, made absolute once, by the
 first process that reads it, and handed to child processes through the environment). Every endpoint
@@ -24,7 +32,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 DEFAULT_PORTS = {"dagster": 3000, "bento": 3001, "mlflow": 5000, "prometheus": 9090}
@@ -42,6 +50,10 @@ class Settings:
     ports: Mapping[str, int]
     serving_url: str
     prometheus_url: str | None
+    automation: AutomationSettings
+    serving: ServingSettings
+    # The variables that were set in the environment (Dagster's resources show those as EnvVar).
+    explicit: frozenset[str] = field(default=frozenset(), compare=False)
 
     @property
     def environment(self) -> str:
@@ -121,6 +133,8 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     """
     env = os.environ if env is None else env
     home = Path(env.get("RECSYS_HOME") or ".recsys").expanduser().absolute()
+    known = {"RECSYS_HOME", "DAGSTER_HOME", "RECSYS_WAREHOUSE_URI", "MLFLOW_TRACKING_URI", "RECSYS_SERVING_URL",
+             "PROMETHEUS_URL"}  # fmt: skip
     ports = {service: _port(env, service) for service in DEFAULT_PORTS}
     host = env.get("RECSYS_HOST", "127.0.0.1")
     return Settings(
@@ -132,6 +146,9 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ports=ports,
         serving_url=env.get("RECSYS_SERVING_URL") or f"http://{host}:{ports['bento']}",
         prometheus_url=env.get("PROMETHEUS_URL") or None,
+        automation=_automation(env),
+        serving=_serving(env),
+        explicit=frozenset(name for name in known if env.get(name)),
     )
 
 
@@ -188,9 +205,7 @@ def _number(env: Mapping[str, str], name: str, default: float, cast=float):
         raise ValueError(f"{name}={raw!r} is not a number") from None
 
 
-def automation_settings(env: Mapping[str, str] | None = None) -> AutomationSettings:
-    env = os.environ if env is None else env
-
+def _automation(env: Mapping[str, str]) -> AutomationSettings:
     def number(name: str, default: float, cast=float):
         return _number(env, name, default, cast)
 
@@ -247,12 +262,13 @@ class ServingSettings:
     access_log: bool  # RECSYS_ACCESS_LOG=1: BentoML's access log (a line per request)
     fault_delay_seconds: float  # RECSYS_FAULT_CHALLENGER_DELAY_MS: a fault drill's extra challenger latency
     max_body_bytes: int  # RECSYS_MAX_BODY_BYTES: larger request bodies get a 413
+    bentoml_metrics: bool  # RECSYS_BENTOML_METRICS=1: BentoML's own metrics middleware too (costly per request)
+    trace_requests: bool  # RECSYS_TRACE_REQUESTS=1: OpenTelemetry spans for /recommend and /feedback too
 
 
-def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
-    """The service's knobs. ``RECSYS_FAULT_CHALLENGER_DELAY_MS`` is 0 in any real deployment: the
-    canary's latency guardrail is tested with it."""
-    env = os.environ if env is None else env
+def _serving(env: Mapping[str, str]) -> ServingSettings:
+    """``RECSYS_FAULT_CHALLENGER_DELAY_MS`` is 0 in any real deployment: the canary's latency
+    guardrail is tested with it."""
 
     def number(name: str, default: float) -> float:
         return _number(env, name, default)
@@ -264,6 +280,8 @@ def serving_settings(env: Mapping[str, str] | None = None) -> ServingSettings:
         access_log=env.get("RECSYS_ACCESS_LOG", "0") == "1",
         fault_delay_seconds=max(number("RECSYS_FAULT_CHALLENGER_DELAY_MS", 0.0), 0.0) / 1000,
         max_body_bytes=int(number("RECSYS_MAX_BODY_BYTES", 65536)),
+        bentoml_metrics=env.get("RECSYS_BENTOML_METRICS", "0") == "1",
+        trace_requests=env.get("RECSYS_TRACE_REQUESTS", "0") == "1",
     )
 
 

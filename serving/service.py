@@ -18,6 +18,8 @@ Configuration (environment, read through ``recsys_core.settings``):
 | ``RECSYS_MAX_BODY_BYTES`` | ``65536`` | larger request bodies get a 413; multipart bodies a 415 |
 | ``RECSYS_MODEL_POLL_SECONDS`` | ``5`` | how often the registry's aliases are checked |
 | ``RECSYS_FEEDBACK_FLUSH_SECONDS`` | ``2`` | how often buffered events land in the warehouse |
+| ``RECSYS_BENTOML_METRICS`` | ``0`` | ``1``: BentoML's own metrics middleware as well (costly per request) |
+| ``RECSYS_TRACE_REQUESTS`` | ``0`` | ``1``: OpenTelemetry spans for ``/recommend`` and ``/feedback`` too |
 | ``RECSYS_ADMIN_TOKEN`` | the content of ``$RECSYS_HOME/admin_token`` | bearer token of the ``/admin/*`` endpoints |
 """
 
@@ -40,12 +42,13 @@ from pydantic import Field
 
 from recsys_core.registry import Registry
 from recsys_core.scoring import single_threaded_blas
-from recsys_core.settings import admin_token, load_settings, serving_settings
+from recsys_core.settings import admin_token, load_settings
 from recsys_core.warehouse import Warehouse
 from serving.canary import variant_for
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft
 from serving.limits import RequestLimits, log_client_errors_at_info
+from serving.metrics import RequestMetrics
 from serving.models import ModelSlots
 from serving.schemas import (
     FEEDBACK_TYPES,
@@ -99,11 +102,22 @@ MODEL_INFO = prometheus_client.Gauge(
 )
 
 
+# The routes of the contract, timed by serving.metrics (every other path is labelled "other").
+ENDPOINTS = ("/recommend", "/feedback", "/admin/canary", "/admin/reload")
+KNOBS = load_settings().serving
+
+
 @bentoml.service(
     name="recommender",
     traffic={"timeout": 10},
     workers=1,
-    logging={"access": {"enabled": serving_settings().access_log}},
+    logging={"access": {"enabled": KNOBS.access_log}},
+    # BentoML's own metrics middleware costs more per request than the endpoint does (docs/benchmarks.md,
+    # "Serving"): serving.metrics serves /metrics and times the requests instead.
+    metrics={"enabled": KNOBS.bentoml_metrics},
+    # The OpenTelemetry middleware is always installed; with no exporter configured it would still
+    # build a span per request. The hot paths are left out unless asked (matched against the full URL).
+    tracing={"excluded_urls": [] if KNOBS.trace_requests else [f"{e}$" for e in ENDPOINTS[:2]]},
 )
 class Recommender:
     """Real-time recommendations from the MLflow registry's champion, with a canary challenger."""
@@ -111,7 +125,8 @@ class Recommender:
     def __init__(self) -> None:
         log_client_errors_at_info()
         single_threaded_blas()
-        settings, knobs = load_settings(), serving_settings()
+        settings = load_settings()
+        knobs = settings.serving
         root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
         self.fault_delay = knobs.fault_delay_seconds
@@ -301,4 +316,6 @@ class Recommender:
         return self._result("swapped" if swapped else "already up to date")
 
 
-Recommender.add_asgi_middleware(RequestLimits, max_bytes=serving_settings().max_body_bytes)
+# The first added is the outer one: the request metrics time the limits' 413 and 415 answers too.
+Recommender.add_asgi_middleware(RequestMetrics, endpoints=ENDPOINTS)
+Recommender.add_asgi_middleware(RequestLimits, max_bytes=KNOBS.max_body_bytes)

@@ -33,7 +33,7 @@ from recsys_assets.resources import (
 from recsys_assets.stack.services import REPO_ROOT
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHALLENGER, CHAMPION, CanaryState
-from recsys_core.settings import automation_settings
+from recsys_core.settings import load_settings
 
 BENTOFILE = REPO_ROOT / "serving" / "bentofile.yaml"
 K8S_TEMPLATE = REPO_ROOT / "deploy" / "k8s" / "recommender.yaml"
@@ -102,7 +102,7 @@ def start_canary(registry: ControlPlane, challenger: int, by: str) -> CanaryStat
     state = registry.canary_state()
     if state is not None and state.version == challenger:
         return state
-    settings = automation_settings()
+    settings = load_settings().automation
     return registry.set_canary(
         challenger, step=0, fraction=settings.canary_steps[0], mode=settings.canary_mode,
         reason=f"canary started ({settings.canary_mode}, steps {', '.join(f'{s:.0%}' for s in settings.canary_steps)})",
@@ -237,7 +237,7 @@ def canary_analysis(
         started = f"canary of v{canary.version} started at {canary.fraction:.0%} ({canary.mode})"
         context.log.info(started)
         return dg.MaterializeResult(metadata={"action": "start", "decision": dg.MetadataValue.text(started)})
-    settings = automation_settings()
+    settings = load_settings().automation
     rules = CanaryRules.from_settings(settings)
     overrides = {k: v for k, v in (("min_impressions", config.min_impressions),
                                    ("max_impressions", config.max_impressions)) if v is not None}  # fmt: skip

@@ -13,19 +13,19 @@ from recsys_assets.constants import CLEAN_EVENTS_DATASET, MONITORING
 from recsys_assets.metadata import markdown_table
 from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
 from recsys_core.registry import CHAMPION
-from recsys_core.settings import automation_settings
+from recsys_core.settings import load_settings
 
 
 class DriftConfig(dg.Config):
     """What the drift report compares."""
 
     window_days: float = Field(
-        default=automation_settings().drift_window_days,
+        default=load_settings().automation.drift_window_days,
         description="Length of the reference and of the current window (RECSYS_DRIFT_WINDOW_DAYS).",
     )
     sample_rows: int = Field(default=20_000, description="Rows sampled from each window (bounds the cost).")
     drift_share: float = Field(
-        default=automation_settings().drift_share,
+        default=load_settings().automation.drift_share,
         description="Share of drifted columns from which the data counts as drifted (RECSYS_DRIFT_SHARE).",
     )
     seed: int = Field(default=0, description="Seed of the sampling.")
@@ -35,7 +35,7 @@ class DriftConfig(dg.Config):
     group_name=MONITORING,
     deps=["clean_listening_events", "track_features"],
     kinds={"evidently"},
-    automation_condition=automation.on_cadence(automation_settings().drift_cron, "drift_cadence"),
+    automation_condition=automation.on_cadence(load_settings().automation.drift_cron, "drift_cadence"),
 )
 def drift_report(
     context: dg.AssetExecutionContext,

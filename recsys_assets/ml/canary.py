@@ -121,7 +121,7 @@ class ServingHealth:
 @dataclass(frozen=True)
 class CanaryRules:
     """How the canary decides. The defaults of a deployment come from its settings
-    (``canary_rules(automation_settings())``); the statistical constants have defaults here."""
+    (``CanaryRules.from_settings(load_settings().automation)``); the statistical constants have defaults here."""
 
     steps: tuple[float, ...]
     min_impressions: int

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import shutil
 import sys
 from pathlib import Path
@@ -10,7 +9,7 @@ from pathlib import Path
 import httpx
 
 from recsys_assets.stack.supervisor import ServiceSpec
-from recsys_core.settings import Settings, automation_settings
+from recsys_core.settings import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 WORKSPACE_FILE = REPO_ROOT / "workspace.yaml"
@@ -71,8 +70,9 @@ def init_dagster_storage(settings: Settings) -> None:
     """
     import dagster as dg
 
-    if os.environ.get("DAGSTER_HOME") != str(settings.dagster_home):
-        raise RuntimeError(f"DAGSTER_HOME={os.environ.get('DAGSTER_HOME')!r}, expected {settings.dagster_home}")
+    here = load_settings()
+    if "DAGSTER_HOME" not in here.explicit or here.dagster_home != settings.dagster_home:
+        raise RuntimeError(f"DAGSTER_HOME is {here.dagster_home}, expected {settings.dagster_home}")
     with dg.DagsterInstance.get() as instance:
         instance.get_runs(limit=1)
 
@@ -146,7 +146,7 @@ def prometheus_config(settings: Settings) -> Path:
         "  scrape_interval: 5s\n"
         "  evaluation_interval: 5s\n"
         "rule_files:\n"
-        + "".join(f"  - {path}\n" for path in [ALERT_RULES, *automation_settings().extra_alert_rules])
+        + "".join(f"  - {path}\n" for path in [ALERT_RULES, *load_settings().automation.extra_alert_rules])
         + "scrape_configs:\n"
         "  - job_name: recsys-serving\n"
         "    static_configs:\n"

@@ -125,7 +125,11 @@ def test_canary_promotion_under_load_rollback_and_metrics(server) -> None:
     assert 'recsys_feedback_total{event_type="click",model_version="1",variant="champion"}' in metrics
     assert 'recsys_model_reloads_total{reason="admin reload",variant="champion"}' in metrics
     assert 'recsys_request_duration_seconds_bucket{le="0.001",model_version="2",variant="challenger"}' in metrics
-    assert "bentoml_service_request_duration_seconds_bucket" in metrics
+    # The service's own request metrics (BentoML's are off), all workers' through the multiprocess directory.
+    assert 'recsys_http_request_duration_seconds_bucket{endpoint="/recommend",le="0.025",status="2xx"}' in metrics
+    assert 'recsys_http_request_duration_seconds_count{endpoint="/feedback",status="2xx"}' in metrics
+    assert "recsys_http_requests_in_progress" in metrics
+    assert "bentoml_service_request" not in metrics
 
 
 def test_one_scorer_offline_top_k_equals_recommend_and_the_pyfunc(server, serving_home) -> None:
