@@ -104,6 +104,30 @@ def bench_faiss(items, queries, heard, exact, tmp: Path, threads: int) -> list[d
     return rows
 
 
+def bench_faiss_ivf(items, queries, heard, exact, tmp: Path, threads: int) -> list[dict]:
+    import faiss
+
+    faiss.omp_set_num_threads(threads)
+    nlist = int(np.sqrt(len(items)))
+    quantizer = faiss.IndexFlatIP(items.shape[1])
+    index = faiss.IndexIVFFlat(quantizer, items.shape[1], nlist, faiss.METRIC_INNER_PRODUCT)
+    started = time.perf_counter()
+    sample = items[np.random.default_rng(1).choice(len(items), min(len(items), 64 * nlist), replace=False)]
+    index.train(sample)
+    index.add(items)
+    build = time.perf_counter() - started
+    faiss.write_index(index, str(tmp / "ivf.index"))
+    faiss.omp_set_num_threads(1)
+    rows = []
+    product = min(max(-(-nlist // 40), 24), nlist)  # recsys_core.ann's choice
+    for nprobe in sorted({max(nlist // 40, 1), product, int(2 * np.sqrt(nlist)), max(nlist // 10, 1)}):
+        index.nprobe = nprobe
+        row = measure(lambda q: index.search(q[None, :], K + HEARD)[1][0], queries, heard, exact)
+        rows.append({"library": f"faiss IVF-Flat ({nlist} lists)", "search": f"nprobe={nprobe}", "build_s": build,
+                     "size_mb": size_mb(tmp / "ivf.index"), **row})  # fmt: skip
+    return rows
+
+
 def bench_hnswlib(items, queries, heard, exact, tmp: Path, threads: int) -> list[dict]:
     import hnswlib
 
@@ -166,7 +190,13 @@ def bench_scann(items, queries, heard, exact, tmp: Path, threads: int) -> list[d
     return rows
 
 
-BENCHES = {"faiss": bench_faiss, "hnswlib": bench_hnswlib, "usearch": bench_usearch, "scann": bench_scann}
+BENCHES = {
+    "faiss": bench_faiss,
+    "faiss-ivf": bench_faiss_ivf,
+    "hnswlib": bench_hnswlib,
+    "usearch": bench_usearch,
+    "scann": bench_scann,
+}
 
 
 def main() -> None:

@@ -11,6 +11,7 @@ A version directory holds:
 | ``seen.npz`` | each user's training tracks (CSR over item rows): filtered out of recommendations |
 | ``query_tower/`` | SavedModel: ``{user_id, user_features}`` → embedding (string lookup inside) |
 | ``index/`` | SavedModel: ``tfrs.layers.factorized_top_k.BruteForce`` over the item embeddings |
+| ``ann/`` | from ``RECSYS_ANN_MIN_ITEMS`` tracks on: a FAISS IVF index of the item embeddings (``recsys_core.ann``) |
 
 Serving needs only the numpy files (no TensorFlow import, so a new version loads in milliseconds);
 the SavedModels are there for TensorFlow Serving and for users who compute embeddings of new users.

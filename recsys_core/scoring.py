@@ -3,7 +3,9 @@
 ``/recommend`` (the BentoML service), the registered MLflow pyfunc (``pyfunc_model.py``), the raw
 Starlette baseline of the serving benchmark and the offline evaluation (:meth:`Ranker.scorer`) all
 score with :class:`Ranker`; a test checks that the offline evaluation's top-k equals ``/recommend``'s,
-item for item.
+item for item. From ``RECSYS_ANN_MIN_ITEMS`` tracks on, ``/recommend`` finds its candidates through the
+version's ANN index (``recsys_core.ann``) and the offline evaluation stays exact: they then agree up to
+the index's recall (≥ 0.95 by design, measured in docs/benchmarks.md).
 
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
 already-heard tracks masked out, and a partition for the k-th best score. It allocates two vectors of
@@ -22,7 +24,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_core.ann import DEFAULT_MIN_ITEMS, INDEX_FILE, AnnIndex
 from recsys_core.model_version import ModelArtifact
+
+# A user who heard more tracks than this is ranked exactly even when an index is there: the index
+# would have to over-fetch them all.
+MAX_ANN_OVERFETCH = 1_000
 
 
 def single_threaded_blas() -> None:
@@ -46,6 +53,10 @@ def _check_shapes(artifact: ModelArtifact, version: int) -> None:
     for what, (found, expected, against) in checks.items():
         if found != expected:
             raise ValueError(f"model version {version}: {what} = {found}, {against} = {expected}")
+    ann = artifact.manifest.get("ann")
+    if ann is not None and int(ann.get("items", -1)) != len(artifact.item_ids) - 1:
+        raise ValueError(f"model version {version}: its ANN index holds {ann.get('items')} tracks, "
+                         f"items.parquet {len(artifact.item_ids) - 1}")  # fmt: skip
     if len(artifact.seen_indices) and int(artifact.seen_indices.max()) >= len(artifact.item_ids):
         raise ValueError(f"model version {version}: seen.npz names item row {int(artifact.seen_indices.max())}, "
                          f"the version has {len(artifact.item_ids)}")  # fmt: skip
@@ -65,9 +76,11 @@ class Ranker:
     Args:
         artifact: the loaded version directory.
         version: the registry version it came from (``0`` for a directory loaded by hand).
+        ann_min_items: from this many tracks on, the version's ANN index (if it has one) finds the
+            candidates (``recsys_core.ann``); below it, brute force.
     """
 
-    def __init__(self, artifact: ModelArtifact, version: int):
+    def __init__(self, artifact: ModelArtifact, version: int, ann_min_items: int = DEFAULT_MIN_ITEMS):
         _check_shapes(artifact, version)
         self.artifact = artifact
         self.version = version
@@ -78,10 +91,15 @@ class Ranker:
         self.item_artists = artifact.item_artists
         self._popular = artifact.popular_rows
         self._popularity = artifact.item_popularity
+        entry = artifact.manifest.get("ann")
+        use_index = entry is not None and self.n_items >= ann_min_items
+        if use_index and not (artifact.path / INDEX_FILE).exists():
+            raise ValueError(f"model version {version}: its manifest names an ANN index, {INDEX_FILE} is missing")
+        self.ann = AnnIndex.load(artifact.path, entry) if use_index else None
 
     @classmethod
-    def load(cls, path: Path, version: int) -> Ranker:
-        return cls(ModelArtifact.load(path), version)
+    def load(cls, path: Path, version: int, ann_min_items: int = DEFAULT_MIN_ITEMS) -> Ranker:
+        return cls(ModelArtifact.load(path), version, ann_min_items)
 
     @property
     def n_items(self) -> int:
@@ -93,9 +111,11 @@ class Ranker:
         if row == 0:
             top = self._popular[:k]
             return top, self._popularity[top], True
+        seen = self.artifact.seen(row)
+        if self.ann is not None and len(seen) <= MAX_ANN_OVERFETCH:
+            return self._top_rows_ann(row, seen, k)
         scores = self._items_t.T @ self.users[row]
         scores[0] = -np.inf
-        seen = self.artifact.seen(row)
         scores[seen] = -np.inf
         k = min(k, self.n_items - len(seen))
         if k <= 0:
@@ -104,6 +124,16 @@ class Ranker:
         candidates = np.flatnonzero(scores >= kth)  # k rows, more on ties with the k-th
         top = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]  # ties: the lower row first
         return top, scores[top], False
+
+    def _top_rows_ann(self, row: int, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+        """The index's candidates, over-fetched by the heard tracks, those filtered out, the rest
+        re-scored exactly (so what is served is ordered and scored as brute force would)."""
+        query = self.users[row]
+        found = self.ann.search(query, k + len(seen))
+        found = found[~np.isin(found, seen)][:k]
+        scores = query @ self._items_t[:, found]
+        order = np.lexsort((found, -scores))  # ties: the lower row first, as brute force
+        return found[order], scores[order], False
 
     def scorer(self, eval_items: np.ndarray):
         """The scores of ``eval_items`` (track ids) for :func:`recsys_assets.ml.metrics.evaluate`: the
@@ -138,9 +168,9 @@ class Ranker:
     def recommend(self, user_id: str, k: int) -> Recommendation:
         rows, scores, fallback = self.top_rows(user_id, k)
         return Recommendation(
-            track_ids=[str(t) for t in self.item_ids[rows]],
-            artist_ids=[str(a) for a in self.item_artists[rows]],
-            scores=[float(s) for s in scores],
+            track_ids=self.item_ids[rows].tolist(),  # object arrays of str: tolist() gives the str themselves
+            artist_ids=self.item_artists[rows].tolist(),
+            scores=scores.astype(np.float64).tolist(),
             fallback=fallback,
         )
 

@@ -26,6 +26,7 @@ and no Docker.
 | ``RECSYS_PROMETHEUS_PORT`` | 9090 |
 | ``RECSYS_SERVING_URL`` | ``http://$RECSYS_HOST:$RECSYS_BENTO_PORT`` |
 | ``PROMETHEUS_URL`` | unset: online KPIs come from the feedback table |
+| ``RECSYS_ANN_MIN_ITEMS`` | 100000: versions of larger catalogues carry and use an ANN index |
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from recsys_core.ann import DEFAULT_MIN_ITEMS
 
 DEFAULT_PORTS = {"dagster": 3000, "bento": 3001, "mlflow": 5000, "prometheus": 9090}
 
@@ -50,6 +53,7 @@ class Settings:
     ports: Mapping[str, int]
     serving_url: str
     prometheus_url: str | None
+    ann_min_items: int  # RECSYS_ANN_MIN_ITEMS: from this many tracks on, versions carry an ANN index and use it
     automation: AutomationSettings
     serving: ServingSettings
     # The variables that were set in the environment (Dagster's resources show those as EnvVar).
@@ -146,6 +150,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ports=ports,
         serving_url=env.get("RECSYS_SERVING_URL") or f"http://{host}:{ports['bento']}",
         prometheus_url=env.get("PROMETHEUS_URL") or None,
+        ann_min_items=_positive_int(env, "RECSYS_ANN_MIN_ITEMS", DEFAULT_MIN_ITEMS),
         automation=_automation(env),
         serving=_serving(env),
         explicit=frozenset(name for name in known if env.get(name)),
@@ -232,6 +237,13 @@ def _automation(env: Mapping[str, str]) -> AutomationSettings:
         extra_alert_rules=[p for p in env.get("RECSYS_PROMETHEUS_EXTRA_RULES", "").split(os.pathsep) if p],
         extract_min_interval_seconds=number("RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", 300, int),
     )
+
+
+def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default, int)
+    if value < 1:
+        raise ValueError(f"{name}={value}: expected a positive number")
+    return value
 
 
 def _fractions(env: Mapping[str, str], name: str, default: str) -> tuple[float, ...]:

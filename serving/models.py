@@ -15,6 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.registry import Registry, RegistryError, ServingState
 from recsys_core.scoring import Ranker
 
@@ -64,8 +65,10 @@ class ModelSlots:
         registry: Registry,
         on_swap: Callable[[str, int | None, int | None, str], None] | None = None,
         on_load_failure: Callable[[str, int], None] | None = None,
+        ann_min_items: int = DEFAULT_MIN_ITEMS,
     ):
         self.registry = registry
+        self.ann_min_items = ann_min_items
         self.on_swap = on_swap
         self.on_load_failure = on_load_failure
         self.load_failures = 0
@@ -77,7 +80,7 @@ class ModelSlots:
 
     def _load(self, version: int) -> Ranker:
         path: Path = self.registry.download(version)
-        ranker = Ranker.load(path, version)
+        ranker = Ranker.load(path, version, ann_min_items=self.ann_min_items)
         ranker.smoke_test()
         return ranker
 

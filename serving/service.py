@@ -26,10 +26,13 @@ Configuration (environment, read through ``recsys_core.settings``):
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import secrets
 import time
 import uuid
+from collections import Counter
+from datetime import UTC, datetime
 from http import HTTPStatus
 from typing import Annotated
 
@@ -131,11 +134,13 @@ class Recommender:
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
         self.fault_delay = knobs.fault_delay_seconds
         self.rng = np.random.default_rng()  # the team-draft coin flips
+        self._children: dict[tuple, object] = {}
         self.token = admin_token(settings.home)
         self.slots = ModelSlots(
             self.registry,
             on_swap=self._swapped,
             on_load_failure=lambda variant, _version: MODEL_LOAD_FAILURES.labels(variant=variant).inc(),
+            ann_min_items=settings.ann_min_items,
         )
         self.slots.refresh(reason="start-up")
         self.slots.start(knobs.model_poll_seconds)
@@ -146,6 +151,9 @@ class Recommender:
             flush_seconds=knobs.feedback_flush_seconds,
         )
         self.feedback_writer.start()
+        # Everything loaded so far (the libraries, the models) lives as long as the process: out of the
+        # collector's generations, so that a full collection does not walk it while requests wait.
+        gc.freeze()
 
     def _swapped(self, variant: str, old: int | None, new: int | None, reason: str) -> None:
         MODEL_RELOADS.labels(variant=variant, reason=reason).inc()
@@ -159,6 +167,7 @@ class Recommender:
     def _shutdown(self) -> None:
         self.slots.close()
         self.feedback_writer.close()
+        gc.unfreeze()  # let the interpreter's exit free what start-up froze
 
     # --- the contract --------------------------------------------------------------------------
 
@@ -184,9 +193,10 @@ class Recommender:
                                          ranker.version, k)  # fmt: skip
             else:
                 items = [
-                    Item(track_id=t, artist_id=a, score=s, model_version=ranker.version, variant=variant)
+                    Item.model_construct(track_id=t, artist_id=a, score=s, model_version=ranker.version,
+                                         variant=variant)
                     for t, a, s in zip(rec.track_ids, rec.artist_ids, rec.scores, strict=True)
-                ]
+                ]  # fmt: skip
             SCORING_SECONDS.labels(variant=variant).observe(time.perf_counter() - started)
             if variant != "champion" and self.fault_delay:
                 await asyncio.sleep(self.fault_delay)
@@ -196,9 +206,11 @@ class Recommender:
         finally:
             REQUEST_SECONDS.labels(variant=variant, model_version=version).observe(time.perf_counter() - started)
         request_id = uuid.uuid4().hex
-        RECOMMENDATIONS.labels(model_version=version, variant=variant, fallback=str(rec.fallback).lower()).inc()
-        for item in items:
-            IMPRESSIONS.labels(model_version=str(item.model_version), variant=item.variant).inc()
+        self._count(RECOMMENDATIONS, version, variant, str(rec.fallback).lower())
+        shown = Counter((item.model_version, item.variant) for item in items)
+        for (item_version, item_variant), n in shown.items():
+            self._count(IMPRESSIONS, str(item_version), item_variant, n=n)
+        at = datetime.now(UTC)
         self.feedback_writer.add(
             [
                 event_row(
@@ -209,11 +221,15 @@ class Recommender:
                     event_type="impression",
                     model_version=item.model_version,
                     variant=item.variant,
+                    at=at,
                 )
                 for rank, item in enumerate(items)
             ]
         )
-        return Recommendations(
+        # model_construct: the fields are ours and already typed; validating them again per request
+        # cost more than the ranking (profile in docs/benchmarks.md). The response is still
+        # serialised against the declared model, so the OpenAPI schema is what is sent.
+        return Recommendations.model_construct(
             user_id=user_id,
             items=items,
             model_version=ranker.version,
@@ -222,13 +238,25 @@ class Recommender:
             request_id=request_id,
         )
 
+    def _count(self, metric, version: str, variant: str, fallback: str | None = None, n: int = 1) -> None:
+        """``metric.labels(…).inc(n)`` through a cache of label children (``labels()`` locks and hashes)."""
+        key = (metric, version, variant, fallback)
+        child = self._children.get(key)
+        if child is None:
+            labels = {"model_version": version, "variant": variant}
+            if fallback is not None:
+                labels["fallback"] = fallback
+            child = self._children[key] = metric.labels(**labels)
+        child.inc(n)
+
     def _interleave(self, champion, champion_version: int, challenger, challenger_version: int, k: int) -> list[Item]:
         """Team draft of the two lists, each item credited to the model that picked it."""
         lists = (champion, challenger)
         versions = (champion_version, challenger_version)
         return [
-            Item(track_id=lists[team].track_ids[i], artist_id=lists[team].artist_ids[i], score=lists[team].scores[i],
-                 model_version=versions[team], variant="challenger" if team == CHALLENGER_TEAM else "champion")
+            Item.model_construct(track_id=lists[team].track_ids[i], artist_id=lists[team].artist_ids[i],
+                                 score=lists[team].scores[i], model_version=versions[team],
+                                 variant="challenger" if team == CHALLENGER_TEAM else "champion")
             for team, i in team_draft(champion.track_ids, challenger.track_ids, k, self.rng)
         ]  # fmt: skip
 

@@ -15,6 +15,7 @@ from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
 from recsys_assets.ml.two_tower import TwoTowerParams
 from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
+from recsys_core.settings import load_settings
 
 _DEFAULTS = TwoTowerParams()
 
@@ -129,7 +130,8 @@ def two_tower_model(
             "best_epoch": trained.best_epoch,
             "train_seconds": trained.train_seconds,
         }
-        export_model(trained, split.train, manifest, model_dir)
+        ann_min_items = load_settings().ann_min_items
+        exported = export_model(trained, split.train, manifest, model_dir, ann_min_items=ann_min_items)
         split_dir.mkdir(parents=True, exist_ok=True)
         split.train.write_parquet(split_dir / "train.parquet")
         split.holdout.write_parquet(split_dir / "holdout.parquet")
@@ -175,5 +177,10 @@ def two_tower_model(
             "data_hash": dg.MetadataValue.text(lineage["data_hash"]),
             "history": markdown_table(history, limit=60),
             "training_curves": _loss_plot(trained.history),
+            # Whether this version carries an ANN index (catalogues of RECSYS_ANN_MIN_ITEMS tracks or more).
+            "ann_index": dg.MetadataValue.json(
+                exported.manifest.get("ann")
+                or {"built": False, "items": trained.item_embeddings.shape[0] - 1, "min_items": ann_min_items}
+            ),  # fmt: skip
         },
     )

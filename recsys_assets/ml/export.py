@@ -11,10 +11,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_core import ann
+from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.model_version import FORMAT_VERSION, ModelArtifact
 
 
-def export_model(trained, train_pairs: pl.DataFrame, manifest: dict, path: Path, k: int = 100) -> ModelArtifact:
+def export_model(
+    trained, train_pairs: pl.DataFrame, manifest: dict, path: Path, k: int = 100, ann_min_items: int = DEFAULT_MIN_ITEMS
+) -> ModelArtifact:
     """Write a trained two-tower model as one version directory, atomically.
 
     Args:
@@ -23,6 +27,8 @@ def export_model(trained, train_pairs: pl.DataFrame, manifest: dict, path: Path,
         manifest: what to record (data lineage, metrics…); format and dims are added.
         path: the version directory (must not exist).
         k: the top-k of the exported BruteForce index.
+        ann_min_items: from this many tracks on, an ANN index is built into the version
+            (:mod:`recsys_core.ann`).
     """
     from recsys_assets.ml.two_tower import Vocabulary
 
@@ -63,6 +69,8 @@ def export_model(trained, train_pairs: pl.DataFrame, manifest: dict, path: Path,
         "query_genres": vocab.query_genres,
         "index_k": k,
     }
+    if len(vocab.items) - 1 >= ann_min_items:
+        full["ann"] = ann.build(trained.item_embeddings, tmp)
     (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))
     if path.exists():
         raise FileExistsError(f"{path} already exists: a model version is never overwritten")

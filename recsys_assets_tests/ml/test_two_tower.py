@@ -106,6 +106,25 @@ def test_export_then_reload_in_a_fresh_process_gives_the_same_top_k(trained, tmp
     assert again.cutoff == str(split.cutoff)
 
 
+def test_export_builds_the_ann_index_from_the_threshold_on(trained, tmp_path) -> None:
+    """At or above RECSYS_ANN_MIN_ITEMS tracks the version carries its index (and the Ranker uses it);
+    below, it has none."""
+    from recsys_core.ann import INDEX_FILE
+    from recsys_core.scoring import Ranker
+
+    split, model = trained
+    items = len(model.vocab.items) - 1
+    small = export_model(model, split.train, {}, tmp_path / "v1", k=5, ann_min_items=items + 1)
+    assert "ann" not in small.manifest
+    assert not (tmp_path / "v1" / INDEX_FILE).exists()
+    large = export_model(model, split.train, {}, tmp_path / "v2", k=5, ann_min_items=items)
+    assert large.manifest["ann"]["items"] == items
+    ranker = Ranker.load(tmp_path / "v2", 2, ann_min_items=items)
+    assert ranker.ann is not None
+    user = str(model.vocab.users[1])
+    assert len(ranker.recommend(user, 5).track_ids) == 5
+
+
 def test_export_never_overwrites_a_version(trained, tmp_path) -> None:
     split, model = trained
     export_model(model, split.train, {}, tmp_path / "v1", k=5)

@@ -265,6 +265,7 @@ def _instances(cls) -> list:
     """The live instances of ``cls`` (the ASGI app keeps its service instance private)."""
     import gc
 
+    gc.unfreeze()  # the service freezes what it loaded at start-up; get_objects() skips frozen objects
     return [o for o in gc.get_objects() if isinstance(o, cls)]
 
 
