@@ -160,7 +160,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
         "recsys_home": RecsysHomeResource(home=_env_or("RECSYS_HOME", str(settings.home))),
         "serving": ServingResource(url=_env_or("RECSYS_SERVING_URL", settings.serving_url), home=str(settings.home)),
-        "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", "") or None),
+        "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", settings.prometheus_url or "") or None),
         "mlflow": MLflowResource(
             tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
             artifact_root=str(settings.mlflow_artifacts_dir)

@@ -1,4 +1,16 @@
-"""Impressions and feedback, buffered in memory and landed in the warehouse in batches.
+"""Impressions and feedback, landed in the warehouse in batches; acknowledged feedback first made durable.
+
+``/feedback`` answers 202 only once its event is in the **write-ahead log**: a JSON-lines segment
+under ``spill_dir`` (``feedback-wal-<pid>-<ns>.jsonl``), written and ``fsync``-ed (in a thread, so the
+event loop does not wait on the disk) and locked (``flock``) by the process that writes it. Each
+flush seals the live segment (a new one takes the next events) and lands every segment that no live
+process holds, then deletes it: a worker killed by ``kill -9`` leaves its segments unlocked, and the
+next flush of any worker (or of the restarted one) lands them. Landing is idempotent (the warehouse
+counts an ``event_id`` it already has as a duplicate), so a crash between landing and deleting
+lands nothing twice.
+
+Impressions are produced by the service, not acknowledged to anyone, and are many: they stay in the
+memory buffer below.
 
 Every served recommendation becomes ``impression`` events and every ``/feedback`` call an event, in
 the listening-events contract (``source = recommendation`` with ``model_version`` and ``variant``), so
@@ -19,10 +31,13 @@ loop survives any error, counts it, and says whether it is alive (the service's 
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
+import os
 import threading
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -38,8 +53,14 @@ CONVERT_SECONDS = 0.2
 
 class FeedbackWriter:
     def __init__(
-        self, warehouse: Warehouse | None, spill_dir: Path, flush_seconds: float = 2.0, max_buffer: int = 200_000
+        self,
+        warehouse: Warehouse | None,
+        spill_dir: Path,
+        flush_seconds: float = 2.0,
+        max_buffer: int = 200_000,
+        on_backlog: Callable[[int], None] | None = None,
     ):
+        self.on_backlog = on_backlog
         self.warehouse = warehouse
         self.spill_dir = spill_dir
         self.flush_seconds = flush_seconds
@@ -49,11 +70,78 @@ class FeedbackWriter:
         self._framed = 0  # rows in _frames
         self._lock = threading.Lock()
         self._frames_lock = threading.Lock()
+        self._wal_lock = threading.Lock()
+        self._segment = None  # the live write-ahead segment (open, locked by this process)
+        self._segment_path: Path | None = None
+        self._segment_rows = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.landed = 0
         self.failures = 0
         self.quarantined = 0
+
+    # --- the write-ahead log of acknowledged feedback -------------------------------------------------
+
+    def _open_segment(self) -> None:
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"feedback-wal-{os.getpid()}-{time.time_ns()}.jsonl"
+        handle = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open: the live segment)
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        directory = os.open(self.spill_dir, os.O_RDONLY)
+        try:
+            os.fsync(directory)  # the new name survives a crash too
+        finally:
+            os.close(directory)
+        self._segment, self._segment_path, self._segment_rows = handle, path, 0
+
+    def log(self, rows: list[tuple]) -> None:
+        """Append acknowledged events to the write-ahead log and ``fsync`` it (blocking: call it from a
+        thread). When this returns, the events survive a crash of the process or of the machine."""
+        if self.warehouse is None:
+            return
+        lines = "".join(_row_to_json(row) + "\n" for row in rows)
+        with self._wal_lock:
+            if self._segment is None:
+                self._open_segment()
+            self._segment.write(lines)
+            self._segment.flush()
+            os.fsync(self._segment.fileno())
+            self._segment_rows += len(rows)
+
+    def _seal(self) -> None:
+        """Close the live segment (its lock goes with it) so the flush can land it."""
+        with self._wal_lock:
+            if self._segment is not None and self._segment_rows:
+                self._segment.close()
+                self._segment = None
+
+    def _landable(self) -> list[Path]:
+        """Spill files and write-ahead segments that no live process holds, oldest first."""
+        if not self.spill_dir.exists():
+            return []
+        free = []
+        for path in sorted(self.spill_dir.glob("feedback-*.jsonl")):
+            try:
+                with open(path, "rb") as probe:
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
+            except BlockingIOError:
+                continue  # a live writer's segment (this process's own included)
+            except FileNotFoundError:
+                continue
+            free.append(path)
+        return free
+
+    def backlog(self) -> int:
+        """Events written to the log or spilled and not landed yet, plus those buffered in memory."""
+        files = self.spill_dir.glob("feedback-*.jsonl") if self.spill_dir.exists() else []
+        on_disk = 0
+        for path in files:
+            try:
+                with open(path, "rb") as f:
+                    on_disk += sum(1 for _ in f)
+            except FileNotFoundError:
+                continue
+        return on_disk + len(self._rows) + self._framed
 
     def start(self) -> None:
         if self.warehouse is None or self._thread is not None:
@@ -103,27 +191,45 @@ class FeedbackWriter:
             return
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"feedback-{time.time_ns()}.jsonl"
-        with open(path, "w") as f:
+        # Written aside and renamed: another worker's flush must never read a half-written spill file.
+        tmp = self.spill_dir / f".{path.name}.tmp"
+        with open(tmp, "w") as f:
             for row in rows:
-                f.write(json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in row]) + "\n")
+                f.write(_row_to_json(row) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        tmp.replace(path)
         log.warning("warehouse unavailable: spilled %d feedback events to %s", len(rows), path)
 
     def flush(self) -> int:
+        landed = self._flush()
+        if self.on_backlog is not None:
+            self.on_backlog(self.backlog())
+        return landed
+
+    def _flush(self) -> int:
         """Land the buffer (and any spilled files); keep everything if the warehouse refuses."""
         if self.warehouse is None:
             return 0
         landed = 0
-        for path in sorted(self.spill_dir.glob("feedback-*.jsonl")) if self.spill_dir.exists() else []:
+        self._seal()
+        for path in self._landable():
             try:
-                rows = [_row_from_json(line) for line in path.read_text().splitlines() if line.strip()]
-                landed += self._land(rows, origin=f"serving spill {path.name}")
+                rows = self._read(path)
+            except FileNotFoundError:
+                continue  # another worker landed it meanwhile
+            except (ValueError, TypeError, IndexError) as exc:
+                self._quarantine(path, f"{type(exc).__name__}: {exc}")
+                continue
+            try:
+                landed += self._land(rows, origin=f"serving {path.name}")
             except WarehouseError as exc:
                 log.warning("spilled feedback %s not landed yet: %s", path, exc)
                 return landed
             except (ValueError, TypeError, IndexError, pl.exceptions.PolarsError) as exc:
                 self._quarantine(path, f"{type(exc).__name__}: {exc}")
                 continue
-            path.unlink()
+            path.unlink(missing_ok=True)
         self._convert()
         frames = self._take_frames()
         if not frames:
@@ -136,6 +242,19 @@ class FeedbackWriter:
                         sum(f.height for f in frames), exc)  # fmt: skip
             self._put_back(frames)
         return landed
+
+    def _read(self, path: Path) -> list[tuple]:
+        """The rows of a spill file or write-ahead segment. A segment's last line without its newline is
+        a write cut by a crash, never acknowledged (the answer waits for the fsync): it is set aside in
+        the quarantine, and the lines before it land."""
+        text = path.read_text()
+        lines = text.splitlines()
+        if path.name.startswith("feedback-wal-") and text and not text.endswith("\n"):
+            torn = self.spill_dir / "quarantine" / f"{path.name}.torn"
+            torn.parent.mkdir(parents=True, exist_ok=True)
+            torn.write_text(lines.pop() + "\n")
+            log.warning("write-ahead segment %s ended in a torn write (not acknowledged): set aside", path.name)
+        return [_row_from_json(line) for line in lines if line.strip()]
 
     def _quarantine(self, path: Path, reason: str) -> None:
         """Set aside a spilled file whose content cannot be landed, with the reason beside it."""
@@ -178,8 +297,18 @@ class FeedbackWriter:
         if self._thread is not None:
             self._thread.join(timeout=30)
         self.flush()
+        with self._wal_lock:
+            if self._segment is not None:  # empty: nothing was logged since the last flush
+                self._segment.close()
+                self._segment = None
+                if self._segment_path is not None and self._segment_path.stat().st_size == 0:
+                    self._segment_path.unlink()
         if self._rows or self._framed:
             self._spill()
+
+
+def _row_to_json(row: tuple) -> str:
+    return json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in row])
 
 
 def _row_from_json(line: str) -> tuple:

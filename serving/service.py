@@ -100,6 +100,11 @@ MODEL_LOAD_FAILURES = prometheus_client.Counter(
     name="recsys_model_load_failures", documentation="Versions that could not be loaded (the current one stays)",
     labelnames=["variant"],
 )  # fmt: skip
+FEEDBACK_BACKLOG = prometheus_client.Gauge(
+    name="recsys_feedback_backlog_events",
+    documentation="Events acknowledged or buffered and not landed in the warehouse yet (at the last flush)",
+    multiprocess_mode="livesum",
+)
 MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
 )
@@ -149,6 +154,7 @@ class Recommender:
             warehouse,
             spill_dir=settings.home / "serving" / "spill",
             flush_seconds=knobs.feedback_flush_seconds,
+            on_backlog=FEEDBACK_BACKLOG.set,
         )
         self.feedback_writer.start()
         # Everything loaded so far (the libraries, the models) lives as long as the process: out of the
@@ -277,24 +283,22 @@ class Recommender:
         if variant is not None and variant not in ("champion", "challenger"):
             raise InvalidArgument(f"variant={variant!r}: expected champion or challenger")
         event_id = event_id or f"fb-{uuid.uuid4().hex}"
+        row = event_row(
+            event_id=event_id,
+            user_id=user_id,
+            track_id=track_id,
+            artist_id=None,
+            event_type=event_type,
+            model_version=model_version,
+            variant=variant,
+        )
+        # Durable before it is acknowledged: the write-ahead log, fsync-ed off the event loop.
+        await asyncio.to_thread(self.feedback_writer.log, [row])
         FEEDBACK.labels(
             model_version=self._version_label(model_version),
             variant=variant or "unknown",
             event_type=event_type,
         ).inc()
-        self.feedback_writer.add(
-            [
-                event_row(
-                    event_id=event_id,
-                    user_id=user_id,
-                    track_id=track_id,
-                    artist_id=None,
-                    event_type=event_type,
-                    model_version=model_version,
-                    variant=variant,
-                )
-            ]
-        )
         if ctx is not None:
             ctx.response.status_code = HTTPStatus.ACCEPTED
         return FeedbackAccepted(accepted=True, event_id=event_id)

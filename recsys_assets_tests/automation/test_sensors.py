@@ -17,6 +17,7 @@ from recsys_assets import sensors
 from recsys_assets.resources import build_resources
 from recsys_assets.stack.supervisor import free_port
 from recsys_core.control import ControlPlane
+from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
 
 pytestmark = pytest.mark.slow
@@ -95,7 +96,8 @@ def plays(n: int, start: datetime, prefix: str = "e") -> pl.DataFrame:
 
 
 def tick(sensor, instance, settings, cursor=None):
-    resources = build_resources(settings)
+    # The environment as it is now (a fixture may have set PROMETHEUS_URL after `settings` was read).
+    resources = build_resources(load_settings())
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         result = sensor(context)
         return result, context.cursor

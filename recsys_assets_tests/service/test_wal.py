@@ -1,0 +1,122 @@
+"""Acknowledged feedback survives a crash: the write-ahead log (serving/feedback.py)."""
+
+from __future__ import annotations
+
+import shutil
+import threading
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from recsys_assets.stack.services import bento_spec
+from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_assets_tests.conftest import REPO_ROOT
+from recsys_assets_tests.service.test_replicas import until
+from recsys_core.settings import load_settings
+from recsys_core.warehouse import Warehouse
+from serving.feedback import FeedbackWriter, event_row
+
+
+def row(i: int, prefix: str = "w") -> tuple:
+    return event_row(event_id=f"{prefix}-{i}", user_id="u1", track_id="t1", artist_id=None, event_type="click",
+                     model_version=1, variant="champion")  # fmt: skip
+
+
+def landed_ids(warehouse: Warehouse, prefix: str) -> set[str]:
+    warehouse.init_schema()
+    rows = warehouse.fetch("SELECT event_id FROM listening_events WHERE event_id LIKE ?", [f"{prefix}-%"])
+    return set(rows["event_id"].to_list())
+
+
+def test_a_logged_event_lands_after_its_writer_died(tmp_path: Path) -> None:
+    """A writer that logged events and died without flushing (its segment's lock released, as by the
+    kernel on kill -9) leaves them for the next writer, which lands each once."""
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    warehouse.init_schema()
+    dead = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    dead.log([row(i) for i in range(50)])
+    assert dead.backlog() == 50
+    dead._segment.close()  # the crash: no flush, no close(); the lock goes with the file
+    survivor = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    assert survivor.flush() == 50
+    assert landed_ids(warehouse, "w") == {f"w-{i}" for i in range(50)}
+    assert survivor.flush() == 0
+    assert not list((tmp_path / "spill").glob("feedback-*.jsonl"))
+
+
+def test_a_torn_last_line_is_set_aside_and_the_rest_lands(tmp_path: Path) -> None:
+    """kill -9 in the middle of a write leaves a line without its newline: never acknowledged."""
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    warehouse.init_schema()
+    dead = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    dead.log([row(i, "torn") for i in range(3)])
+    dead._segment.write('["torn-3", "u1", "t1"')  # cut mid-line
+    dead._segment.close()
+    survivor = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    assert survivor.flush() == 3
+    assert landed_ids(warehouse, "torn") == {"torn-0", "torn-1", "torn-2"}
+    assert len(list((tmp_path / "spill" / "quarantine").glob("*.torn"))) == 1
+
+
+def test_a_live_writers_segment_is_left_to_it(tmp_path: Path) -> None:
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    warehouse.init_schema()
+    live = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    live.log([row(i, "live") for i in range(5)])
+    other = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    assert other.flush() == 0  # the segment is locked by its writer
+    assert live.flush() == 5  # its own flush seals and lands it
+    assert landed_ids(warehouse, "live") == {f"live-{i}" for i in range(5)}
+
+
+@pytest.mark.integration
+@pytest.mark.slow
+def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path) -> None:
+    """`bentoml serve` acknowledges feedback from many clients, is killed with SIGKILL (every process)
+    before any flush, and is started again: every acknowledged event lands, once."""
+    home = tmp_path / "home"
+    shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
+    settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
+    env = {**serving_home.env, **settings.child_env({}), "RECSYS_FEEDBACK_FLUSH_SECONDS": "3600"}
+    stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
+    stack.start([bento_spec(settings)], timeout=180)
+    acknowledged: list[str] = []
+    lock = threading.Lock()
+
+    def client(n: int) -> None:
+        with httpx.Client(base_url=settings.url("bento"), timeout=10) as http:
+            for i in range(500):
+                event_id = f"kill9-{n}-{i}"
+                response = http.post("/feedback", json={"user_id": f"k{n}", "track_id": "t1", "event_type": "click",
+                                                        "event_id": event_id})  # fmt: skip
+                if response.status_code == 202:
+                    with lock:
+                        acknowledged.append(event_id)
+
+    try:
+        threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    finally:
+        for pid in stack.all_pids():
+            if psutil.pid_exists(pid):
+                psutil.Process(pid).kill()
+        stack.stop(grace=5)
+    assert len(acknowledged) == 2000
+    warehouse = Warehouse(settings.warehouse_uri)
+    assert not landed_ids(warehouse, "kill9")  # nothing had landed: all of it was only in the log
+
+    env["RECSYS_FEEDBACK_FLUSH_SECONDS"] = "0.5"
+    again = Stack(tmp_path / "run-again", env=env, cwd=REPO_ROOT)
+    again.start([bento_spec(settings)], timeout=180)
+    try:
+        until(lambda: len(landed_ids(warehouse, "kill9")) >= 2000, 60, "the logged feedback to land")
+        assert landed_ids(warehouse, "kill9") == set(acknowledged)
+        count = warehouse.scalar("SELECT COUNT(*) FROM listening_events WHERE event_id LIKE 'kill9-%'")
+        assert count == 2000  # once each
+    finally:
+        again.stop(grace=20)
