@@ -21,11 +21,11 @@ $(STAMP): pyproject.toml constraints.txt
 
 install: $(STAMP)
 
-$(SERVING_STAMP): serving/requirements.txt constraints.txt
+$(SERVING_STAMP): serving/requirements.txt serving/requirements-test.txt constraints.txt
 	@test -x $(SERVING_VENV)/bin/python || $(PYTHON) -m venv $(SERVING_VENV)
 	$(SERVING_VENV)/bin/python -m pip install --quiet --disable-pip-version-check pip==26.3
 	$(SERVING_VENV)/bin/python -m pip install --quiet --disable-pip-version-check --progress-bar off \
-		-c constraints.txt -r serving/requirements.txt pytest
+		-c constraints.txt -r serving/requirements.txt -r serving/requirements-test.txt
 	@touch $@
 
 ## demo: start the local stack (Dagster UI, daemon, MLflow UI, …) and run the main job on the embedded default

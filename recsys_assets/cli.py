@@ -12,6 +12,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 
 import click
 
@@ -22,8 +23,9 @@ from recsys_assets.stack.services import (
     init_dagster_storage,
     init_mlflow_storage,
     stack_services,
+    venv_bin,
 )
-from recsys_assets.stack.supervisor import Stack, StackError
+from recsys_assets.stack.supervisor import SUPERVISOR, ServiceSpec, Stack, StackError
 from recsys_core.settings import Settings, load_settings
 
 
@@ -87,8 +89,9 @@ def start_stack(
     return stack
 
 
-def wait_until_interrupted(stack: Stack) -> int:
-    """Block until Ctrl-C or SIGTERM, or until a process of the stack dies; then stop everything."""
+def wait_until_interrupted(stack: Stack, echo: Callable[[str], None] = click.echo, stop: bool = True) -> int:
+    """Supervise the stack (restart what dies, with backoff; rotate the logs) until Ctrl-C or SIGTERM;
+    then stop everything (unless ``stop`` is false: `recsys down` does it)."""
     stopping = {"signal": None}
 
     def _on_signal(signum: int, _frame: object) -> None:
@@ -96,23 +99,20 @@ def wait_until_interrupted(stack: Stack) -> int:
 
     signal.signal(signal.SIGINT, _on_signal)
     signal.signal(signal.SIGTERM, _on_signal)
-    code = 0
     last_refresh = 0.0
     while stopping["signal"] is None:
         time.sleep(0.5)
         if time.monotonic() - last_refresh > 10:
             stack.refresh_children()
             last_refresh = time.monotonic()
-        dead = stack.exited()
-        if dead:
-            for record in dead:
-                click.echo(f"{record.name} (pid {record.pid}) exited; see {record.log}", err=True)
-            code = 1
-            break
-    click.echo("stopping the stack …")
+        for line in stack.supervise():
+            echo(line)
+    if not stop:
+        return 0
+    echo("stopping the stack …")
     stopped = stack.stop()
-    click.echo("stopped " + (", ".join(stopped) if stopped else "nothing"))
-    return code
+    echo("stopped " + (", ".join(stopped) if stopped else "nothing"))
+    return 0
 
 
 @cli.command()
@@ -147,10 +147,33 @@ def up(
     except StackError as exc:
         raise click.ClickException(str(exc)) from exc
     if detach:
-        click.echo("running in the background: `recsys down` stops it")
+        try:
+            stack.start([ServiceSpec(SUPERVISOR, [venv_bin("recsys"), "supervise"])], adding=True)
+        except StackError as exc:
+            stack.stop()
+            raise click.ClickException(str(exc)) from exc
+        click.echo("running in the background, supervised (a process that dies is restarted): "
+                   "`recsys status` shows it, `recsys down` stops it")  # fmt: skip
         return
     click.echo("Ctrl-C stops everything")
     sys.exit(wait_until_interrupted(stack))
+
+
+@cli.command(hidden=True)
+@click.pass_context
+def supervise(ctx: click.Context) -> None:
+    """Supervise a detached stack (started by `recsys up --detach`; stopped by `recsys down`)."""
+    settings = _settings(ctx)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    deadline = time.monotonic() + 30
+    while True:  # `recsys up` records this process right after starting it
+        stack = Stack.load(settings.run_dir, settings.child_env(), cwd=REPO_ROOT, host=settings.host)
+        if any(r.name == SUPERVISOR and r.pid == os.getpid() for r in stack.records):
+            break
+        if time.monotonic() > deadline:
+            raise click.ClickException(f"this process is not recorded in {stack.state_file}")
+        time.sleep(0.2)
+    sys.exit(wait_until_interrupted(stack, echo=lambda line: click.echo(line, err=True), stop=False))
 
 
 @cli.command()
@@ -172,10 +195,9 @@ def status(ctx: click.Context) -> None:
     if not stack.records:
         click.echo("no stack is running")
         return
-    running = {r.name for r in stack.running_records()}
     for record in stack.records:
-        state = "running" if record.name in running else "exited"
-        click.echo(f"{record.name:<18} {state:<8} pid {record.pid:<8} {record.url or ''}")
+        restarts = f"restarts {record.restarts_total}" + (f" (last: {record.last_exit})" if record.last_exit else "")
+        click.echo(f"{record.name:<18} {record.state:<10} pid {record.pid:<8} {record.url or '':<28} {restarts}")
 
 
 # --- data ---------------------------------------------------------------------------------------

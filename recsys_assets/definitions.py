@@ -39,6 +39,7 @@ defs = dg.Definitions(
         sensors.drift_sensor,
         sensors.kpi_alert_sensor,
         sensors.canary_sensor,
+        sensors.abandoned_training_sensor,
         sensors.automation_sensor,
     ],
     resources=build_resources(load_settings()),

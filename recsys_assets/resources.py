@@ -106,6 +106,25 @@ class ServingClient:
             raise RuntimeError(f"{self.url}/admin/{path} answered {response.status_code}: {response.text[:500]}")
         return response.json()
 
+    def converge(self, expected: tuple[int | None, int | None], timeout: float, agreeing: int = 4) -> dict:
+        """Reload until ``agreeing`` answers in a row serve ``expected`` (champion, challenger), or
+        ``timeout`` passes; return the last answer. A request reaches one worker (or replica): the
+        others follow the registry within their poll interval, so consecutive answers all agreeing
+        is what says the whole service serves it."""
+        import time
+
+        deadline = time.monotonic() + timeout
+        in_a_row = 0
+        while True:
+            self.admin("reload")
+            served = self.admin("canary")
+            matches = (served["champion_version"], served["challenger_version"]) == expected
+            in_a_row = in_a_row + 1 if matches else 0
+            if in_a_row >= agreeing or time.monotonic() > deadline:
+                return served
+            if not matches:
+                time.sleep(0.25)
+
 
 class ServingResource(dg.ConfigurableResource):
     """The recommendation service (``bentoml serve`` locally, the Kubernetes Service in production)."""

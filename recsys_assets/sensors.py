@@ -4,8 +4,10 @@
   automation conditions carry the change downstream).
 - ``new_data_sensor``: positive events since the champion's training data ended reach 20% (configurable)
   of what it was trained on → the ``retrain`` job. Never while a retrain runs or a challenger is in
-  canary; backs off after repeated gate failures; its skip reason says how close it is.
+  canary; backs off after repeated gate failures and failed runs; its skip reason says how close it is.
 - ``drift_sensor``: a new ``drift_report`` past the threshold → ``retrain``, once per report.
+- ``abandoned_training_sensor``: a failed ``retrain`` run (a crash, ``kill -9``, caught by run
+  monitoring) → its MLflow training run, if left ``RUNNING``, is ended as ``FAILED``.
 
 - ``kpi_alert_sensor``: a firing Prometheus alert labelled ``retrain="true"`` (or, without Prometheus,
   the champion's CTR falling below its 7-day level in the feedback table) → ``retrain``, once per
@@ -25,6 +27,7 @@ from datetime import UTC, datetime, timedelta
 import dagster as dg
 import httpx
 
+from recsys_assets.assets.training import dagster_run_active
 from recsys_assets.constants import RETRAIN_TAG
 from recsys_assets.jobs import retrain_job
 from recsys_assets.resources import MLflowResource, PrometheusResource, ServingResource, WarehouseResource
@@ -217,6 +220,8 @@ def new_data_sensor(
                 state.record_success()
             elif _gate_failed(context.instance, run):
                 state.record_gate_failure(now, timedelta(seconds=SETTINGS.backoff_seconds))
+            elif run.status == dg.DagsterRunStatus.FAILURE:  # a crash, not a verdict: retry, later each time
+                state.record_crash(now, timedelta(seconds=SETTINGS.crash_backoff_seconds))
             state.history = [*state.history, f"{state.pending_run_key}: {run.status.value}"][-10:]
             state.pending_run_key = None
             context.update_cursor(state.to_cursor())
@@ -224,9 +229,7 @@ def new_data_sensor(
     if running is not None:
         return dg.SkipReason(f"a retrain is running (run {running.run_id[:8]})")
     if state.backing_off(now):
-        return dg.SkipReason(
-            f"backing off after {state.gate_failures} rejected candidate(s) until {state.backoff_until}"
-        )
+        return dg.SkipReason(state.describe_backoff())
     try:
         registry = mlflow.get_registry()
         champion, challenger = registry.by_alias(CHAMPION), registry.by_alias(CHALLENGER)
@@ -414,3 +417,15 @@ automation_sensor = dg.AutomationConditionSensorDefinition(
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
 )
+
+
+@dg.run_failure_sensor(
+    monitored_jobs=[retrain_job],
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="A retrain run that failed (crashed, killed, stopped by run monitoring) has its MLflow "
+    "training run ended as FAILED, so that no run stays RUNNING for ever.",
+)
+def abandoned_training_sensor(context: dg.RunFailureSensorContext, mlflow: MLflowResource):
+    closed = mlflow.get_control_plane().fail_abandoned_runs(lambda owner: dagster_run_active(context.instance, owner))
+    for run_id in closed:
+        context.log.warning(f"MLflow run {run_id} was left RUNNING by a failed retrain: ended as FAILED")

@@ -51,6 +51,7 @@ class RetrainState:
     backoff_until: str | None = None
     attempts: int = 0
     history: list[str] = field(default_factory=list)
+    crashes: int = 0  # retrain runs that failed (not the gate: a crash, a kill, a broken store) in a row
 
     def to_cursor(self) -> str:
         import json
@@ -72,8 +73,21 @@ class RetrainState:
         wait = min(base * 2 ** (self.gate_failures - 1), MAX_BACKOFF)
         self.backoff_until = (now + wait).isoformat()
 
+    def record_crash(self, now: datetime, base: timedelta) -> None:
+        """One more failed retrain run: wait base, 2·base, 4·base… (at most two days), so that a
+        broken store or a run killed for memory is not retried in a tight loop."""
+        self.crashes += 1
+        wait = min(base * 2 ** (self.crashes - 1), MAX_BACKOFF)
+        self.backoff_until = max(self.backoff_until or "", (now + wait).isoformat())
+
+    def describe_backoff(self) -> str:
+        why = [f"{n} {what}" for n, what in ((self.gate_failures, "rejected candidate(s)"),
+                                             (self.crashes, "failed retrain run(s)")) if n]  # fmt: skip
+        return f"backing off after {' and '.join(why)} until {self.backoff_until}"
+
     def record_success(self) -> None:
         self.gate_failures = 0
+        self.crashes = 0
         self.backoff_until = None
 
 

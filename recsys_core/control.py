@@ -5,6 +5,11 @@ plan all go through :class:`ControlPlane`, and nothing else writes aliases or th
 tag: the registry asset, the deployment and canary assets and the ``recsys model`` commands use it.
 The serving plane only reads (:class:`recsys_core.registry.Registry`).
 
+No alias ever points at a version that cannot be served: before a move, the version is downloaded,
+loaded and queried in a separate process (:mod:`recsys_core.validation`). A new version that fails is
+registered without an alias, with status ``rejected`` and the reason in its history, so the retrain
+loop goes on; a promotion or rollback to one is refused with the reason.
+
 Every move is recorded on the versions it touches as a ``recsys.event.<time>-<random>`` tag (JSON:
 when, action, alias, from, to, why, by) plus a ``recsys.status`` tag. The key needs no read of the
 existing history, so concurrent moves from several threads, processes or hosts never overwrite one
@@ -18,6 +23,7 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -34,6 +40,7 @@ from recsys_core.registry import (
     VersionInfo,
     utc_now_iso,
 )
+from recsys_core.validation import DEFAULT_TIMEOUT_S, UnservableVersion, Validation, validate_in_subprocess
 
 log = logging.getLogger(__name__)
 
@@ -45,12 +52,43 @@ _FLUENT_API = threading.Lock()
 
 
 class ControlPlane(Registry):
-    """The registry's reads, plus the only writes of aliases, statuses, history and the canary plan."""
+    """The registry's reads, plus the only writes of aliases, statuses, history and the canary plan.
+
+    Args:
+        validate_timeout_s: how long the separate-process load of a version may take before the
+            version is declared unservable.
+    """
+
+    def __init__(
+        self,
+        tracking_uri: str,
+        artifact_root: Path | None,
+        cache_dir: Path,
+        *,
+        validate_timeout_s: float = DEFAULT_TIMEOUT_S,
+    ):
+        super().__init__(tracking_uri, artifact_root, cache_dir)
+        self.validate_timeout_s = validate_timeout_s
+
+    def validate(self, version: int) -> Validation:
+        """Load ``version`` and run the smoke query in a child process.
+
+        Raises:
+            UnservableVersion: with the reason the child gave.
+        """
+        result = validate_in_subprocess(
+            self.tracking_uri, version, self.cache_dir / "validation", timeout_s=self.validate_timeout_s
+        )
+        log.info("version %d loads and answers (%d items, %.0f ms load, %.1f s check)",
+                 version, result.items, result.load_ms, result.wall_s)  # fmt: skip
+        return result
 
     def register(self, *, model_uri: str, run_id: str, lineage: dict[str, Any], reason: str, by: str) -> VersionInfo:
         """Create a version: ``challenger``, or ``champion`` if there is none yet.
 
         Raises:
+            UnservableVersion: the version cannot be served; it stays registered, with no alias,
+                status ``rejected`` and the reason in its history.
             RegistryError: the registry refused; the version, if created, has been deleted.
         """
         from mlflow.exceptions import MlflowException
@@ -71,10 +109,17 @@ class ControlPlane(Registry):
             })  # fmt: skip
         version = int(mv.version)
         try:
+            self.validate(version)
+        except UnservableVersion as exc:
+            self._reject_unservable(version, exc.reason, by=by)
+            raise
+        try:
             if champion is None:
-                self._move(CHAMPION, version, action="registered as the first champion", reason=reason, by=by)
+                self._move(CHAMPION, version, action="registered as the first champion", reason=reason, by=by,
+                           validated=True)  # fmt: skip
             else:
-                self._move(CHALLENGER, version, action="registered as challenger", reason=reason, by=by)
+                self._move(CHALLENGER, version, action="registered as challenger", reason=reason, by=by,
+                           validated=True)  # fmt: skip
         except BaseException:
             log.exception("registering version %d failed: deleting it", version)
             client.delete_model_version(MODEL_NAME, str(version))
@@ -148,10 +193,49 @@ class ControlPlane(Registry):
         with self._errors("closing the run"):
             self.client().set_terminated(run_id, status=status)
 
-    def _move(self, alias: str, version: int, *, action: str, reason: str, by: str) -> VersionInfo | None:
-        """Point ``alias`` at ``version`` (one call) and record the move on both versions."""
+    def fail_abandoned_runs(self, is_active: Callable[[str], bool]) -> list[str]:
+        """End as FAILED the training runs left RUNNING by a process that died (``kill -9``, the
+        kernel's OOM killer, a lost node): those whose Dagster run (tag ``dagster.run_id``) is not
+        ``is_active`` any more. Returns the MLflow run ids it closed."""
+        closed = []
+        with self._errors("closing abandoned training runs"):
+            client = self.client()
+            experiment = client.get_experiment_by_name(EXPERIMENT)
+            if experiment is None:
+                return []
+            running = client.search_runs([experiment.experiment_id], "attributes.status = 'RUNNING'", max_results=500)
+            for run in running:
+                owner = run.data.tags.get("dagster.run_id")
+                if owner is None or is_active(owner):
+                    continue
+                client.set_tag(run.info.run_id, "recsys.ended_by", f"its Dagster run {owner} ended without closing it")
+                client.set_terminated(run.info.run_id, status="FAILED")
+                log.warning(
+                    "training run %s of Dagster run %s was left RUNNING: ended as FAILED", run.info.run_id, owner
+                )
+                closed.append(run.info.run_id)
+        return closed
+
+    def _reject_unservable(self, version: int, reason: str, *, by: str) -> None:
+        event = {"at": utc_now_iso(), "action": "rejected: cannot be served", "alias": CHALLENGER,
+                 "from": version, "to": None, "reason": reason[:4000], "by": by}  # fmt: skip
+        log.error("version %d is registered without an alias: it cannot be served: %s", version, reason)
+        self._record(version, event)
+        with self._errors(f"marking version {version} rejected"):
+            self.client().set_model_version_tag(MODEL_NAME, str(version), "recsys.status", "rejected")
+
+    def _move(
+        self, alias: str, version: int, *, action: str, reason: str, by: str, validated: bool = False
+    ) -> VersionInfo | None:
+        """Point ``alias`` at ``version`` (one call) and record the move on both versions.
+
+        Raises:
+            UnservableVersion: ``version`` failed the separate-process load; nothing moved.
+        """
         client = self.client()
         previous = self.by_alias(alias)
+        if not validated:
+            self.validate(version)
         with self._errors(f"moving {alias} to version {version}"):
             client.set_registered_model_alias(MODEL_NAME, alias, str(version))
             event = {
@@ -187,6 +271,8 @@ class ControlPlane(Registry):
             if challenger is None:
                 raise RegistryError("there is no challenger to promote")
             version = challenger.version
+        else:
+            self.get(version)  # a version that does not exist is named as such
         self._move(CHAMPION, version, action="promoted to champion", reason=reason, by=by)
         if challenger is not None and challenger.version == version:
             with self._errors("clearing the challenger alias"):

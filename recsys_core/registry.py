@@ -128,12 +128,15 @@ class Registry:
         tracking_uri: ``sqlite:////abs/mlflow.db``, ``http://mlflow:5000``, …
         artifact_root: where the experiment's artifacts go (absolute); ``None`` lets the server decide.
         cache_dir: where downloaded model versions are kept.
+        cache_keep: how many versions the cache keeps (the most recently used); older ones are
+            deleted after each download.
     """
 
-    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path):
+    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path, cache_keep: int = 4):
         self.tracking_uri = tracking_uri
         self.artifact_root = artifact_root
         self.cache_dir = cache_dir
+        self.cache_keep = cache_keep
 
     def client(self):
         from mlflow import MlflowClient
@@ -252,6 +255,7 @@ class Registry:
             run_id = client.get_model_version(MODEL_NAME, str(version)).run_id or "norun"
             target = self.cache_dir / f"v{version}-{run_id[:12]}"
             if (target / "manifest.json").exists():
+                os.utime(target)  # most recently used: the last to be evicted
                 return target
             tmp = self.cache_dir / f".v{version}-{run_id[:12]}.{os.getpid()}.{threading.get_ident()}.tmp"
             shutil.rmtree(tmp, ignore_errors=True)
@@ -268,4 +272,14 @@ class Registry:
                 manifest.parent.rename(target)
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
+        self._evict(keep=target)
         return target
+
+    def _evict(self, keep: Path) -> None:
+        """Delete all but the ``cache_keep`` most recently used versions (never ``keep``). A loaded
+        version does not need its files (the arrays are read into memory), so eviction is safe."""
+        cached = [p for p in self.cache_dir.glob("v*-*") if p.is_dir() and p != keep]
+        cached.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in cached[max(self.cache_keep - 1, 0) :]:
+            log.info("model cache: evicting %s (keeping the %d most recent)", old.name, self.cache_keep)
+            shutil.rmtree(old, ignore_errors=True)

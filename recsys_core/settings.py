@@ -27,6 +27,7 @@ and no Docker.
 | ``RECSYS_SERVING_URL`` | ``http://$RECSYS_HOST:$RECSYS_BENTO_PORT`` |
 | ``PROMETHEUS_URL`` | unset: online KPIs come from the feedback table |
 | ``RECSYS_ANN_MIN_ITEMS`` | 100000: versions of larger catalogues carry and use an ANN index |
+| ``RECSYS_SERVING_WORKERS`` | 2: worker processes of the service (a killed one is no outage) |
 """
 
 from __future__ import annotations
@@ -186,6 +187,7 @@ class AutomationSettings:
     drift_cron: str  # RECSYS_DRIFT_CRON: how often the drift report is refreshed
     drift_window_days: float  # RECSYS_DRIFT_WINDOW_DAYS: length of the compared windows
     backoff_seconds: int  # RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a gate failure (doubles)
+    crash_backoff_seconds: int  # RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS: first wait after a failed retrain run (doubles)
     kpi_ctr_drop: float  # RECSYS_KPI_CTR_DROP: without Prometheus, CTR below this share of its 7-day level alerts
     canary_steps: tuple[float, ...]  # RECSYS_CANARY_STEPS: the challenger's traffic shares, step by step
     canary_mode: str  # RECSYS_CANARY_MODE: ab (split users) or interleaving (team draft for the canary users)
@@ -222,6 +224,7 @@ def _automation(env: Mapping[str, str]) -> AutomationSettings:
         drift_cron=env.get("RECSYS_DRIFT_CRON", "0 * * * *"),
         drift_window_days=number("RECSYS_DRIFT_WINDOW_DAYS", 7.0),
         backoff_seconds=number("RECSYS_RETRAIN_BACKOFF_SECONDS", 3600, int),
+        crash_backoff_seconds=number("RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS", 300, int),
         kpi_ctr_drop=number("RECSYS_KPI_CTR_DROP", 0.8),
         canary_steps=_fractions(env, "RECSYS_CANARY_STEPS", "0.05,0.2,0.5"),
         canary_mode=_choice(env, "RECSYS_CANARY_MODE", "ab", ("ab", "interleaving")),
@@ -276,6 +279,7 @@ class ServingSettings:
     max_body_bytes: int  # RECSYS_MAX_BODY_BYTES: larger request bodies get a 413
     bentoml_metrics: bool  # RECSYS_BENTOML_METRICS=1: BentoML's own metrics middleware too (costly per request)
     trace_requests: bool  # RECSYS_TRACE_REQUESTS=1: OpenTelemetry spans for /recommend and /feedback too
+    workers: int  # RECSYS_SERVING_WORKERS: worker processes of one service; with 2+, a dead one costs no outage
 
 
 def _serving(env: Mapping[str, str]) -> ServingSettings:
@@ -294,6 +298,7 @@ def _serving(env: Mapping[str, str]) -> ServingSettings:
         max_body_bytes=int(number("RECSYS_MAX_BODY_BYTES", 65536)),
         bentoml_metrics=env.get("RECSYS_BENTOML_METRICS", "0") == "1",
         trace_requests=env.get("RECSYS_TRACE_REQUESTS", "0") == "1",
+        workers=_positive_int(env, "RECSYS_SERVING_WORKERS", 2),
     )
 
 

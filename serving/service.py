@@ -53,6 +53,7 @@ from serving.interleaving import CHALLENGER_TEAM, team_draft
 from serving.limits import RequestLimits, log_client_errors_at_info
 from serving.metrics import RequestMetrics
 from serving.models import ModelSlots
+from serving.openapi import OpenAPIContract, contract
 from serving.schemas import (
     FEEDBACK_TYPES,
     AdminResult,
@@ -118,7 +119,9 @@ KNOBS = load_settings().serving
 @bentoml.service(
     name="recommender",
     traffic={"timeout": 10},
-    workers=1,
+    # Two workers by default: a worker that dies (kill -9, OOM) leaves the other accepting on the shared
+    # socket while the arbiter respawns it (docs/reliability.md). Each worker follows the registry itself.
+    workers=KNOBS.workers,
     logging={"access": {"enabled": KNOBS.access_log}},
     # BentoML's own metrics middleware costs more per request than the endpoint does (docs/benchmarks.md,
     # "Serving"): serving.metrics serves /metrics and times the requests instead.
@@ -271,9 +274,11 @@ class Recommender:
         self,
         user_id: UserId,
         track_id: TrackId,
-        event_type: Annotated[str, Field(description=f"One of {', '.join(FEEDBACK_TYPES)}.")],
+        # Checked below rather than as a Literal, so that the 400 names the value too; the enum is
+        # still in the OpenAPI document.
+        event_type: Annotated[str, Field(description="What the user did.", json_schema_extra={"enum": FEEDBACK_TYPES})],
         model_version: ModelVersion | None = None,
-        variant: str | None = None,
+        variant: Annotated[str | None, Field(json_schema_extra={"enum": ["champion", "challenger"]})] = None,
         event_id: Annotated[str | None, Field(max_length=128)] = None,
         ctx: bentoml.Context = None,
     ) -> FeedbackAccepted:
@@ -349,5 +354,10 @@ class Recommender:
 
 
 # The first added is the outer one: the request metrics time the limits' 413 and 415 answers too.
+Recommender.add_asgi_middleware(
+    OpenAPIContract,
+    document=lambda: contract(Recommender.openapi_spec.asdict(), accepted={"/feedback"},
+                              admin={"/admin/canary", "/admin/reload"}, unavailable={"/recommend", "/admin/reload"}),
+)  # fmt: skip
 Recommender.add_asgi_middleware(RequestMetrics, endpoints=ENDPOINTS)
 Recommender.add_asgi_middleware(RequestLimits, max_bytes=KNOBS.max_body_bytes)

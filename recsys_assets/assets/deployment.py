@@ -151,9 +151,9 @@ def model_deployment(
     status = "not running: it loads the registry's versions when it starts"
     served = {}
     if client.ready():
-        client.admin("reload")
-        served = client.admin("canary")
         expected = (recommender_bento["champion"], recommender_bento["challenger"])
+        # Every worker and replica follows the registry within its poll interval (a reload reaches one).
+        served = client.converge(expected, timeout=2 * load_settings().serving.model_poll_seconds + 10)
         serving_now = (served["champion_version"], served["challenger_version"])
         if serving_now != expected:
             # The registry may have moved on since the Bento was built (a canary decided, a version

@@ -6,6 +6,7 @@ import dagster as dg
 
 from recsys_assets.constants import REGISTRY
 from recsys_assets.resources import MLflowResource
+from recsys_core.validation import UnservableVersion
 
 
 @dg.asset(group_name=REGISTRY, kinds={"mlflow"})
@@ -32,13 +33,19 @@ def registered_model(
         "gate_reference": decision["reference"],
     }
     reason = ("forced by the operator; " if decision["forced"] else "") + "; ".join(decision["reasons"])
-    version = registry.register(
-        model_uri=two_tower_model["model_uri"],
-        run_id=two_tower_model["mlflow_run_id"],
-        lineage=lineage,
-        reason=reason[:4000],
-        by=f"dagster run {context.run.run_id}",
-    )
+    try:
+        version = registry.register(
+            model_uri=two_tower_model["model_uri"],
+            run_id=two_tower_model["mlflow_run_id"],
+            lineage=lineage,
+            reason=reason[:4000],
+            by=f"dagster run {context.run.run_id}",
+        )
+    except UnservableVersion as exc:  # registered as "rejected", with no alias: the loop goes on
+        raise dg.Failure(
+            description=f"version {exc.version} was rejected: it cannot be served ({exc.reason})",
+            metadata={"version": dg.MetadataValue.int(exc.version), "reason": dg.MetadataValue.text(exc.reason)},
+        ) from exc
     context.log.info(f"registered version {version.version} with aliases {version.aliases}")
     return dg.Output(
         {"version": version.version, "aliases": version.aliases, "mlflow_run_id": two_tower_model["mlflow_run_id"]},

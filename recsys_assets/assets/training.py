@@ -64,6 +64,11 @@ def _loss_plot(history: list[dict]):
     return plot_markdown(fig, "training curves")
 
 
+def dagster_run_active(instance: dg.DagsterInstance, run_id: str) -> bool:
+    run = instance.get_run_by_id(run_id)
+    return run is not None and not run.is_finished
+
+
 @dg.asset(
     group_name=TRAINING,
     deps=["training_interactions", "track_features"],
@@ -89,6 +94,8 @@ def two_tower_model(
     params = config.params()
     registry = mlflow.get_control_plane()
     registry.check()  # an unreachable store fails now, not after the training
+    for abandoned in registry.fail_abandoned_runs(lambda owner: dagster_run_active(context.instance, owner)):
+        context.log.warning(f"MLflow run {abandoned} of a killed training was still RUNNING: ended as FAILED")
     store = prepared.get_store()
     interactions = store.scan_table("training_interactions").collect()
     tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()

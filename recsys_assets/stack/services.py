@@ -92,7 +92,7 @@ def init_mlflow_storage(settings: Settings) -> None:
     SqlAlchemyStore(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir.as_uri())
 
 
-def _bin(name: str) -> str:
+def venv_bin(name: str) -> str:
     """An executable of this interpreter's environment (the venv), not whatever is first on PATH."""
     path = Path(sys.executable).parent / name
     if not path.exists():
@@ -121,7 +121,7 @@ def dagster_daemons_healthy(dagster_url: str) -> bool:
 
 def mlflow_server_argv(settings: Settings) -> list[str]:
     return [
-        _bin("mlflow"),
+        venv_bin("mlflow"),
         "server",
         "--backend-store-uri",
         settings.mlflow_tracking_uri,
@@ -161,7 +161,7 @@ def bento_spec(settings: Settings, env: dict[str, str] | None = None) -> Service
     return ServiceSpec(
         name="bento",
         argv=[
-            _bin("bentoml"),
+            venv_bin("bentoml"),
             "serve",
             "serving.service:Recommender",
             "--host",
@@ -198,7 +198,7 @@ def stack_services(
         ServiceSpec(
             name="dagster-webserver",
             argv=[
-                _bin("dagster-webserver"),
+                venv_bin("dagster-webserver"),
                 "-h",
                 settings.host,
                 "-p",
@@ -212,7 +212,7 @@ def stack_services(
         ),
         ServiceSpec(
             name="dagster-daemon",
-            argv=[_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_FILE)],
+            argv=[venv_bin("dagster-daemon"), "run", "-w", str(WORKSPACE_FILE)],
             ready=lambda: dagster_daemons_healthy(dagster_url),
         ),
     ]

@@ -5,6 +5,15 @@ a set of plain processes: each one is started in a session of its own (its PID i
 group), recorded with its start time in ``$RECSYS_HOME/run/stack.json``, and stopped by signalling
 that group and then every descendant that was seen alive, by PID. A recorded PID whose start time no
 longer matches belongs to somebody else and is left alone.
+
+While the stack runs, :meth:`Stack.supervise` restarts a process that died, after 1, 2, 4 … 60 s
+(reset once it has stayed up for a minute), and rotates the logs (copy then truncate, as logrotate's
+``copytruncate``: the processes keep their append-mode file). ``recsys up`` runs it in the
+foreground, or, with ``--detach``, in a ``recsys supervise`` process recorded with the stack.
+(Hand-written rather than supervisord: supervisord backs off only on processes that die during
+start-up, restarts one that ran for more than ``startsecs`` at once and for ever, and would bring a
+daemon, a config file and a control socket of its own; the stack already owns start, readiness and
+stopping by process group.)
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import errno
 import json
 import logging
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -27,6 +37,11 @@ import psutil
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
+SUPERVISOR = "supervisor"  # the record of the `recsys supervise` process of a detached stack
+MAX_BACKOFF_SECONDS = 60.0
+STABLE_SECONDS = 60.0  # up this long after a restart: the next death starts the backoff again
+LOG_MAX_BYTES = 20 * 1024 * 1024
+LOG_BACKUPS = 3
 
 
 class StackError(RuntimeError):
@@ -64,6 +79,17 @@ class ProcessRecord:
     url: str | None
     # Descendants seen while the stack ran (code servers, web workers), stopped by PID too.
     children: dict[str, float] = field(default_factory=dict)
+    env: dict[str, str] = field(default_factory=dict)  # the spec's own variables (for a restart)
+    restarts: int = 0  # restarts in a row (reset once it stays up for STABLE_SECONDS)
+    restarts_total: int = 0
+    last_exit: str | None = None  # when and how it last died
+    restart_at: float | None = None  # wall-clock time of the next restart (it is dead and waiting)
+
+    @property
+    def state(self) -> str:
+        if _alive(self.pid, self.create_time) is not None:
+            return "running"
+        return "restarting" if self.restart_at is not None else "exited"
 
 
 def port_in_use(host: str, port: int) -> bool:
@@ -136,12 +162,16 @@ class Stack:
                     f"(RECSYS_{spec.name.split('-')[0].upper()}_PORT or --{spec.name.split('-')[0]}-port)"
                 )
 
-    def start(self, specs: Sequence[ServiceSpec], timeout: float = 120.0) -> None:
+    def start(self, specs: Sequence[ServiceSpec], timeout: float = 120.0, adding: bool = False) -> None:
         """Start every process, then wait until each one answers.
 
         On any failure the processes already started are stopped before the error is raised.
+
+        Args:
+            adding: these processes join this stack, already running (the supervisor).
         """
-        self.check_free(specs)
+        if not adding:
+            self.check_free(specs)
         self.run_dir.mkdir(parents=True, exist_ok=True)
         try:
             for spec in specs:
@@ -155,17 +185,7 @@ class Stack:
 
     def _spawn(self, spec: ServiceSpec) -> None:
         log_path = self.run_dir / f"{spec.name}.log"
-        with open(log_path, "ab") as log_file:
-            proc = subprocess.Popen(
-                list(spec.argv),
-                cwd=self.cwd,
-                env={**self.env, **spec.env},
-                stdin=subprocess.DEVNULL,
-                stdout=log_file,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        self._popen[spec.name] = proc
+        proc = self._popen_logged(spec.name, list(spec.argv), dict(spec.env), log_path)
         self.records.append(
             ProcessRecord(
                 name=spec.name,
@@ -174,9 +194,69 @@ class Stack:
                 argv=list(spec.argv),
                 log=str(log_path),
                 url=spec.url,
+                env=dict(spec.env),
             )
         )
         log.info("started %s (pid %d), log in %s", spec.name, proc.pid, log_path)
+
+    def _popen_logged(self, name: str, argv: list[str], env: dict[str, str], log_path: Path) -> subprocess.Popen:
+        fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)  # private, appended to
+        try:
+            proc = subprocess.Popen(
+                argv,
+                cwd=self.cwd,
+                env={**self.env, **env},
+                stdin=subprocess.DEVNULL,
+                stdout=fd,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        finally:
+            os.close(fd)
+        self._popen[name] = proc
+        return proc
+
+    # --- supervising ----------------------------------------------------------------------------
+
+    def supervise(self, now: float | None = None) -> list[str]:
+        """One round: schedule or do the restart of every dead process, and rotate the logs.
+
+        Returns what it did, one line per action (for the supervisor's log and ``recsys status``).
+        """
+        now = time.time() if now is None else now
+        done = []
+        for record in self.records:
+            if record.name == SUPERVISOR or _alive(record.pid, record.create_time) is not None:
+                continue
+            if record.restart_at is None:  # just found dead: its leftovers go, its restart is scheduled
+                popen = self._popen.get(record.name)
+                code = popen.poll() if popen is not None and popen.pid == record.pid else None
+                _kill_leftovers(record)
+                if now - record.create_time > STABLE_SECONDS:
+                    record.restarts = 0
+                delay = min(2.0**record.restarts, MAX_BACKOFF_SECONDS)
+                record.last_exit = f"{time.strftime('%Y-%m-%dT%H:%M:%S', time.localtime(now))} " + (
+                    f"exit status {code}" if code is not None else "died"
+                )
+                record.restart_at = now + delay
+                done.append(f"{record.name} (pid {record.pid}) {record.last_exit.split(' ', 1)[1]}: "
+                            f"restart in {delay:.0f} s")  # fmt: skip
+            elif now >= record.restart_at:
+                proc = self._popen_logged(record.name, record.argv, record.env, Path(record.log))
+                record.pid, record.create_time = proc.pid, psutil.Process(proc.pid).create_time()
+                record.children = {}
+                record.restarts += 1
+                record.restarts_total += 1
+                record.restart_at = None
+                done.append(f"{record.name} restarted (pid {record.pid}, restart {record.restarts_total})")
+        for record in self.records:
+            if rotate_log(Path(record.log)):
+                done.append(f"{record.name}: log rotated")
+        if done:
+            self._save()
+            for line in done:
+                log.warning("%s", line)
+        return done
 
     def _wait_ready(self, spec: ServiceSpec, timeout: float) -> None:
         if spec.ready is None:
@@ -223,9 +303,18 @@ class Stack:
     # --- stopping -----------------------------------------------------------------------------
 
     def stop(self, grace: float = 15.0) -> list[str]:
-        """Stop every process and descendant, newest first; return the names of those stopped."""
-        self.refresh_children()
+        """Stop every process and descendant, newest first; return the names of those stopped.
+
+        The supervisor (if any) goes first, and the state it last wrote is read again, so that a
+        process it restarted meanwhile is stopped too."""
         stopped = []
+        supervisor = next((r for r in self.records if r.name == SUPERVISOR), None)
+        if supervisor is not None and _stop_record(supervisor, grace):
+            stopped.append(SUPERVISOR)
+            if self.state_file.exists():
+                self.records = [ProcessRecord(**r) for r in json.loads(self.state_file.read_text())]
+        self.records = [r for r in self.records if r.name != SUPERVISOR]
+        self.refresh_children()
         for record in reversed(self.records):
             if _stop_record(record, grace):
                 stopped.append(record.name)
@@ -277,6 +366,36 @@ def _stop_record(record: ProcessRecord, grace: float) -> bool:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(survivors, timeout=5)
+    return True
+
+
+def _kill_leftovers(record: ProcessRecord) -> None:
+    """SIGKILL what is left of a dead leader's process group (workers that still hold its port).
+    The group's id cannot be reused while a member lives, so this never reaches another process."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(record.pid, signal.SIGKILL)
+    for pid, created in record.children.items():
+        proc = _alive(int(pid), created)
+        if proc is not None:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+
+
+def rotate_log(path: Path, max_bytes: int = LOG_MAX_BYTES, backups: int = LOG_BACKUPS) -> bool:
+    """Past ``max_bytes``: ``log`` → ``log.1`` → … → ``log.<backups>`` (copied, then truncated in
+    place: the writer keeps its append-mode descriptor and goes on at offset 0)."""
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    for n in range(backups - 1, 0, -1):
+        older = path.with_name(f"{path.name}.{n}")
+        if older.exists():
+            older.replace(path.with_name(f"{path.name}.{n + 1}"))
+    shutil.copyfile(path, path.with_name(f"{path.name}.1"))
+    os.chmod(path.with_name(f"{path.name}.1"), 0o600)
+    os.truncate(path, 0)
     return True
 
 

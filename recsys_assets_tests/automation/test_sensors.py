@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import json
 import shutil
 import subprocess
 import time
+import uuid
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -16,6 +16,7 @@ import pytest
 from recsys_assets import sensors
 from recsys_assets.resources import build_resources
 from recsys_assets.stack.supervisor import free_port
+from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
@@ -72,9 +73,7 @@ def _firing(url: str) -> bool:
 
 def register_champion(settings, tmp_path, train_interactions: int) -> ControlPlane:
     registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, tmp_path / "cache")
-    model_dir = tmp_path / "version"
-    model_dir.mkdir()
-    (model_dir / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    model_dir = tiny_version(tmp_path / "version")
     run_id = registry.start_run("champion", tags={})
     uri = registry.log_model(run_id, model_dir)
     registry.end_run(run_id)
@@ -127,12 +126,25 @@ def test_new_data_sensor_fires_at_the_threshold_once(recsys_env, instance, tmp_p
     assert "waiting for the retrain it requested" in again.skip_message
 
 
+def test_new_data_sensor_backs_off_after_a_failed_retrain_run(recsys_env, instance, tmp_path) -> None:
+    """A retrain that crashed (killed, a broken store) is retried after a wait that doubles, not at once."""
+    register_champion(recsys_env, tmp_path, train_interactions=100)
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.init_schema()
+    warehouse.land_events(plays(50, CUTOFF + timedelta(hours=1)), source="test", origin="t")
+    request, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
+    assert isinstance(request, dg.RunRequest)
+    instance.add_run(dg.DagsterRun(job_name="retrain", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.FAILURE,
+                                   tags={"dagster/run_key": request.run_key}))  # fmt: skip
+    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    assert isinstance(result, dg.SkipReason)
+    assert result.skip_message.startswith("backing off after 1 failed retrain run(s) until ")
+
+
 def test_new_data_sensor_waits_for_a_canary(recsys_env, instance, tmp_path) -> None:
     registry = register_champion(recsys_env, tmp_path, train_interactions=10)
     run_id = registry.start_run("challenger", tags={})
-    model_dir = tmp_path / "v2"
-    model_dir.mkdir()
-    (model_dir / "manifest.json").write_text("{}")
+    model_dir = tiny_version(tmp_path / "v2", seed=2)
     uri = registry.log_model(run_id, model_dir)
     registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="test", by="test")
     result, _ = tick(sensors.new_data_sensor, instance, recsys_env)

@@ -3,7 +3,6 @@ traffic plan in the registry."""
 
 from __future__ import annotations
 
-import json
 from datetime import UTC, datetime, timedelta
 
 import numpy as np
@@ -11,6 +10,7 @@ import polars as pl
 import pytest
 
 from recsys_assets.data.kpis import canary_events, canary_strata, histogram_quantile, serving_health_from_metrics
+from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CanaryState, RegistryError
 from recsys_core.warehouse import Warehouse
@@ -121,9 +121,7 @@ def test_serving_health_from_the_services_own_metrics() -> None:
 
 def test_the_canary_plan_lives_in_the_registry_and_ends_with_the_canary(tmp_path) -> None:
     registry = ControlPlane(f"sqlite:///{tmp_path / 'mlflow.db'}", tmp_path / "artifacts", tmp_path / "cache")
-    model_dir = tmp_path / "v"
-    model_dir.mkdir()
-    (model_dir / "manifest.json").write_text(json.dumps({"format_version": 1}))
+    model_dir = tiny_version(tmp_path / "v")
     for name in ("one", "two"):
         run_id = registry.start_run(name, tags={})
         registry.register(model_uri=registry.log_model(run_id, model_dir), run_id=run_id, lineage={}, reason=name,

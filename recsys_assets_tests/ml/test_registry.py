@@ -7,8 +7,10 @@ from pathlib import Path
 
 import pytest
 
+from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_core.validation import UnservableVersion
 
 pytestmark = pytest.mark.slow
 
@@ -19,11 +21,8 @@ def registry(tmp_path: Path) -> ControlPlane:
 
 
 def fake_version_dir(tmp_path: Path, name: str) -> Path:
-    """A minimal model directory: the registry logs whatever directory it is given."""
-    directory = tmp_path / name
-    directory.mkdir()
-    (directory / "manifest.json").write_text(json.dumps({"format_version": 1, "name": name}))
-    return directory
+    """A tiny servable model directory (the control plane loads every version before an alias moves)."""
+    return tiny_version(tmp_path / name, name=name)
 
 
 def register(registry: ControlPlane, tmp_path: Path, name: str) -> int:
@@ -196,7 +195,20 @@ def test_a_version_without_a_manifest_is_refused_and_leaves_no_temporary_directo
     (directory / "weights.bin").write_bytes(b"0")
     run_id = registry.start_run("broken", tags={})
     uri = registry.log_model(run_id, directory)
-    version = registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="x", by="test").version
+    with pytest.raises(UnservableVersion, match=r"has no manifest\.json"):
+        registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="x", by="test")
     with pytest.raises(RegistryError, match=r"has no manifest\.json"):
-        registry.download(version)
-    assert not [p for p in registry.cache_dir.iterdir() if p.name.endswith(".tmp")]
+        registry.download(1)
+    assert not [p for p in registry.cache_dir.rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_the_model_cache_keeps_the_most_recently_used_versions(registry: ControlPlane, tmp_path: Path) -> None:
+    versions = [register(registry, tmp_path, name) for name in ("a", "b", "c")]
+    registry.cache_keep = 2
+    first = registry.download(versions[0])
+    registry.download(versions[1])
+    registry.download(versions[0])  # used again: now more recent than the second
+    registry.download(versions[2])
+    kept = sorted(p.name.split("-")[0] for p in registry.cache_dir.glob("v*-*"))
+    assert kept == ["v1", "v3"]
+    assert (first / "manifest.json").exists()

@@ -289,3 +289,39 @@ def test_client_errors_are_logged_at_info_without_a_traceback(client, caplog) ->
     assert all(r.levelno == logging.INFO and r.exc_info is None for r in records)
     assert "ValidationError" in records[0].getMessage()
     assert "event_type='x'" in records[1].getMessage()
+
+
+# --- the OpenAPI document against the service: schemathesis, bounded in examples --------------------
+
+
+def test_the_openapi_document_is_what_the_service_does(client) -> None:
+    """Every operation, valid and invalid inputs generated from the document (schemathesis, a bounded
+    number of examples each): no 5xx, and every answer (status, content type, body) is one that the
+    document declares."""
+    import schemathesis  # the serving test environment has it (serving/requirements-test.txt)
+    from hypothesis import HealthCheck, given, settings
+
+    schema = schemathesis.openapi.from_asgi("/docs.json", client.app)
+    tried = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        headers = AUTH if operation.path.startswith("/admin") else {}
+
+        @given(case=operation.as_strategy())
+        @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
+        def fuzz(case) -> None:
+            case.call_and_validate(headers=headers)  # noqa: B023  (run at once, in this iteration)
+            tried.append(case.path)
+
+        fuzz()
+    assert {"/recommend", "/feedback", "/admin/reload", "/admin/canary"} <= set(tried)
+
+
+def test_the_document_states_the_real_statuses(client) -> None:
+    document = client.get("/docs.json").json()
+    paths = document["paths"]
+    assert set(paths["/feedback"]["post"]["responses"]) == {"202", "400", "413", "415"}
+    assert {"401", "400"} <= set(paths["/admin/reload"]["post"]["responses"])
+    assert "503" in paths["/recommend"]["post"]["responses"]
+    schemas = document["components"]["schemas"]
+    assert any(s.get("properties", {}).get("event_type", {}).get("enum") for s in schemas.values())

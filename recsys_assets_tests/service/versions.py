@@ -11,9 +11,11 @@ import polars as pl
 from recsys_core.model_version import FORMAT_VERSION
 
 
-def write_version(directory: Path, user_emb: np.ndarray, item_emb: np.ndarray, seen: list[list[int]]) -> Path:
+def write_version(
+    directory: Path, user_emb: np.ndarray, item_emb: np.ndarray, seen: list[list[int]], **manifest: object
+) -> Path:
     """Users ``u1…``, tracks ``t1…`` (row 0 is the out-of-vocabulary slot of both), popularity
-    decreasing with the row, ``seen[row]`` the item rows each user row heard."""
+    decreasing with the row, ``seen[row]`` the item rows each user row heard; ``manifest`` adds keys."""
     directory.mkdir(parents=True, exist_ok=True)
     users, items = len(user_emb) - 1, len(item_emb) - 1
     pl.DataFrame({"user_id": ["[OOV]", *[f"u{i}" for i in range(1, users + 1)]]}).write_parquet(
@@ -29,5 +31,12 @@ def write_version(directory: Path, user_emb: np.ndarray, item_emb: np.ndarray, s
     indptr = np.cumsum([0, *map(len, seen)]).astype(np.int64)
     indices = np.array([r for rows in seen for r in rows], dtype=np.int32)
     np.savez(directory / "seen.npz", indptr=indptr, indices=indices)
-    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}}))
+    (directory / "manifest.json").write_text(json.dumps({"format_version": FORMAT_VERSION, "data": {}, **manifest}))
     return directory
+
+
+def tiny_version(directory: Path, seed: int = 0, **manifest: object) -> Path:
+    """A servable version of 8 users and 30 tracks (what the control plane's load check accepts)."""
+    rng = np.random.default_rng(seed)
+    seen = [[], *[sorted(rng.choice(np.arange(1, 31), 3, replace=False).tolist()) for _ in range(8)]]
+    return write_version(directory, rng.normal(size=(9, 8)), rng.normal(size=(31, 8)), seen, **manifest)

@@ -52,6 +52,9 @@ def serving_home(tmp_path_factory: pytest.TempPathFactory) -> ServingHome:
     env.update(
         RECSYS_ADMIN_TOKEN=ADMIN_TOKEN,
         RECSYS_MODEL_POLL_SECONDS="3600",
+        # One worker: these tests swap models with /admin/reload, which reaches one worker (with
+        # several, the others follow at their next poll; test_workers.py runs two).
+        RECSYS_SERVING_WORKERS="1",
         RECSYS_FEEDBACK_FLUSH_SECONDS="0.5",
     )
     known = split.train["user_id"][0]

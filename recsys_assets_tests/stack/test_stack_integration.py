@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import threading
@@ -102,6 +103,17 @@ def test_recsys_up_serves_the_uis_and_ctrl_c_leaves_no_orphans(recsys_env) -> No
         for record in records:
             started |= {c.pid for c in psutil.Process(record["pid"]).children(recursive=True)}
         assert len(started) > 3  # the code servers and web workers are children
+
+        # A crash of one service: `recsys up` restarts it (and says so); the others are untouched.
+        mlflow_pid = next(r["pid"] for r in records if r["name"] == "mlflow")
+        os.killpg(mlflow_pid, signal.SIGKILL)
+        _wait_for(lambda: not mlflow_ui(), 10, "the MLflow server to die", proc, output)
+        _wait_for(mlflow_ui, 60, "the MLflow server to be restarted", proc, output)
+        assert any(line.startswith(f"mlflow (pid {mlflow_pid}) ") for line in output)
+        assert any(line.startswith("mlflow restarted (pid ") for line in output)
+        restarted = next(r for r in json.loads(state_file.read_text()) if r["name"] == "mlflow")
+        assert restarted["restarts_total"] == 1
+        started |= {restarted["pid"]} | {c.pid for c in psutil.Process(restarted["pid"]).children(recursive=True)}
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=90)

@@ -1,0 +1,91 @@
+"""`recsys up` supervises its processes: one that dies is restarted, with backoff; logs are rotated.
+
+Real processes: a server that forks a worker holding the port (as the MLflow and Dagster servers do),
+killed with SIGKILL.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port, rotate_log
+
+pytestmark = [pytest.mark.faults]
+
+SERVER = """
+import http.server, os, sys
+port = int(sys.argv[1])
+if os.fork() == 0:  # the worker holds the port; the leader only waits
+    http.server.HTTPServer(("127.0.0.1", port), http.server.SimpleHTTPRequestHandler).serve_forever()
+os.wait()
+"""
+
+
+def _answers(url: str) -> bool:
+    try:
+        return httpx.get(url, timeout=1).status_code == 200
+    except httpx.HTTPError:
+        return False
+
+
+def _wait(predicate, timeout: float, what: str) -> float:
+    started = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
+        time.sleep(0.05)
+    return time.monotonic() - started
+
+
+def test_a_killed_process_is_restarted_with_backoff_and_its_leftovers_go(tmp_path: Path) -> None:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    stack = Stack(tmp_path / "run", dict(os.environ), cwd=tmp_path)
+    stack.start([ServiceSpec("server", [sys.executable, "-c", SERVER, str(port)], port=port,
+                             ready=lambda: _answers(url))])  # fmt: skip
+    try:
+        stack.refresh_children()
+        record = stack.records[0]
+        first_pid, worker = record.pid, int(next(iter(record.children)))
+        os.kill(first_pid, signal.SIGKILL)  # the leader dies; its worker still holds the port
+        _wait(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie", 5, "death")
+
+        now = time.time()
+        assert stack.supervise(now) == [f"server (pid {first_pid}) exit status -9: restart in 1 s"]
+        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"  # leftovers killed
+        assert record.state == "restarting"
+        assert stack.supervise(now + 0.5) == []  # not before its backoff
+        assert stack.supervise(now + 1.0) == [f"server restarted (pid {record.pid}, restart 1)"]
+        assert record.pid != first_pid
+        recovered = _wait(lambda: _answers(url), 30, "the restarted server")
+
+        os.kill(record.pid, signal.SIGKILL)  # dies again at once: the wait doubles
+        _wait(lambda: record.state != "running", 5, "the second death")
+        assert stack.supervise(time.time())[0].endswith("restart in 2 s")
+        saved = Stack.load(tmp_path / "run", {}, cwd=tmp_path).records[0]
+        assert (saved.restarts_total, saved.state) == (1, "restarting")  # what `recsys status` shows
+        assert saved.last_exit.endswith("exit status -9")
+    finally:
+        stack.stop(grace=5)
+    assert recovered < 30
+
+
+def test_logs_are_rotated_and_private(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    with log.open("ab") as writer:  # the writer keeps its descriptor across the rotation
+        writer.write(b"x" * 2000)
+        writer.flush()
+        assert rotate_log(log, max_bytes=1000, backups=2)
+        writer.write(b"after")
+        writer.flush()
+    assert (tmp_path / "server.log.1").read_bytes() == b"x" * 2000
+    assert log.read_bytes() == b"after"  # appended from offset 0, no hole
+    assert not rotate_log(log, max_bytes=1000, backups=2)
+    assert oct((tmp_path / "server.log.1").stat().st_mode & 0o777) == "0o600"
