@@ -40,6 +40,7 @@ defs = dg.Definitions(
         sensors.kpi_alert_sensor,
         sensors.canary_sensor,
         sensors.abandoned_training_sensor,
+        sensors.registry_audit_sensor,
         sensors.automation_sensor,
     ],
     resources=build_resources(load_settings()),

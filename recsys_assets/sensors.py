@@ -6,6 +6,9 @@
   of what it was trained on → the ``retrain`` job. Never while a retrain runs or a challenger is in
   canary; backs off after repeated gate failures and failed runs; its skip reason says how close it is.
 - ``drift_sensor``: a new ``drift_report`` past the threshold → ``retrain``, once per report.
+- ``registry_audit_sensor``: an alias that points elsewhere than the control plane last moved it (a
+  person in the MLflow UI, a script with the store's credentials) → the move is recorded in the
+  version's history, ``by: unknown``, and logged.
 - ``abandoned_training_sensor``: a failed ``retrain`` run (a crash, ``kill -9``, caught by run
   monitoring) → its MLflow training run, if left ``RUNNING``, is ended as ``FAILED``.
 
@@ -429,3 +432,20 @@ def abandoned_training_sensor(context: dg.RunFailureSensorContext, mlflow: MLflo
     closed = mlflow.get_control_plane().fail_abandoned_runs(lambda owner: dagster_run_active(context.instance, owner))
     for run_id in closed:
         context.log.warning(f"MLflow run {run_id} was left RUNNING by a failed retrain: ended as FAILED")
+
+
+@dg.sensor(
+    minimum_interval_seconds=SETTINGS.sensor_interval_seconds,
+    default_status=dg.DefaultSensorStatus.RUNNING,
+    description="Detect and record alias moves that the platform did not make (the MLflow UI, a script).",
+)
+def registry_audit_sensor(context: dg.SensorEvaluationContext, mlflow: MLflowResource):
+    try:
+        foreign = mlflow.get_control_plane().audit_aliases()
+    except RegistryError as exc:
+        return dg.SkipReason(f"the registry cannot be read: {exc}")
+    for event in foreign:
+        context.log.warning(f"{event['action']}: v{event['from']} -> v{event['to']} (recorded in its history)")
+    if not foreign:
+        return dg.SkipReason("every alias is where the control plane last moved it")
+    return dg.SkipReason("recorded " + "; ".join(f"{e['action']} (v{e['from']} -> v{e['to']})" for e in foreign))

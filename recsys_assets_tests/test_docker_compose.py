@@ -87,3 +87,14 @@ def test_the_image_runs_the_code_location_the_workspace_names() -> None:
     workspace = yaml.safe_load((REPO_ROOT / "deploy/dagster/workspace.docker.yaml").read_text())
     assert workspace["load_from"][0]["grpc_server"]["host"] == "user-code"
     assert Path(REPO_ROOT / "deploy/dagster/dagster.yaml").is_file()
+
+
+def test_the_registry_is_behind_authentication(compose: dict) -> None:
+    mlflow = compose["services"]["mlflow"]
+    assert "--app-name basic-auth" in mlflow["command"]
+    config = mlflow["environment"]["MLFLOW_AUTH_CONFIG_PATH"]
+    mounted = {m.split(":")[1]: m.split(":")[0] for m in mlflow["volumes"] if m.startswith("./")}
+    assert (REPO_ROOT / mounted[config]).is_file()
+    example = (REPO_ROOT / "deploy" / "compose.env.example").read_text()
+    assert {"MLFLOW_TRACKING_USERNAME=", "MLFLOW_TRACKING_PASSWORD="} <= {line.split("=")[0] + "=" for line in
+                                                                         example.splitlines()}  # fmt: skip

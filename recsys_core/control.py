@@ -104,7 +104,10 @@ class ControlPlane(Registry):
                     raise
         champion = self.by_alias(CHAMPION)
         with self._errors("creating the version"):
-            mv = client.create_model_version(MODEL_NAME, source=model_uri, run_id=run_id, tags={
+            # A logged model's URI (models:/m-…) names its model id too: an MLflow server refuses the
+            # source without it (the SQLite store does not check).
+            model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
+            mv = client.create_model_version(MODEL_NAME, source=model_uri, run_id=run_id, model_id=model_id, tags={
                 **{f"recsys.{k}": str(v) for k, v in lineage.items()},
             })  # fmt: skip
         version = int(mv.version)
@@ -217,8 +220,8 @@ class ControlPlane(Registry):
         return closed
 
     def _reject_unservable(self, version: int, reason: str, *, by: str) -> None:
-        event = {"at": utc_now_iso(), "action": "rejected: cannot be served", "alias": CHALLENGER,
-                 "from": version, "to": None, "reason": reason[:4000], "by": by}  # fmt: skip
+        event = {"at": utc_now_iso(), "action": "rejected: cannot be served", "alias": None,
+                 "from": None, "to": None, "reason": reason[:4000], "by": by}  # fmt: skip
         log.error("version %d is registered without an alias: it cannot be served: %s", version, reason)
         self._record(version, event)
         with self._errors(f"marking version {version} rejected"):
@@ -278,6 +281,9 @@ class ControlPlane(Registry):
             with self._errors("clearing the challenger alias"):
                 self.client().delete_registered_model_alias(MODEL_NAME, CHALLENGER)
                 self._end_canary()
+                self._record(version, {"at": utc_now_iso(), "action": "challenger alias cleared (promoted)",
+                                       "alias": CHALLENGER, "from": version, "to": None, "reason": reason,
+                                       "by": by})  # fmt: skip
         return self.get(version)
 
     def reject_challenger(self, *, reason: str, by: str) -> VersionInfo:
@@ -318,6 +324,47 @@ class ControlPlane(Registry):
         with self._errors("marking the rolled-back version"):
             self.client().set_model_version_tag(MODEL_NAME, str(current.version), "recsys.status", "rolled_back")
         return self.get(to)
+
+    # --- audit ----------------------------------------------------------------------------------
+
+    def audit_aliases(self, settle_seconds: float = 2.0) -> list[dict]:
+        """Detect and record alias moves that the platform did not make (a person in the MLflow UI, a
+        script with the store's credentials): an alias whose target is not the ``to`` of the last move
+        recorded for it. Each is recorded as an event ``by: "unknown"`` on the version it now points
+        at (or left), so the history stays complete and the next audit is quiet. Returns them.
+
+        A move of the platform sets the alias, then records it, a few milliseconds apart: a mismatch
+        is only reported if it is still there ``settle_seconds`` later.
+        """
+        suspects = self._unrecorded_moves()
+        if suspects and settle_seconds > 0:
+            time.sleep(settle_seconds)
+            suspects = [m for m in self._unrecorded_moves() if m in suspects]
+        found = []
+        for alias, recorded, actual in suspects:
+            event = {"at": utc_now_iso(), "action": f"{alias} moved outside the platform", "alias": alias,
+                     "from": recorded, "to": actual, "reason": "detected by the registry audit: no move of the "
+                     "control plane matches", "by": "unknown"}  # fmt: skip
+            log.warning("alias %s points at version %s, the platform last moved it to %s: recorded", alias, actual,
+                        recorded)  # fmt: skip
+            self._record(actual if actual is not None else recorded, event)
+            found.append(event)
+        return found
+
+    def _unrecorded_moves(self) -> list[tuple[str, int | None, int | None]]:
+        state = self.serving_state()
+        last: dict[str, tuple[str, int | None]] = {}
+        for version in self.versions():
+            for event in version.history:
+                alias = event.get("alias")
+                if alias in (CHAMPION, CHALLENGER) and event["at"] >= last.get(alias, ("", None))[0]:
+                    last[alias] = (event["at"], event["to"])
+        moves = []
+        for alias, actual in ((CHAMPION, state.champion), (CHALLENGER, state.challenger)):
+            recorded = last.get(alias, ("", None))[1]
+            if actual != recorded:
+                moves.append((alias, recorded, actual))
+        return moves
 
     def set_canary(self, version: int, *, step: int, fraction: float, mode: str, reason: str, by: str) -> CanaryState:
         """Start the canary of challenger ``version`` (``step`` 0) or move it to a later step.

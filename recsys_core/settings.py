@@ -28,6 +28,7 @@ and no Docker.
 | ``PROMETHEUS_URL`` | unset: online KPIs come from the feedback table |
 | ``RECSYS_ANN_MIN_ITEMS`` | 100000: versions of larger catalogues carry and use an ANN index |
 | ``RECSYS_SERVING_WORKERS`` | 2: worker processes of the service (a killed one is no outage) |
+| ``MLFLOW_TRACKING_USERNAME``, ``…_PASSWORD`` | unset: the registry's credentials (MLflow's basic-auth) |
 """
 
 from __future__ import annotations
@@ -59,6 +60,9 @@ class Settings:
     serving: ServingSettings
     # The variables that were set in the environment (Dagster's resources show those as EnvVar).
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
+    # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: the registry's credentials when the MLflow
+    # server runs its basic-auth app (MLflow's client reads the same two variables).
+    mlflow_credentials: tuple[str, str] | None = field(default=None, repr=False)
 
     @property
     def environment(self) -> str:
@@ -112,6 +116,8 @@ class Settings:
             env[f"RECSYS_{service.upper()}_PORT"] = str(port)
         if self.prometheus_url:
             env["PROMETHEUS_URL"] = self.prometheus_url
+        if self.mlflow_credentials:
+            env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_credentials
         return env
 
 
@@ -155,7 +161,16 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         automation=_automation(env),
         serving=_serving(env),
         explicit=frozenset(name for name in known if env.get(name)),
+        mlflow_credentials=_credentials(env),
     )
+
+
+def _credentials(env: Mapping[str, str]) -> tuple[str, str] | None:
+    user, password = env.get("MLFLOW_TRACKING_USERNAME"), env.get("MLFLOW_TRACKING_PASSWORD")
+    if bool(user) != bool(password):
+        missing = "MLFLOW_TRACKING_PASSWORD" if user else "MLFLOW_TRACKING_USERNAME"
+        raise ValueError(f"{missing} is not set: the MLflow credentials need both a user name and a password")
+    return (user, password) if user else None
 
 
 def admin_token(home: Path, env: Mapping[str, str] | None = None) -> str:

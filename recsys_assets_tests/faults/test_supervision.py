@@ -59,7 +59,11 @@ def test_a_killed_process_is_restarted_with_backoff_and_its_leftovers_go(tmp_pat
 
         now = time.time()
         assert stack.supervise(now) == [f"server (pid {first_pid}) exit status -9: restart in 1 s"]
-        assert not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie"  # leftovers killed
+        _wait(
+            lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie",
+            10,
+            "the leftover worker to be killed",
+        )  # it held the port: the restart could not bind
         assert record.state == "restarting"
         assert stack.supervise(now + 0.5) == []  # not before its backoff
         assert stack.supervise(now + 1.0) == [f"server restarted (pid {record.pid}, restart 1)"]
@@ -89,3 +93,35 @@ def test_logs_are_rotated_and_private(tmp_path: Path) -> None:
     assert log.read_bytes() == b"after"  # appended from offset 0, no hole
     assert not rotate_log(log, max_bytes=1000, backups=2)
     assert oct((tmp_path / "server.log.1").stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_detached_stack_is_supervised_by_its_own_process_and_down_stops_all(tmp_path: Path) -> None:
+    """`recsys up --detach`: a `recsys supervise` process restarts what dies; `recsys down` (here
+    `Stack.stop`, what it calls) stops the supervisor first, then everything, restarted ones included."""
+    from recsys_assets.stack.services import venv_bin
+    from recsys_assets.stack.supervisor import SUPERVISOR
+    from recsys_core.settings import load_settings
+
+    settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
+    port = free_port()
+    url = f"http://127.0.0.1:{port}/"
+    stack = Stack(settings.run_dir, settings.child_env(), cwd=tmp_path)
+    stack.start([ServiceSpec("server", [sys.executable, "-c", SERVER, str(port)], port=port,
+                             ready=lambda: _answers(url))])  # fmt: skip
+    stack.start([ServiceSpec(SUPERVISOR, [venv_bin("recsys"), "supervise"])], adding=True)
+    try:
+        first = stack.records[0].pid
+        os.killpg(first, signal.SIGKILL)
+
+        def restarted() -> bool:
+            records = Stack.load(settings.run_dir, {}, cwd=tmp_path).records
+            return records[0].pid != first and _answers(url)
+
+        _wait(restarted, 60, "the supervisor to restart the server")
+        assert "server restarted" in (settings.run_dir / f"{SUPERVISOR}.log").read_text()
+    finally:
+        current = Stack.load(settings.run_dir, settings.child_env(), cwd=tmp_path)
+        stopped = current.stop(grace=5)
+    assert stopped[0] == SUPERVISOR and "server" in stopped
+    assert not _answers(url)
+    assert not (settings.run_dir / "stack.json").exists()

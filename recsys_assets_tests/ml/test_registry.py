@@ -60,6 +60,7 @@ def test_first_is_champion_then_challengers_then_promotion_and_rollback(registry
     assert actions == [
         ("registered as challenger", None, v2),
         ("promoted to champion", v1, v2),
+        ("challenger alias cleared (promoted)", v2, None),
         ("promoted to champion", v2, v3),
         ("rolled back to", v3, v2),
         ("rolled back to", v2, v1),
