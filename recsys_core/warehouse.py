@@ -344,7 +344,12 @@ class _DuckDBConnection:
         self.con.execute("BEGIN TRANSACTION").fetchall()
 
     def commit(self) -> None:
-        self.con.execute("COMMIT").fetchall()
+        import duckdb
+
+        try:
+            self.con.execute("COMMIT").fetchall()
+        except duckdb.TransactionException as exc:  # two connections of one process wrote the same keys
+            raise WarehouseError(f"the transaction conflicted with another one and was rolled back: {exc}") from exc
 
     def rollback(self) -> None:
         with contextlib.suppress(Exception):

@@ -1,30 +1,25 @@
-"""Impressions and feedback, landed in the warehouse in batches; acknowledged feedback first made durable.
+"""Impressions and feedback, landed in the warehouse in batches, made durable before they are lost to a crash.
 
 ``/feedback`` answers 202 only once its event is in the **write-ahead log**: a JSON-lines segment
-under ``spill_dir`` (``feedback-wal-<pid>-<ns>.jsonl``), written and ``fsync``-ed (in a thread, so the
-event loop does not wait on the disk) and locked (``flock``) by the process that writes it. Each
-flush seals the live segment (a new one takes the next events) and lands every segment that no live
-process holds, then deletes it: a worker killed by ``kill -9`` leaves its segments unlocked, and the
-next flush of any worker (or of the restarted one) lands them. Landing is idempotent (the warehouse
-counts an ``event_id`` it already has as a duplicate), so a crash between landing and deleting
-lands nothing twice.
+under ``spill_dir`` (``feedback-wal-<pid>-<ns>.jsonl``), written and ``fsync``-ed, and locked
+(``flock``) by the process that writes it. Calls that arrive together share one ``fsync`` (group
+commit: the first caller writes and syncs everything queued, the others wait for it), so the log
+costs one disk sync per batch, not per event.
 
-Impressions are produced by the service, not acknowledged to anyone, and are many: they stay in the
-memory buffer below.
+Impressions (ten per ``/recommend``, acknowledged to no one) are buffered in memory as tuples and
+written every ``CONVERT_SECONDS`` (0.2 s) as one Arrow IPC file (``impressions-<pid>-<ns>.arrow``,
+written aside, ``fsync``-ed, renamed): a crash loses at most the last 0.2 s of them, and the request
+path pays nothing for it (writing them per request cost 50 µs, 10% of a request, docs/benchmarks.md).
 
-Every served recommendation becomes ``impression`` events and every ``/feedback`` call an event, in
-the listening-events contract (``source = recommendation`` with ``model_version`` and ``variant``), so
-they feed the next training and the online metrics. A background thread lands the buffer every
-``flush_seconds`` through :meth:`Warehouse.land_events`, the same path as all other data. If the
-warehouse is unavailable the rows stay buffered; beyond ``max_buffer`` rows they are spilled to a JSON
-lines file under ``spill_dir`` (landed later by :meth:`FeedbackWriter.flush`), so nothing is lost.
+Every flush (every ``flush_seconds``) seals the live segment (a new one takes the next events) and
+lands every file that no live process holds, each under an exclusive lock held while it lands, then
+deletes it: a worker killed by ``kill -9`` leaves its files unlocked, and the next flush of any worker
+(or of the restarted one) lands them. Landing is idempotent (the warehouse counts an ``event_id`` it
+already has as a duplicate), so a crash between landing and deleting lands nothing twice. If the
+warehouse is unavailable the files stay (``recsys_feedback_backlog_events`` grows); beyond
+``max_buffer`` rows in memory the buffer is spilled to a JSON-lines file too.
 
-The thread turns the buffered tuples into a polars frame every ``CONVERT_SECONDS`` (a few thousand rows
-at a time) and lands the frames together every ``flush_seconds``: converting Python tuples holds the
-interpreter lock, and a conversion of everything every 2 s (30,000 rows at 1,500 req/s: 60–80 ms)
-stalled every request in flight (the serving benchmark's p99).
-
-A spilled file the warehouse refuses for its content (not for being unavailable) is moved to
+A file the warehouse refuses for its content (not for being unavailable) is moved to
 ``spill_dir/quarantine`` with the reason beside it, and never blocks the files behind it; the flush
 loop survives any error, counts it, and says whether it is alive (the service's readiness reads it).
 """
@@ -66,11 +61,17 @@ class FeedbackWriter:
         self.flush_seconds = flush_seconds
         self.max_buffer = max_buffer
         self._rows: list[tuple] = []
-        self._frames: list[pl.DataFrame] = []  # converted, not landed yet (the flush thread's)
-        self._framed = 0  # rows in _frames
         self._lock = threading.Lock()
-        self._frames_lock = threading.Lock()
-        self._wal_lock = threading.Lock()
+        self._wal_lock = threading.Lock()  # the live segment (opening, writing, sealing)
+        # Group commit: callers queue their lines; one of them writes and syncs the whole queue.
+        self._commit = threading.Condition()
+        self._queued: list[str] = []
+        self._queued_rows = 0
+        self._enqueued = 0  # calls queued so far (each gets the next number)
+        self._synced = 0  # calls whose lines are written and fsync-ed
+        self._syncing = False
+        self._sync_failures: dict[tuple[int, int], BaseException] = {}  # (first, last) call → why
+        self._arrow_rows: dict[str, int] = {}  # impression file → its rows
         self._segment = None  # the live write-ahead segment (open, locked by this process)
         self._segment_path: Path | None = None
         self._segment_rows = 0
@@ -96,17 +97,52 @@ class FeedbackWriter:
 
     def log(self, rows: list[tuple]) -> None:
         """Append acknowledged events to the write-ahead log and ``fsync`` it (blocking: call it from a
-        thread). When this returns, the events survive a crash of the process or of the machine."""
+        thread). When this returns, the events survive a crash of the process or of the machine.
+
+        Raises:
+            OSError: the log could not be written or synced (the caller must not acknowledge).
+        """
         if self.warehouse is None:
             return
         lines = "".join(_row_to_json(row) + "\n" for row in rows)
+        with self._commit:
+            self._queued.append(lines)
+            self._queued_rows += len(rows)
+            self._enqueued += 1
+            mine = self._enqueued
+            while self._synced < mine:
+                if self._syncing:  # another caller is syncing a batch: wait for it (ours may be in it)
+                    self._commit.wait()
+                    continue
+                batch, n, first, last = "".join(self._queued), self._queued_rows, self._synced + 1, self._enqueued
+                self._queued, self._queued_rows, self._syncing = [], 0, True
+                failure = None
+                self._commit.release()
+                try:
+                    self._write_synced(batch, n)
+                except BaseException as exc:  # noqa: BLE001  (handed to every caller of the batch below)
+                    failure = exc
+                finally:
+                    self._commit.acquire()
+                    self._syncing = False
+                    self._synced = last
+                    if failure is not None:
+                        self._sync_failures[first, last] = failure
+                    self._commit.notify_all()
+            for (first, last), failure in list(self._sync_failures.items()):
+                if first <= mine <= last:
+                    raise OSError(f"the feedback log could not be written: {failure}") from failure
+                if last < self._synced - 10_000:
+                    del self._sync_failures[first, last]  # long answered
+
+    def _write_synced(self, lines: str, rows: int) -> None:
         with self._wal_lock:
             if self._segment is None:
                 self._open_segment()
             self._segment.write(lines)
             self._segment.flush()
             os.fsync(self._segment.fileno())
-            self._segment_rows += len(rows)
+            self._segment_rows += rows
 
     def _seal(self) -> None:
         """Close the live segment (its lock goes with it) so the flush can land it."""
@@ -116,32 +152,47 @@ class FeedbackWriter:
                 self._segment = None
 
     def _landable(self) -> list[Path]:
-        """Spill files and write-ahead segments that no live process holds, oldest first."""
+        """Spill files, write-ahead segments and impression files, oldest first (a live writer's
+        segment is skipped when its lock is tried)."""
         if not self.spill_dir.exists():
             return []
-        free = []
-        for path in sorted(self.spill_dir.glob("feedback-*.jsonl")):
-            try:
-                with open(path, "rb") as probe:
-                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released on close
-            except BlockingIOError:
-                continue  # a live writer's segment (this process's own included)
-            except FileNotFoundError:
-                continue
-            free.append(path)
-        return free
+        paths = [*self.spill_dir.glob("feedback-*.jsonl"), *self.spill_dir.glob("impressions-*.arrow")]
+        return sorted(paths, key=lambda p: p.name.split("-", 1)[1])
+
+    @staticmethod
+    def _claim(path: Path):
+        """The file opened and exclusively locked (held while it lands), or ``None`` if a live writer
+        or another flusher holds it, or it is gone."""
+        try:
+            handle = open(path, "rb")  # noqa: SIM115  (closed by the caller: the lock lives with it)
+        except FileNotFoundError:
+            return None
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.close()
+            return None
+        return handle
 
     def backlog(self) -> int:
-        """Events written to the log or spilled and not landed yet, plus those buffered in memory."""
-        files = self.spill_dir.glob("feedback-*.jsonl") if self.spill_dir.exists() else []
-        on_disk = 0
-        for path in files:
+        """Events written to the log, the impression files or spilled, and not landed yet, plus those
+        buffered in memory. (An impression file's count is read once: the files never change.)"""
+        on_disk, present = 0, set()
+        for path in self._landable():
             try:
-                with open(path, "rb") as f:
-                    on_disk += sum(1 for _ in f)
-            except FileNotFoundError:
+                if path.suffix == ".arrow":
+                    present.add(path.name)
+                    if path.name not in self._arrow_rows:
+                        self._arrow_rows[path.name] = pl.scan_ipc(path).select(pl.len()).collect().item()
+                    on_disk += self._arrow_rows[path.name]
+                else:
+                    with open(path, "rb") as f:
+                        on_disk += sum(1 for _ in f)
+            except (FileNotFoundError, pl.exceptions.PolarsError, OSError):
                 continue
-        return on_disk + len(self._rows) + self._framed
+        for gone in set(self._arrow_rows) - present:
+            del self._arrow_rows[gone]
+        return on_disk + len(self._rows)
 
     def start(self) -> None:
         if self.warehouse is None or self._thread is not None:
@@ -157,7 +208,7 @@ class FeedbackWriter:
             return
         with self._lock:
             self._rows.extend(rows)
-            overflow = len(self._rows) + self._framed > self.max_buffer
+            overflow = len(self._rows) > self.max_buffer
         if overflow:
             self._spill()
 
@@ -167,26 +218,27 @@ class FeedbackWriter:
         return rows
 
     def _convert(self) -> None:
-        """Buffered tuples → one more frame (a short hold of the interpreter lock)."""
+        """Buffered impressions → one Arrow IPC file in the spill directory (written aside, synced,
+        renamed: a reader never sees half a file)."""
         rows = self._take()
-        if rows:
-            frame = pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row")
-            with self._frames_lock:
-                self._frames.append(frame)
-                self._framed += frame.height
-
-    def _take_frames(self) -> list[pl.DataFrame]:
-        with self._frames_lock:
-            frames, self._frames, self._framed = self._frames, [], 0
-        return frames
-
-    def _put_back(self, frames: list[pl.DataFrame]) -> None:
-        with self._frames_lock:
-            self._frames[:0] = frames
-            self._framed += sum(f.height for f in frames)
+        if not rows:
+            return
+        frame = pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row")
+        self.spill_dir.mkdir(parents=True, exist_ok=True)
+        path = self.spill_dir / f"impressions-{time.time_ns()}-{os.getpid()}.arrow"
+        tmp = self.spill_dir / f".{path.name}.tmp"
+        try:
+            frame.write_ipc(tmp)
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            tmp.replace(path)
+        except OSError:
+            with self._lock:  # kept in memory for the next try (and counted in the backlog)
+                self._rows[:0] = rows
+            raise
 
     def _spill(self) -> None:
-        rows = [row for frame in self._take_frames() for row in frame.rows()] + self._take()
+        rows = self._take()
         if not rows:
             return
         self.spill_dir.mkdir(parents=True, exist_ok=True)
@@ -208,45 +260,44 @@ class FeedbackWriter:
         return landed
 
     def _flush(self) -> int:
-        """Land the buffer (and any spilled files); keep everything if the warehouse refuses."""
+        """Land every file no live process holds; keep them if the warehouse refuses."""
         if self.warehouse is None:
             return 0
         landed = 0
         self._seal()
-        for path in self._landable():
-            try:
-                rows = self._read(path)
-            except FileNotFoundError:
-                continue  # another worker landed it meanwhile
-            except (ValueError, TypeError, IndexError) as exc:
-                self._quarantine(path, f"{type(exc).__name__}: {exc}")
-                continue
-            try:
-                landed += self._land(rows, origin=f"serving {path.name}")
-            except WarehouseError as exc:
-                log.warning("spilled feedback %s not landed yet: %s", path, exc)
-                return landed
-            except (ValueError, TypeError, IndexError, pl.exceptions.PolarsError) as exc:
-                self._quarantine(path, f"{type(exc).__name__}: {exc}")
-                continue
-            path.unlink(missing_ok=True)
         self._convert()
-        frames = self._take_frames()
-        if not frames:
-            return landed
-        try:
-            landed += self._land_frame(pl.concat(frames, rechunk=False), origin="serving-feedback")
-        except WarehouseError as exc:
-            self.failures += 1
-            log.warning("landing %d feedback events failed, kept for the next flush: %s",
-                        sum(f.height for f in frames), exc)  # fmt: skip
-            self._put_back(frames)
+        for path in self._landable():
+            handle = self._claim(path)
+            if handle is None:
+                continue  # a live writer's segment, or another worker lands it now
+            try:
+                try:
+                    frame = self._read(path)
+                except FileNotFoundError:
+                    continue
+                except (ValueError, TypeError, IndexError, OSError, pl.exceptions.PolarsError) as exc:
+                    self._quarantine(path, f"{type(exc).__name__}: {exc}")
+                    continue
+                try:
+                    landed += self._land_frame(frame, origin=f"serving {path.name}")
+                except WarehouseError as exc:
+                    self.failures += 1
+                    log.warning("feedback %s not landed yet (kept for the next flush): %s", path.name, exc)
+                    return landed
+                except (ValueError, TypeError, IndexError, pl.exceptions.PolarsError) as exc:
+                    self._quarantine(path, f"{type(exc).__name__}: {exc}")
+                    continue
+                path.unlink(missing_ok=True)
+            finally:
+                handle.close()
         return landed
 
-    def _read(self, path: Path) -> list[tuple]:
-        """The rows of a spill file or write-ahead segment. A segment's last line without its newline is
-        a write cut by a crash, never acknowledged (the answer waits for the fsync): it is set aside in
-        the quarantine, and the lines before it land."""
+    def _read(self, path: Path) -> pl.DataFrame:
+        """The events of an impression file, spill file or write-ahead segment. A segment's last line
+        without its newline is a write cut by a crash, never acknowledged (the answer waits for the
+        fsync): it is set aside in the quarantine, and the lines before it land."""
+        if path.suffix == ".arrow":
+            return pl.read_ipc(path)
         text = path.read_text()
         lines = text.splitlines()
         if path.name.startswith("feedback-wal-") and text and not text.endswith("\n"):
@@ -254,7 +305,8 @@ class FeedbackWriter:
             torn.parent.mkdir(parents=True, exist_ok=True)
             torn.write_text(lines.pop() + "\n")
             log.warning("write-ahead segment %s ended in a torn write (not acknowledged): set aside", path.name)
-        return [_row_from_json(line) for line in lines if line.strip()]
+        rows = [_row_from_json(line) for line in lines if line.strip()]
+        return pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row")
 
     def _quarantine(self, path: Path, reason: str) -> None:
         """Set aside a spilled file whose content cannot be landed, with the reason beside it."""
@@ -269,9 +321,6 @@ class FeedbackWriter:
     def alive(self) -> bool:
         """Whether the flush loop runs (or none is needed: no warehouse)."""
         return self.warehouse is None or (self._thread is not None and self._thread.is_alive())
-
-    def _land(self, rows: list[tuple], origin: str) -> int:
-        return self._land_frame(pl.DataFrame(rows, schema=LISTENING_EVENTS_SCHEMA, orient="row"), origin)
 
     def _land_frame(self, frame: pl.DataFrame, origin: str) -> int:
         report = self.warehouse.land_events(frame, source="serving-feedback", origin=origin)
@@ -303,7 +352,7 @@ class FeedbackWriter:
                 self._segment = None
                 if self._segment_path is not None and self._segment_path.stat().st_size == 0:
                     self._segment_path.unlink()
-        if self._rows or self._framed:
+        if self._rows:
             self._spill()
 
 

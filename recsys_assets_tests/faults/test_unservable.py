@@ -77,5 +77,6 @@ def test_the_check_runs_in_a_child_with_a_time_limit(plane, tmp_path) -> None:
     """A child that hangs is stopped at its limit, and that is a verdict, not a hang of the caller."""
     ok = validate_in_subprocess(plane.tracking_uri, 1, tmp_path / "c")
     assert (ok.items, ok.users) == (30, 8)
+    print(f"\nthe separate-process check of a version: {ok.wall_s:.1f} s (load {ok.load_ms:.0f} ms)")
     with pytest.raises(UnservableVersion, match="more than 0 s"):
         validate_in_subprocess(plane.tracking_uri, 1, tmp_path / "c", timeout_s=0.01)

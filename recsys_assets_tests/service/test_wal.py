@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import threading
+import time
 from pathlib import Path
 
 import httpx
+import polars as pl
 import psutil
 import pytest
 
@@ -22,6 +25,10 @@ from serving.feedback import FeedbackWriter, event_row
 def row(i: int, prefix: str = "w") -> tuple:
     return event_row(event_id=f"{prefix}-{i}", user_id="u1", track_id="t1", artist_id=None, event_type="click",
                      model_version=1, variant="champion")  # fmt: skip
+
+
+def arrow_rows(spill: Path) -> int:
+    return sum(pl.scan_ipc(p).select(pl.len()).collect().item() for p in spill.glob("impressions-*.arrow"))
 
 
 def landed_ids(warehouse: Warehouse, prefix: str) -> set[str]:
@@ -75,7 +82,8 @@ def test_a_live_writers_segment_is_left_to_it(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path) -> None:
     """`bentoml serve` acknowledges feedback from many clients, is killed with SIGKILL (every process)
-    before any flush, and is started again: every acknowledged event lands, once."""
+    before any flush, and is started again: every acknowledged event lands, once. So do the
+    impressions of the lists it served, once they are in their files (every 0.2 s)."""
     home = tmp_path / "home"
     shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
     settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
@@ -83,6 +91,7 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
     stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
     stack.start([bento_spec(settings)], timeout=180)
     acknowledged: list[str] = []
+    served: list[str] = []  # request ids of the lists served: 5 impressions each
     lock = threading.Lock()
 
     def client(n: int) -> None:
@@ -94,6 +103,10 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
                 if response.status_code == 202:
                     with lock:
                         acknowledged.append(event_id)
+                if i % 10 == 0:
+                    listed = http.post("/recommend", json={"user_id": f"u{1 + n}", "k": 5})
+                    with lock:
+                        served.append(listed.json()["request_id"])
 
     try:
         threads = [threading.Thread(target=client, args=(n,)) for n in range(4)]
@@ -101,6 +114,8 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
             t.start()
         for t in threads:
             t.join()
+        spill = home / "serving" / "spill"
+        until(lambda: arrow_rows(spill) == 5 * len(served), 30, "the impressions to be in their files")
     finally:
         for pid in stack.all_pids():
             if psutil.pid_exists(pid):
@@ -118,5 +133,40 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
         assert landed_ids(warehouse, "kill9") == set(acknowledged)
         count = warehouse.scalar("SELECT COUNT(*) FROM listening_events WHERE event_id LIKE 'kill9-%'")
         assert count == 2000  # once each
+        until(lambda: len(landed_ids(warehouse, "imp")) >= 5 * len(served), 60, "the impressions to land")
+        assert landed_ids(warehouse, "imp") == {f"imp-{r}-{rank}" for r in served for rank in range(5)}
     finally:
         again.stop(grace=20)
+
+
+def test_concurrent_acknowledgements_share_their_fsyncs(tmp_path: Path, monkeypatch) -> None:
+    """Group commit: 8 threads × 50 events; each call returns only once its event is synced, and the
+    calls that arrive together share one fsync. A failed sync fails every call of its batch."""
+    import serving.feedback as feedback
+
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    writer = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
+    syncs, real_fsync = [], os.fsync
+
+    def slow_fsync(fd: int) -> None:
+        syncs.append(fd)
+        time.sleep(0.002)  # a disk's sync time, so that calls pile up behind it
+        real_fsync(fd)
+
+    monkeypatch.setattr(feedback.os, "fsync", slow_fsync)
+    threads = [threading.Thread(target=lambda n=n: [writer.log([row(i, f"g{n}")]) for i in range(50)])
+               for n in range(8)]  # fmt: skip
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    segment = writer._segment_path.read_text().splitlines()
+    assert len(segment) == 400
+    assert len(syncs) - 1 < 200  # (one is the directory's, at the segment's creation)
+
+    def broken(fd: int) -> None:
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(feedback.os, "fsync", broken)
+    with pytest.raises(OSError, match="could not be written"):
+        writer.log([row(0, "full")])
