@@ -15,6 +15,12 @@ top-k code, one worker each, loopback, in the same run.
    speed (32 connections, 2 threads) for the peak throughput, then wrk paced (exponential gaps per
    connection, ``benchmarks/wrk/recommend.lua``) at 80% of that server's peak for p50/p99.
 
+``--route feedback`` measures ``POST /feedback`` instead, twice: with the write-ahead log (every
+acknowledged event ``fsync``-ed before the 202, calls that arrive together sharing one sync) and
+without it (``RECSYS_WAREHOUSE_URI=none``: the service keeps nothing), which is the log's cost.
+
+The service runs one worker here (``RECSYS_SERVING_WORKERS=1``), as the raw app does.
+
 ``--steps`` measures the service once per lever of BentoML's request path, cumulatively, in the same
 run as the raw app: BentoML's defaults (its metrics middleware, OpenTelemetry spans on every route),
 then its metrics off (``serving/metrics.py`` instead), then the hot routes out of tracing (the
@@ -119,8 +125,11 @@ def scoring_microbenchmark(
             "path": "ann" if ranker.ann is not None else "exact"}  # fmt: skip
 
 
+ROUTE = {"name": "recommend"}  # set from --route
+
+
 def wrk(url: str, duration: int, users: int, delay_ms: float = 0.0, connections: int = 32) -> dict:
-    env = {**os.environ, "BENCH_USERS": str(users), "BENCH_DELAY_MS": str(delay_ms)}
+    env = {**os.environ, "BENCH_USERS": str(users), "BENCH_DELAY_MS": str(delay_ms), "BENCH_ROUTE": ROUTE["name"]}
     result = subprocess.run(
         ["wrk", "-t2", f"-c{connections}", f"-d{duration}s", "--timeout", "5s",
          "-s", str(HERE / "wrk" / "recommend.lua"), url],
@@ -167,7 +176,9 @@ def main() -> None:
     parser.add_argument("--bento-env", nargs="*", default=[], help="KEY=VALUE for the servers' environment")
     parser.add_argument("--steps", action="store_true", help="one service run per lever (see the docstring)")
     parser.add_argument("--ann-min-items", type=int, default=None, help="RECSYS_ANN_MIN_ITEMS (default: the product's)")
+    parser.add_argument("--route", choices=("recommend", "feedback"), default="recommend")
     args = parser.parse_args()
+    ROUTE["name"] = args.route
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
@@ -200,7 +211,7 @@ def main() -> None:
         registry.end_run(run_id)
         registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="benchmark", by="benchmarks/serving.py")
 
-        env = {**settings.child_env(), "RECSYS_ANN_MIN_ITEMS": str(ann_min_items)}
+        env = {**settings.child_env(), "RECSYS_ANN_MIN_ITEMS": str(ann_min_items), "RECSYS_SERVING_WORKERS": "1"}
         if args.no_feedback:
             env["RECSYS_WAREHOUSE_URI"] = "none"
         extra = dict(kv.split("=", 1) for kv in args.bento_env)
@@ -248,7 +259,13 @@ def main() -> None:
                 ("bentoml_own_metrics", bento_spec(settings), settings.url("bento"), {"RECSYS_TRACE_REQUESTS": "1"}),
                 ("bentoml", bento_spec(settings), settings.url("bento"), {}),
             ]  # fmt: skip
-        runs.append(("raw_starlette", raw, f"http://127.0.0.1:{raw_port}", {}))
+        if args.route == "feedback":
+            runs = [
+                ("feedback_with_log", bento_spec(settings), settings.url("bento"), {}),
+                ("feedback_without_log", bento_spec(settings), settings.url("bento"), {"RECSYS_WAREHOUSE_URI": "none"}),
+            ]
+        else:
+            runs.append(("raw_starlette", raw, f"http://127.0.0.1:{raw_port}", {}))
         results = {}
         for name, spec, url, overrides in runs:
             stack = Stack(tmp / f"run-{name}", env={**env, **levers, **overrides, **extra}, cwd=REPO)
@@ -257,7 +274,8 @@ def main() -> None:
                 results[name] = measure(name, url, args.duration, args.users)
             finally:
                 stack.stop()
-    raw_peak = results["raw_starlette"]["peak"]["rps"]
+    baseline = "feedback_without_log" if args.route == "feedback" else "raw_starlette"
+    raw_peak = results[baseline]["peak"]["rps"]
     summary = {
         "machine": MACHINE,
         "items": args.items,

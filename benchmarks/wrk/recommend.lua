@@ -2,6 +2,8 @@
 -- gaps), so that a run holds a target rate instead of saturating the server.
 local users = tonumber(os.getenv("BENCH_USERS") or "20000")
 local delay_ms = tonumber(os.getenv("BENCH_DELAY_MS") or "0")
+-- BENCH_ROUTE=feedback: POST /feedback (a click of a random user on a random track) instead.
+local route = os.getenv("BENCH_ROUTE") or "recommend"
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 
@@ -15,6 +17,10 @@ end
 
 function request()
   local u = math.random(1, users)
+  if route == "feedback" then
+    return wrk.format(nil, "/feedback", nil,
+      string.format('{"user_id":"u%06d","track_id":"t%d","event_type":"click"}', u, math.random(1, 10000)))
+  end
   return wrk.format(nil, "/recommend", nil, string.format('{"user_id":"u%06d","k":10}', u))
 end
 
