@@ -23,8 +23,8 @@ The service runs one worker here (``RECSYS_SERVING_WORKERS=1``), as the raw app 
 
 ``--steps`` measures the service once per lever of BentoML's request path, cumulatively, in the same
 run as the raw app: BentoML's defaults (its metrics middleware, OpenTelemetry spans on every route),
-then its metrics off (``serving/metrics.py`` instead), then the hot routes out of tracing (the
-shipped configuration).
+then its metrics off (``serving/metrics.py`` instead), then the hot routes out of tracing, then
+``/recommend`` answered by ``serving/fastpath.py`` (the shipped configuration).
 
 wrk runs on the same 2 cores as the server, so absolute numbers are lower than on separate machines;
 the ratio between the two servers is the comparison that matters.
@@ -255,8 +255,10 @@ def main() -> None:
         if args.steps:
             runs = [
                 ("bentoml_defaults", bento_spec(settings), settings.url("bento"),
-                 {"RECSYS_BENTOML_METRICS": "1", "RECSYS_TRACE_REQUESTS": "1"}),
-                ("bentoml_own_metrics", bento_spec(settings), settings.url("bento"), {"RECSYS_TRACE_REQUESTS": "1"}),
+                 {"RECSYS_BENTOML_METRICS": "1", "RECSYS_TRACE_REQUESTS": "1", "RECSYS_FAST_PATH": "0"}),
+                ("bentoml_own_metrics", bento_spec(settings), settings.url("bento"),
+                 {"RECSYS_TRACE_REQUESTS": "1", "RECSYS_FAST_PATH": "0"}),
+                ("bentoml_untraced", bento_spec(settings), settings.url("bento"), {"RECSYS_FAST_PATH": "0"}),
                 ("bentoml", bento_spec(settings), settings.url("bento"), {}),
             ]  # fmt: skip
         if args.route == "feedback":

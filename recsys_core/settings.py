@@ -295,6 +295,7 @@ class ServingSettings:
     bentoml_metrics: bool  # RECSYS_BENTOML_METRICS=1: BentoML's own metrics middleware too (costly per request)
     trace_requests: bool  # RECSYS_TRACE_REQUESTS=1: OpenTelemetry spans for /recommend and /feedback too
     workers: int  # RECSYS_SERVING_WORKERS: worker processes of one service; with 2+, a dead one costs no outage
+    fast_path: bool  # RECSYS_FAST_PATH=0: /recommend through BentoML's full request path (serving/fastpath.py)
 
 
 def _serving(env: Mapping[str, str]) -> ServingSettings:
@@ -314,6 +315,7 @@ def _serving(env: Mapping[str, str]) -> ServingSettings:
         bentoml_metrics=env.get("RECSYS_BENTOML_METRICS", "0") == "1",
         trace_requests=env.get("RECSYS_TRACE_REQUESTS", "0") == "1",
         workers=_positive_int(env, "RECSYS_SERVING_WORKERS", 2),
+        fast_path=env.get("RECSYS_FAST_PATH", "1") != "0",
     )
 
 

@@ -47,7 +47,9 @@ from recsys_core.registry import Registry
 from recsys_core.scoring import single_threaded_blas
 from recsys_core.settings import admin_token, load_settings
 from recsys_core.warehouse import Warehouse
+from serving import fastpath
 from serving.canary import variant_for
+from serving.fastpath import FastPath
 from serving.feedback import FeedbackWriter, event_row
 from serving.interleaving import CHALLENGER_TEAM, team_draft
 from serving.limits import RequestLimits, log_client_errors_at_info
@@ -160,6 +162,8 @@ class Recommender:
             on_backlog=FEEDBACK_BACKLOG.set,
         )
         self.feedback_writer.start()
+        if knobs.fast_path:
+            fastpath.bind("/recommend", self.recommend.local)
         # Everything loaded so far (the libraries, the models) lives as long as the process: out of the
         # collector's generations, so that a full collection does not walk it while requests wait.
         gc.freeze()
@@ -174,6 +178,7 @@ class Recommender:
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
+        fastpath.bind("/recommend", None)
         self.slots.close()
         self.feedback_writer.close()
         gc.unfreeze()  # let the interpreter's exit free what start-up froze
@@ -361,3 +366,5 @@ Recommender.add_asgi_middleware(
 )  # fmt: skip
 Recommender.add_asgi_middleware(RequestMetrics, endpoints=ENDPOINTS)
 Recommender.add_asgi_middleware(RequestLimits, max_bytes=KNOBS.max_body_bytes)
+# The innermost: /recommend in one ASGI step (serving/fastpath.py), after the limits and inside the metrics.
+Recommender.add_asgi_middleware(FastPath, service=Recommender)

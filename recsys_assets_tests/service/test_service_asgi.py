@@ -334,3 +334,39 @@ def test_the_document_states_the_real_statuses(client) -> None:
         assert client.post(route, json={}).status_code == 401
     schemas = document["components"]["schemas"]
     assert any(s.get("properties", {}).get("event_type", {}).get("enum") for s in schemas.values())
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"user_id": "u3", "k": 4}',
+        b'{"user_id": "someone-new", "k": 3}',
+        b'{"user_id": "u3", "k": 0}',
+        b'{"user_id": "u3", "k": "10"}',
+        b'{"k": 5}',
+        b'{"user_id": "u\\u0000", "k": 5}',
+        b"not json",
+        b"",
+    ],
+)
+def test_the_fast_path_answers_what_bentoml_answers(client, body: bytes) -> None:
+    """serving/fastpath.py against BentoML's own request path: same status, same body (the request id
+    and, for an A/B user, nothing else differs)."""
+    from serving import fastpath
+
+    def answer() -> tuple[int, object]:
+        response = client.post("/recommend", content=body, headers={"content-type": "application/json"})
+        payload = response.json()
+        if isinstance(payload, dict):
+            payload.pop("request_id", None)
+            for error in payload.get("detail", []) if isinstance(payload.get("detail"), list) else []:
+                error.pop("url", None)
+        return response.status_code, payload
+
+    fast = answer()
+    function = fastpath._BOUND.pop("/recommend")
+    try:
+        slow = answer()
+    finally:
+        fastpath.bind("/recommend", function)
+    assert fast == slow
