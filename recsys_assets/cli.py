@@ -23,7 +23,6 @@ from recsys_assets.stack.services import (
     init_dagster_storage,
     init_mlflow_storage,
     stack_services,
-    venv_bin,
 )
 from recsys_assets.stack.supervisor import SUPERVISOR, ServiceSpec, Stack, StackError
 from recsys_core.settings import Settings, load_settings
@@ -148,7 +147,7 @@ def up(
         raise click.ClickException(str(exc)) from exc
     if detach:
         try:
-            stack.start([ServiceSpec(SUPERVISOR, [venv_bin("recsys"), "supervise"])], adding=True)
+            stack.start([ServiceSpec(SUPERVISOR, SUPERVISE_ARGV)], adding=True)
         except StackError as exc:
             stack.stop()
             raise click.ClickException(str(exc)) from exc
@@ -157,6 +156,9 @@ def up(
         return
     click.echo("Ctrl-C stops everything")
     sys.exit(wait_until_interrupted(stack))
+
+
+SUPERVISE_ARGV = [sys.executable, "-m", "recsys_assets.cli", "supervise"]
 
 
 @cli.command(hidden=True)

@@ -31,3 +31,23 @@ RETRAIN_TAG = "recsys/retrain"
 RAW_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=1), warn_window=timedelta(minutes=30))
 FEATURES_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(hours=2), warn_window=timedelta(hours=1))
 MODEL_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=35), warn_window=timedelta(days=31))
+
+
+# On Kubernetes (RECSYS_EXECUTOR=k8s: dagster-k8s's k8s_job_executor), the training step runs in a
+# pod of its own with a GPU; dagster-k8s reads this tag (recsys_assets_tests/deploy/ builds the Job
+# with dagster-k8s itself and validates it against Kubernetes' schemas). Inert elsewhere.
+TRAINING_POD = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "16Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
+            },
+            "env": [{"name": "TF_FORCE_GPU_ALLOW_GROWTH", "value": "true"}],
+        },
+        "pod_spec_config": {
+            "node_selector": {"recsys/node-pool": "gpu"},
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+}

@@ -14,6 +14,17 @@ RETRAIN_SELECTION = dg.AssetSelection.assets("listening_events").downstream() - 
     "canary_analysis", "drift_report"
 )
 
+
+def _executor():
+    """RECSYS_EXECUTOR=k8s: every step of a retrain in its own Kubernetes Job (dagster-k8s, in the
+    production image), the training step with its GPU (``constants.TRAINING_POD``)."""
+    if load_settings().automation.executor != "k8s":
+        return None
+    from dagster_k8s import k8s_job_executor
+
+    return k8s_job_executor
+
+
 retrain_job = dg.define_asset_job(
     "retrain",
     selection=RETRAIN_SELECTION,
@@ -21,4 +32,5 @@ retrain_job = dg.define_asset_job(
     # RECSYS_RETRAIN_RUN_CONFIG tunes every triggered retrain (hyperparameters, gate, canary fraction).
     config=load_settings().automation.retrain_run_config or None,
     description="Retrain the two-tower model on fresh data and, if the gate passes, canary it.",
+    executor_def=_executor(),
 )

@@ -217,6 +217,7 @@ class AutomationSettings:
     retrain_run_config: dict  # RECSYS_RETRAIN_RUN_CONFIG: JSON run config of the retrain job (ops: …)
     extra_alert_rules: list[str]  # RECSYS_PROMETHEUS_EXTRA_RULES: more rule files for the local Prometheus
     extract_min_interval_seconds: int  # RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one extraction run per …
+    executor: str  # RECSYS_EXECUTOR: default (Dagster's) or k8s (each step of a retrain in its own pod)
 
 
 def _number(env: Mapping[str, str], name: str, default: float, cast=float):
@@ -254,6 +255,7 @@ def _automation(env: Mapping[str, str]) -> AutomationSettings:
         retrain_run_config=_json(env, "RECSYS_RETRAIN_RUN_CONFIG"),
         extra_alert_rules=[p for p in env.get("RECSYS_PROMETHEUS_EXTRA_RULES", "").split(os.pathsep) if p],
         extract_min_interval_seconds=number("RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", 300, int),
+        executor=_choice(env, "RECSYS_EXECUTOR", "default", ("default", "k8s")),
     )
 
 

@@ -10,7 +10,7 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from recsys_assets.constants import MODEL_FRESHNESS, TRAINING
+from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
 from recsys_assets.ml.two_tower import TwoTowerParams
@@ -74,6 +74,7 @@ def dagster_run_active(instance: dg.DagsterInstance, run_id: str) -> bool:
     deps=["training_interactions", "track_features"],
     kinds={"tensorflow", "mlflow"},
     freshness_policy=MODEL_FRESHNESS,
+    op_tags=TRAINING_POD,
 )
 def two_tower_model(
     context: dg.AssetExecutionContext,

@@ -309,7 +309,8 @@ class Stack:
         process it restarted meanwhile is stopped too."""
         stopped = []
         supervisor = next((r for r in self.records if r.name == SUPERVISOR), None)
-        if supervisor is not None and _stop_record(supervisor, grace):
+        # The supervisor alone: the processes it restarted are its children, stopped by their records.
+        if supervisor is not None and _stop_leader(supervisor, grace):
             stopped.append(SUPERVISOR)
             if self.state_file.exists():
                 self.records = [ProcessRecord(**r) for r in json.loads(self.state_file.read_text())]
@@ -366,6 +367,20 @@ def _stop_record(record: ProcessRecord, grace: float) -> bool:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
     psutil.wait_procs(survivors, timeout=5)
+    return True
+
+
+def _stop_leader(record: ProcessRecord, grace: float) -> bool:
+    """SIGTERM one process (not its children), then SIGKILL it after ``grace``."""
+    proc = _alive(record.pid, record.create_time)
+    if proc is None:
+        return False
+    with contextlib.suppress(psutil.NoSuchProcess):
+        proc.terminate()
+    _, survivors = psutil.wait_procs([proc], timeout=grace)
+    for survivor in survivors:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            survivor.kill()
     return True
 
 

@@ -98,29 +98,30 @@ def test_logs_are_rotated_and_private(tmp_path: Path) -> None:
 def test_a_detached_stack_is_supervised_by_its_own_process_and_down_stops_all(tmp_path: Path) -> None:
     """`recsys up --detach`: a `recsys supervise` process restarts what dies; `recsys down` (here
     `Stack.stop`, what it calls) stops the supervisor first, then everything, restarted ones included."""
-    from recsys_assets.stack.services import venv_bin
+    from recsys_assets.cli import SUPERVISE_ARGV
     from recsys_assets.stack.supervisor import SUPERVISOR
+    from recsys_assets_tests.conftest import REPO_ROOT
     from recsys_core.settings import load_settings
 
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
-    stack = Stack(settings.run_dir, settings.child_env(), cwd=tmp_path)
+    stack = Stack(settings.run_dir, settings.child_env(), cwd=REPO_ROOT)  # the supervisor runs this checkout's code
     stack.start([ServiceSpec("server", [sys.executable, "-c", SERVER, str(port)], port=port,
                              ready=lambda: _answers(url))])  # fmt: skip
-    stack.start([ServiceSpec(SUPERVISOR, [venv_bin("recsys"), "supervise"])], adding=True)
+    stack.start([ServiceSpec(SUPERVISOR, SUPERVISE_ARGV)], adding=True)
     try:
         first = stack.records[0].pid
         os.killpg(first, signal.SIGKILL)
 
         def restarted() -> bool:
-            records = Stack.load(settings.run_dir, {}, cwd=tmp_path).records
+            records = Stack.load(settings.run_dir, {}, cwd=REPO_ROOT).records
             return records[0].pid != first and _answers(url)
 
         _wait(restarted, 60, "the supervisor to restart the server")
         assert "server restarted" in (settings.run_dir / f"{SUPERVISOR}.log").read_text()
     finally:
-        current = Stack.load(settings.run_dir, settings.child_env(), cwd=tmp_path)
+        current = Stack.load(settings.run_dir, settings.child_env(), cwd=REPO_ROOT)
         stopped = current.stop(grace=5)
     assert stopped[0] == SUPERVISOR
     assert "server" in stopped

@@ -1,0 +1,124 @@
+"""The deployment side, validated without a cluster or a Docker engine: every manifest under deploy/k8s against the
+schemas of Kubernetes 1.37 (kubernetes-validate, strict: an unknown field fails), the pods that the
+Helm values and the training step's tag put in Kubernetes, built by dagster-k8s itself, against the
+same schemas, and the Dagster instance files against Dagster's own config schema."""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from recsys_assets_tests.conftest import REPO_ROOT
+
+KUBERNETES = "1.37"
+SAMPLE = {"IMAGE": "registry.example.com/recommender:1", "BENTO_TAG": "recommender:abc", "CHAMPION_VERSION": "3",
+          "CHALLENGER_VERSION": "4"}  # fmt: skip
+MANIFESTS = sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml"))
+
+
+def documents(path: Path) -> list[dict]:
+    """The file's documents, its ``${PLACEHOLDERS}`` (what model_deployment renders) filled in; a
+    shell's ``$VAR`` in a command is left alone."""
+    rendered = re.sub(r"\$\{(\w+)\}", lambda m: SAMPLE[m.group(1)], path.read_text())  # each must be known
+    return [doc for doc in yaml.safe_load_all(rendered) if doc]
+
+
+@pytest.mark.parametrize("path", MANIFESTS, ids=lambda p: p.name)
+def test_every_manifest_is_valid_kubernetes(path: Path) -> None:
+    for doc in documents(path):
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+
+
+def test_the_service_has_probes_an_autoscaler_and_a_disruption_budget() -> None:
+    kinds = {doc["kind"]: doc for doc in documents(REPO_ROOT / "deploy" / "k8s" / "recommender.yaml")}
+    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
+    pod = kinds["Deployment"]["spec"]["template"]
+    container = pod["spec"]["containers"][0]
+    assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(container)
+    assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+
+
+def test_the_registry_runs_behind_basic_auth() -> None:
+    kinds = {doc["kind"]: doc for doc in documents(REPO_ROOT / "deploy" / "k8s" / "mlflow.yaml")}
+    args = " ".join(kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]["args"])
+    assert "--app-name basic-auth" in args
+
+
+def _k8s_job(user_defined: dict, image: str) -> dict:
+    """The Job dagster-k8s launches for a step with ``user_defined`` config (its own builder)."""
+    from dagster_k8s.job import DagsterK8sJobConfig, UserDefinedDagsterK8sConfig, construct_dagster_k8s_job
+    from kubernetes.client import ApiClient
+
+    job = construct_dagster_k8s_job(
+        job_config=DagsterK8sJobConfig(job_image=image, dagster_home="/opt/dagster/home"),
+        args=["dagster", "api", "execute_step"],
+        job_name="dagster-step-recsys",
+        user_defined_k8s_config=UserDefinedDagsterK8sConfig.from_dict(user_defined),
+        pod_name="dagster-step-recsys",
+    )
+    return ApiClient().sanitize_for_serialization(job)
+
+
+def test_the_training_step_gets_its_own_pod_with_a_gpu() -> None:
+    from recsys_assets.constants import TRAINING_POD
+
+    job = _k8s_job(TRAINING_POD["dagster-k8s/config"], "registry.example.com/recsys-assets-gpu:1")
+    kubernetes_validate.validate(job, KUBERNETES, strict=True)
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
+    assert job["spec"]["template"]["spec"]["tolerations"][0]["key"] == "nvidia.com/gpu"
+
+
+def test_the_helm_values_run_each_run_in_its_own_pod_on_postgres_with_run_monitoring() -> None:
+    values = yaml.safe_load((REPO_ROOT / "deploy" / "helm" / "values.yaml").read_text())
+    assert values["runLauncher"]["type"] == "K8sRunLauncher"
+    assert values["dagsterDaemon"]["runMonitoring"]["enabled"] is True
+    assert values["postgresql"]["postgresqlDatabase"] == "dagster"
+    (location,) = values["dagster-user-deployments"]["deployments"]
+    assert location["dagsterApiGrpcArgs"] == ["--module-name", "recsys_assets.definitions"]
+    # What the run launcher's config puts in each run's pod, built by dagster-k8s and validated.
+    k8s = values["runLauncher"]["config"]["k8sRunLauncher"]["runK8sConfig"]
+    run_config = {"container_config": _snake(k8s["containerConfig"]), "pod_spec_config": _snake(k8s["podSpecConfig"])}
+    job = _k8s_job(run_config, f"{location['image']['repository']}:{location['image']['tag']}")
+    kubernetes_validate.validate(job, KUBERNETES, strict=True)
+    # The code location's own container resources are Kubernetes resources too.
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "recsys"},
+           "spec": {"containers": [{"name": "recsys", "image": "x", "resources": location["resources"]}]}}  # fmt: skip
+    kubernetes_validate.validate(pod, KUBERNETES, strict=True)
+
+
+def _snake(value):
+    """The chart's camelCase keys → dagster-k8s's snake_case (what the chart's template does)."""
+    return {re.sub(r"(?<!^)(?=[A-Z])", "_", k).lower(): v for k, v in value.items()}
+
+
+@pytest.mark.parametrize("path", ["deploy/dagster/dagster.yaml"])
+def test_the_dagster_instance_files_are_valid_dagster_config(path: str, tmp_path: Path) -> None:
+    """Dagster's own schema for dagster.yaml (storage, run launcher, coordinator, monitoring)."""
+    from dagster._core.instance.config import dagster_instance_config
+    from dagster._core.launcher import RunLauncher
+    from dagster._serdes import ConfigurableClassData
+
+    (tmp_path / "dagster.yaml").write_text((REPO_ROOT / path).read_text())
+    config, _ = dagster_instance_config(str(tmp_path))
+    assert config["run_monitoring"]["enabled"] is True
+    launcher = config["run_launcher"]  # its own config schema, checked by building it (no Docker needed)
+    built = ConfigurableClassData(launcher["module"], launcher["class"], yaml.safe_dump(launcher["config"]))
+    assert type(built.rehydrate(as_type=RunLauncher)).__name__ == "DockerRunLauncher"
+
+
+def test_on_kubernetes_each_step_of_a_retrain_runs_in_its_own_pod() -> None:
+    import subprocess
+    import sys
+
+    probe = "from recsys_assets.jobs import retrain_job; print(getattr(retrain_job.executor_def, 'name', None))"
+    for executor, expected in (("k8s", "k8s"), ("default", "None")):  # None: the Definitions' default
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
+                              env={**os.environ, "RECSYS_EXECUTOR": executor}, cwd=REPO_ROOT)  # fmt: skip
+        assert done.stdout.strip().splitlines()[-1] == expected
