@@ -37,8 +37,8 @@ demo: $(STAMP)
 test: $(STAMP) $(SERVING_STAMP)
 	./scripts/test-setup.sh
 	$(BIN)/lint-imports
-	$(SERVING_VENV)/bin/python -m pytest recsys_assets_tests/service $(PYTEST_ARGS)
-	$(BIN)/python -m pytest --ignore=recsys_assets_tests/service $(PYTEST_ARGS)
+	$(SERVING_VENV)/bin/python -m pytest recsys_assets_tests/service --durations=10 $(PYTEST_ARGS)
+	$(BIN)/python -m pytest --ignore=recsys_assets_tests/service --durations=20 $(PYTEST_ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -388,7 +388,7 @@ def _registry(settings: Settings):
     """The control plane: the one writer of aliases and the canary plan (the service only reads)."""
     from recsys_core.control import ControlPlane
 
-    root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
+    root = settings.mlflow_artifact_root
     return ControlPlane(settings.mlflow_tracking_uri, root, settings.home / "models" / "registry")
 
 

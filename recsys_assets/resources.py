@@ -182,9 +182,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
         "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", settings.prometheus_url or "") or None),
         "mlflow": MLflowResource(
             tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
-            artifact_root=str(settings.mlflow_artifacts_dir)
-            if settings.mlflow_tracking_uri.startswith("sqlite")
-            else None,
+            artifact_root=str(settings.mlflow_artifact_root) if settings.mlflow_artifact_root else None,
             cache_dir=str(settings.home / "models" / "registry"),
         ),
     }

@@ -127,7 +127,11 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         # before new data: the new-data retrain of step 3 never came.
         "RECSYS_DRIFT_SHARE": "0.5",
         "RECSYS_RETRAIN_BACKOFF_SECONDS": "20",
+        "RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS": "20",
         "RECSYS_MODEL_POLL_SECONDS": "2",
+        # One serving worker here: this test shares 2 cores among the whole stack and its simulated
+        # users (two workers, and a killed one, are service/test_workers.py's).
+        "RECSYS_SERVING_WORKERS": "1",
         "RECSYS_RETRAIN_RUN_CONFIG": json.dumps(retrain_config),
         "RECSYS_PROMETHEUS_EXTRA_RULES": str(rules),
     }  # fmt: skip

@@ -28,6 +28,7 @@ and no Docker.
 | ``PROMETHEUS_URL`` | unset: online KPIs come from the feedback table |
 | ``RECSYS_ANN_MIN_ITEMS`` | 100000: versions of larger catalogues carry and use an ANN index |
 | ``RECSYS_SERVING_WORKERS`` | 2: worker processes of the service (a killed one is no outage) |
+| ``RECSYS_DAGSTER_STORAGE_URI`` | unset (SQLite under ``DAGSTER_HOME``); ``postgresql://…``: dagster-postgres |
 | ``MLFLOW_TRACKING_USERNAME``, ``…_PASSWORD`` | unset: the registry's credentials (MLflow's basic-auth) |
 """
 
@@ -63,6 +64,9 @@ class Settings:
     # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: the registry's credentials when the MLflow
     # server runs its basic-auth app (MLflow's client reads the same two variables).
     mlflow_credentials: tuple[str, str] | None = field(default=None, repr=False)
+    # RECSYS_DAGSTER_STORAGE_URI: postgresql://… for the Dagster instance's run, event-log and schedule
+    # storage (dagster-postgres); unset: SQLite files under DAGSTER_HOME.
+    dagster_storage_uri: str | None = field(default=None, repr=False)
 
     @property
     def environment(self) -> str:
@@ -82,6 +86,12 @@ class Settings:
     @property
     def mlflow_artifacts_dir(self) -> Path:
         return self.mlflow_dir / "artifacts"
+
+    @property
+    def mlflow_artifact_root(self) -> Path | None:
+        """Where a store without a server puts the experiment's artifacts (SQLite or PostgreSQL
+        backend store); ``None`` for an MLflow server, which decides."""
+        return None if self.mlflow_tracking_uri.startswith(("http://", "https://")) else self.mlflow_artifacts_dir
 
     @property
     def bentoml_home(self) -> Path:
@@ -116,6 +126,8 @@ class Settings:
             env[f"RECSYS_{service.upper()}_PORT"] = str(port)
         if self.prometheus_url:
             env["PROMETHEUS_URL"] = self.prometheus_url
+        if self.dagster_storage_uri:
+            env["RECSYS_DAGSTER_STORAGE_URI"] = self.dagster_storage_uri
         if self.mlflow_credentials:
             env["MLFLOW_TRACKING_USERNAME"], env["MLFLOW_TRACKING_PASSWORD"] = self.mlflow_credentials
         return env
@@ -162,6 +174,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         serving=_serving(env),
         explicit=frozenset(name for name in known if env.get(name)),
         mlflow_credentials=_credentials(env),
+        dagster_storage_uri=env.get("RECSYS_DAGSTER_STORAGE_URI") or None,
     )
 
 

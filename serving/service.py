@@ -140,7 +140,7 @@ class Recommender:
         single_threaded_blas()
         settings = load_settings()
         knobs = settings.serving
-        root = settings.mlflow_artifacts_dir if settings.mlflow_tracking_uri.startswith("sqlite") else None
+        root = settings.mlflow_artifact_root
         self.registry = Registry(settings.mlflow_tracking_uri, root, settings.home / "models" / "serving")
         self.fault_delay = knobs.fault_delay_seconds
         self.rng = np.random.default_rng()  # the team-draft coin flips

@@ -43,6 +43,15 @@ schedules:
 """
 
 
+# RECSYS_DAGSTER_STORAGE_URI set: runs, event logs and schedules in PostgreSQL (dagster-postgres).
+POSTGRES_STORAGE = """\
+storage:
+  postgres:
+    postgres_url:
+      env: RECSYS_DAGSTER_STORAGE_URI
+"""
+
+
 def ensure_home(settings: Settings) -> None:
     """Create ``$RECSYS_HOME`` and its ``dagster.yaml``; existing files are left as they are."""
     for path in (
@@ -59,7 +68,7 @@ def ensure_home(settings: Settings) -> None:
     settings.home.chmod(0o700)
     dagster_yaml = settings.dagster_home / "dagster.yaml"
     if not dagster_yaml.exists():
-        dagster_yaml.write_text(DAGSTER_YAML)
+        dagster_yaml.write_text(DAGSTER_YAML + (POSTGRES_STORAGE if settings.dagster_storage_uri else ""))
 
 
 def init_dagster_storage(settings: Settings) -> None:
@@ -78,13 +87,13 @@ def init_dagster_storage(settings: Settings) -> None:
 
 
 def init_mlflow_storage(settings: Settings) -> None:
-    """Create (or migrate) the MLflow SQLite store once, before several processes open it.
+    """Create (or migrate) the MLflow store (SQLite or PostgreSQL) once, before several processes open it.
 
     The MLflow server and the Bento service (which reads the registry straight from the SQLite file)
     would otherwise both run MLflow's schema migrations on a new store, and one of them fails
     ("table _alembic_tmp_model_version_tags already exists", seen on a fresh clone).
     """
-    if not settings.mlflow_tracking_uri.startswith("sqlite"):
+    if settings.mlflow_artifact_root is None:
         return  # a server-backed store migrates itself once
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 

