@@ -79,3 +79,10 @@ def test_serving_settings() -> None:
 
 def test_the_home_is_private_to_its_owner(recsys_env) -> None:
     assert recsys_env.home.stat().st_mode & 0o777 == 0o700
+
+
+def test_the_dagster_storage_uri_names_dagster_postgres_driver() -> None:
+    settings = load_settings({"RECSYS_DAGSTER_STORAGE_URI": "postgresql://u:p@db:5432/dagster"})
+    assert settings.dagster_storage_uri == "postgresql+psycopg2://u:p@db:5432/dagster"
+    assert settings.child_env({})["RECSYS_DAGSTER_STORAGE_URI"] == settings.dagster_storage_uri
+    assert load_settings({}).dagster_storage_uri is None

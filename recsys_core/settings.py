@@ -174,8 +174,19 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         serving=_serving(env),
         explicit=frozenset(name for name in known if env.get(name)),
         mlflow_credentials=_credentials(env),
-        dagster_storage_uri=env.get("RECSYS_DAGSTER_STORAGE_URI") or None,
+        dagster_storage_uri=_dagster_storage_uri(env.get("RECSYS_DAGSTER_STORAGE_URI")),
     )
+
+
+def _dagster_storage_uri(uri: str | None) -> str | None:
+    """``postgresql://…`` made ``postgresql+psycopg2://…``: SQLAlchemy 2.1 picks psycopg 3 for a bare
+    ``postgresql://``, and dagster-postgres 0.29.27's storage then fails ("the connection is closed",
+    seen on the daemon's heartbeats); with psycopg2, its driver, it works."""
+    if not uri:
+        return None
+    if uri.startswith("postgresql://") or uri.startswith("postgres://"):
+        return "postgresql+psycopg2://" + uri.split("://", 1)[1]
+    return uri
 
 
 def _credentials(env: Mapping[str, str]) -> tuple[str, str] | None:

@@ -376,6 +376,13 @@ class _DuckDBConnection:
         self.con.unregister(f"{name}_arrow")
 
 
+# PostgreSQL type OIDs → polars types, for the columns of an empty result.
+_PG_TYPES = {
+    16: pl.Boolean, 20: pl.Int64, 21: pl.Int16, 23: pl.Int32, 25: pl.Utf8, 700: pl.Float32, 701: pl.Float64,
+    1043: pl.Utf8, 1082: pl.Date, 1114: pl.Datetime("us"), 1184: pl.Datetime("us", "UTC"), 1700: pl.Float64,
+}  # fmt: skip
+
+
 class _PostgresConnection:
     def __init__(self, con: Any):
         self.con = con
@@ -416,6 +423,9 @@ class _PostgresConnection:
             cur.execute(self._sql(sql), list(params) or None)
             columns = [d.name for d in cur.description]
             rows = cur.fetchall()
+            if not rows:  # nothing to infer the types from: the result's own column types (as DuckDB gives)
+                schema = {d.name: _PG_TYPES.get(d.type_code, pl.Utf8) for d in cur.description}
+                return pl.DataFrame(schema=schema)
         return pl.DataFrame(rows, schema=columns, orient="row", infer_schema_length=None)
 
     def scalar(self, sql: str, params: Sequence[Any] = ()) -> Any:

@@ -56,28 +56,30 @@ def test_the_daemon_retrains_with_every_store_on_postgres(postgres_server, tmp_p
     reader = threading.Thread(target=lambda: output.extend(iter(proc.stdout.readline, "")), daemon=True)
     reader.start()
     registry = ControlPlane(mlflow_uri, settings.mlflow_artifact_root, tmp_path / "cache")
+    for name, value in settings.child_env({}).items():  # this process reads the same Dagster instance
+        monkeypatch.setenv(name, value)
+    import dagster as dg
+
+    def retrained() -> list:
+        with dg.DagsterInstance.get() as instance:
+            return instance.get_runs(filters=dg.RunsFilter(job_name="retrain", statuses=[dg.DagsterRunStatus.SUCCESS]))
+
     try:
         wait_for(lambda: any("Ctrl-C stops everything" in line for line in output), 300, "the stack", proc)
         # The new-data sensor bootstraps the first model: one retrain, run by the daemon.
-        champion = wait_for(lambda: registry.by_alias(CHAMPION), 600, "the bootstrap retrain's champion", proc, 5.0)
+        runs = wait_for(retrained, 600, "the bootstrap retrain", proc, 5.0)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- recsys up said:\n{''.join(output[-60:])}") from None
     finally:
         proc.send_signal(signal.SIGINT)
         proc.wait(timeout=120)
         reader.join(timeout=10)
-    assert champion.version == 1
-
-    for name, value in settings.child_env({}).items():  # this process reads the same instance
-        monkeypatch.setenv(name, value)
-    import dagster as dg
-
+    assert [run.tags["recsys/trigger"] for run in runs] == ["bootstrap"]
+    assert registry.by_alias(CHAMPION).version == 1  # in MLflow's PostgreSQL backend store
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        runs = instance.get_runs(filters=dg.RunsFilter(job_name="retrain", statuses=[dg.DagsterRunStatus.SUCCESS]))
-        assert len(runs) == 1
-        assert runs[0].tags["recsys/trigger"] == "bootstrap"
-        ticks = instance.get_ticks(next(s for s in instance.all_instigator_state() if s.name == "new_data_sensor")
-                                   .instigator_origin_id, None)  # fmt: skip
-        assert ticks  # the sensor's ticks are in PostgreSQL too
+        sensor = next(s for s in instance.all_instigator_state() if s.name == "new_data_sensor")
+        assert instance.get_ticks(sensor.instigator_origin_id, sensor.selector_id)  # the ticks are there too
     warehouse = Warehouse(settings.warehouse_uri)
     assert warehouse.scalar("SELECT COUNT(*) FROM listening_events") > 0
     # Nothing went to the embedded default's files.
