@@ -105,7 +105,8 @@ MODEL_LOAD_FAILURES = prometheus_client.Counter(
 )  # fmt: skip
 FEEDBACK_BACKLOG = prometheus_client.Gauge(
     name="recsys_feedback_backlog_events",
-    documentation="Events acknowledged or buffered and not landed in the warehouse yet (at the last flush)",
+    documentation="Events acknowledged or buffered and not landed in the warehouse yet, at the last flush "
+    "(a served list's impressions count as one)",
     multiprocess_mode="livesum",
 )
 MODEL_INFO = prometheus_client.Gauge(
@@ -225,20 +226,9 @@ class Recommender:
         for (item_version, item_variant), n in shown.items():
             self._count(IMPRESSIONS, str(item_version), item_variant, n=n)
         at = datetime.now(UTC)
-        self.feedback_writer.add(
-            [
-                event_row(
-                    event_id=f"imp-{request_id}-{rank}",
-                    user_id=user_id,
-                    track_id=item.track_id,
-                    artist_id=item.artist_id,
-                    event_type="impression",
-                    model_version=item.model_version,
-                    variant=item.variant,
-                    at=at,
-                )
-                for rank, item in enumerate(items)
-            ]
+        # In the log before the answer (a kill -9 of this worker loses none), synced in batches.
+        self.feedback_writer.append_impressions(
+            request_id, user_id, at, [(i.track_id, i.artist_id, i.model_version, i.variant) for i in items]
         )
         # model_construct: the fields are ours and already typed; validating them again per request
         # cost more than the ranking (profile in docs/benchmarks.md). The response is still

@@ -9,7 +9,6 @@ import time
 from pathlib import Path
 
 import httpx
-import polars as pl
 import psutil
 import pytest
 
@@ -25,10 +24,6 @@ from serving.feedback import FeedbackWriter, event_row
 def row(i: int, prefix: str = "w") -> tuple:
     return event_row(event_id=f"{prefix}-{i}", user_id="u1", track_id="t1", artist_id=None, event_type="click",
                      model_version=1, variant="champion")  # fmt: skip
-
-
-def arrow_rows(spill: Path) -> int:
-    return sum(pl.scan_ipc(p).select(pl.len()).collect().item() for p in spill.glob("impressions-*.arrow"))
 
 
 def landed_ids(warehouse: Warehouse, prefix: str) -> set[str]:
@@ -82,8 +77,8 @@ def test_a_live_writers_segment_is_left_to_it(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path) -> None:
     """`bentoml serve` acknowledges feedback from many clients, is killed with SIGKILL (every process)
-    before any flush, and is started again: every acknowledged event lands, once. So do the
-    impressions of the lists it served, once they are in their files (every 0.2 s)."""
+    before any flush, and is started again: every acknowledged event lands, once. So does every
+    impression of the lists it answered (in the log before the answer)."""
     home = tmp_path / "home"
     shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
     settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
@@ -114,8 +109,6 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
             t.start()
         for t in threads:
             t.join()
-        spill = home / "serving" / "spill"
-        until(lambda: arrow_rows(spill) == 5 * len(served), 30, "the impressions to be in their files")
     finally:
         for pid in stack.all_pids():
             if psutil.pid_exists(pid):
