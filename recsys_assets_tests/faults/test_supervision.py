@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port, rotate_log
+from recsys_assets_tests.service.test_replicas import until
 
 pytestmark = [pytest.mark.faults]
 
@@ -36,14 +37,6 @@ def _answers(url: str) -> bool:
         return False
 
 
-def _wait(predicate, timeout: float, what: str) -> float:
-    started = time.monotonic()
-    while not predicate():
-        assert time.monotonic() - started < timeout, f"timed out waiting for {what}"
-        time.sleep(0.05)
-    return time.monotonic() - started
-
-
 def test_a_killed_process_is_restarted_with_backoff_and_its_leftovers_go(tmp_path: Path) -> None:
     port = free_port()
     url = f"http://127.0.0.1:{port}/"
@@ -55,11 +48,11 @@ def test_a_killed_process_is_restarted_with_backoff_and_its_leftovers_go(tmp_pat
         record = stack.records[0]
         first_pid, worker = record.pid, int(next(iter(record.children)))
         os.kill(first_pid, signal.SIGKILL)  # the leader dies; its worker still holds the port
-        _wait(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie", 5, "death")
+        until(lambda: not psutil.pid_exists(first_pid) or psutil.Process(first_pid).status() == "zombie", 5, "death")
 
         now = time.time()
         assert stack.supervise(now) == [f"server (pid {first_pid}) exit status -9: restart in 1 s"]
-        _wait(
+        until(
             lambda: not psutil.pid_exists(worker) or psutil.Process(worker).status() == "zombie",
             10,
             "the leftover worker to be killed",
@@ -68,10 +61,10 @@ def test_a_killed_process_is_restarted_with_backoff_and_its_leftovers_go(tmp_pat
         assert stack.supervise(now + 0.5) == []  # not before its backoff
         assert stack.supervise(now + 1.0) == [f"server restarted (pid {record.pid}, restart 1)"]
         assert record.pid != first_pid
-        recovered = _wait(lambda: _answers(url), 30, "the restarted server")
+        recovered = until(lambda: _answers(url), 30, "the restarted server")
 
         os.kill(record.pid, signal.SIGKILL)  # dies again at once: the wait doubles
-        _wait(lambda: record.state != "running", 5, "the second death")
+        until(lambda: record.state != "running", 5, "the second death")
         assert stack.supervise(time.time())[0].endswith("restart in 2 s")
         saved = Stack.load(tmp_path / "run", {}, cwd=tmp_path).records[0]
         assert (saved.restarts_total, saved.state) == (1, "restarting")  # what `recsys status` shows
@@ -118,7 +111,7 @@ def test_a_detached_stack_is_supervised_by_its_own_process_and_down_stops_all(tm
             records = Stack.load(settings.run_dir, {}, cwd=REPO_ROOT).records
             return records[0].pid != first and _answers(url)
 
-        _wait(restarted, 60, "the supervisor to restart the server")
+        until(restarted, 60, "the supervisor to restart the server")
         assert "server restarted" in (settings.run_dir / f"{SUPERVISOR}.log").read_text()
     finally:
         current = Stack.load(settings.run_dir, settings.child_env(), cwd=REPO_ROOT)
