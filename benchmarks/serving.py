@@ -11,7 +11,8 @@ top-k code, one worker each, loopback, in the same run.
 2. Scoring plus top-k alone (``recsys_core.scoring.Ranker.top_rows``), in process: best and median of five
    rounds of 4,000 calls.
 3. For each server (``bentoml serve serving.service:Recommender``, with its canary routing, metrics and
-   impression writes to the warehouse; and ``benchmarks/raw_app.py`` under uvicorn): wrk at full
+   impressions in its write-ahead log, landed by its lander process; and ``benchmarks/raw_app.py``
+   under uvicorn): wrk at full
    speed (32 connections, 2 threads) for the peak throughput, then wrk paced (exponential gaps per
    connection, ``benchmarks/wrk/recommend.lua``) at 80% of that server's peak for p50/p99.
 
@@ -165,6 +166,30 @@ def measure(name: str, url: str, duration: int, users: int) -> dict:
     return {"peak": peak, "at_80_percent": paced}
 
 
+def backlog(url: str) -> float | None:
+    """``recsys_feedback_backlog_events`` from the service's /metrics (None: the service has none)."""
+    import httpx
+
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith("recsys_feedback_backlog_events "):
+            return float(line.split()[1])
+    return None
+
+
+def landing(url: str, timeout: float = 300) -> dict:
+    """The impressions not landed yet when the load stops, and how long the lander takes to land
+    them (the gauge is refreshed every flush)."""
+    start, left = time.monotonic(), backlog(url)
+    while left and time.monotonic() - start < timeout:
+        time.sleep(0.5)
+        now = backlog(url)
+        if now == 0:
+            break
+    caught_up = time.monotonic() - start if not left or now == 0 else None
+    print(f"  landing: backlog {left} when the load stopped, landed {caught_up} s later", file=sys.stderr)
+    return {"backlog_at_end": left, "caught_up_seconds": caught_up}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--items", type=int, default=10_000)
@@ -274,6 +299,8 @@ def main() -> None:
             stack.start([spec], timeout=180)
             try:
                 results[name] = measure(name, url, args.duration, args.users)
+                if name.startswith("bentoml") and not args.no_feedback:
+                    results[name]["landing"] = landing(url)
             finally:
                 stack.stop()
     baseline = "feedback_without_log" if args.route == "feedback" else "raw_starlette"

@@ -16,7 +16,7 @@ from pydantic import Field
 from recsys_assets.data.store import PreparedStore
 from recsys_core.control import ControlPlane
 from recsys_core.registry import Registry
-from recsys_core.settings import Settings
+from recsys_core.settings import Settings, storage_path
 from recsys_core.warehouse import Warehouse
 
 
@@ -33,10 +33,10 @@ class WarehouseResource(dg.ConfigurableResource):
 class PreparedDataResource(dg.ConfigurableResource):
     """Where prepared Parquet datasets live (``$RECSYS_HOME/prepared`` by default)."""
 
-    root: str = Field(description="Directory of the prepared datasets.")
+    root: str = Field(description="Directory or URI (s3://bucket/prefix/prepared) of the prepared datasets.")
 
     def get_store(self) -> PreparedStore:
-        return PreparedStore(Path(self.root))
+        return PreparedStore(self.root)
 
 
 class MLflowResource(dg.ConfigurableResource):
@@ -44,21 +44,17 @@ class MLflowResource(dg.ConfigurableResource):
 
     tracking_uri: str = Field(description="sqlite:////abs/mlflow.db or http://host:5000")
     artifact_root: str | None = Field(
-        default=None, description="Absolute directory of the experiment's artifacts (embedded store only)."
+        default=None, description="URI of the experiment's artifacts, file:// or s3:// (store without a server only)."
     )
     cache_dir: str = Field(description="Where downloaded model versions are cached.")
 
     def get_registry(self) -> Registry:
         """The registry's reading client."""
-        return Registry(
-            self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
-        )
+        return Registry(self.tracking_uri, self.artifact_root, Path(self.cache_dir))
 
     def get_control_plane(self) -> ControlPlane:
         """The one writer: training runs, versions, aliases and the canary plan."""
-        return ControlPlane(
-            self.tracking_uri, Path(self.artifact_root) if self.artifact_root else None, Path(self.cache_dir)
-        )
+        return ControlPlane(self.tracking_uri, self.artifact_root, Path(self.cache_dir))
 
 
 class ServingClient:
@@ -150,9 +146,11 @@ class PrometheusResource(dg.ConfigurableResource):
 
 
 class RecsysHomeResource(dg.ConfigurableResource):
-    """The root of the embedded stores, for reports and other files the UI links to."""
+    """The local root (caches, the simulator's world) and the storage root of the run artifacts
+    (reports, a training's split): the same directory by default, or object storage."""
 
     home: str = Field(description="RECSYS_HOME")
+    storage: str = Field(default="", description="RECSYS_STORAGE_URI: a directory or s3://bucket/prefix")
 
     @property
     def path(self) -> Path:
@@ -160,11 +158,20 @@ class RecsysHomeResource(dg.ConfigurableResource):
 
     @property
     def models_dir(self) -> Path:
+        """Local: a training's exported model before MLflow has it, and downloaded versions."""
         return self.path / "models"
 
     @property
+    def storage_root(self) -> Path:
+        return storage_path(self.storage or self.home)
+
+    @property
     def reports_dir(self) -> Path:
-        return self.path / "reports"
+        return self.storage_root / "reports"
+
+    @property
+    def runs_dir(self) -> Path:
+        return self.storage_root / "runs"
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
@@ -177,12 +184,16 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
-        "recsys_home": RecsysHomeResource(home=_env_or("RECSYS_HOME", str(settings.home))),
+        **({"io_manager": dg.FilesystemIOManager(base_dir=settings.dagster_io_uri)} if settings.dagster_io_uri else {}),
+        "recsys_home": RecsysHomeResource(
+            home=_env_or("RECSYS_HOME", str(settings.home)),
+            storage=settings.storage_uri,
+        ),
         "serving": ServingResource(url=_env_or("RECSYS_SERVING_URL", settings.serving_url), home=str(settings.home)),
         "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", settings.prometheus_url or "") or None),
         "mlflow": MLflowResource(
             tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
-            artifact_root=str(settings.mlflow_artifact_root) if settings.mlflow_artifact_root else None,
+            artifact_root=settings.mlflow_artifact_root,
             cache_dir=str(settings.home / "models" / "registry"),
         ),
     }

@@ -62,7 +62,7 @@ class ControlPlane(Registry):
     def __init__(
         self,
         tracking_uri: str,
-        artifact_root: Path | None,
+        artifact_root: str | Path | None,
         cache_dir: Path,
         *,
         validate_timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -137,8 +137,7 @@ class ControlPlane(Registry):
             experiment = client.get_experiment_by_name(EXPERIMENT)
             if experiment is not None:
                 return experiment.experiment_id
-            location = self.artifact_root.resolve().as_uri() if self.artifact_root else None
-            return client.create_experiment(EXPERIMENT, artifact_location=location)
+            return client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root)
 
     def start_run(self, run_name: str, tags: dict[str, str]) -> str:
         with self._errors("creating the training run"):

@@ -24,7 +24,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
@@ -126,15 +126,18 @@ class Registry:
 
     Args:
         tracking_uri: ``sqlite:////abs/mlflow.db``, ``http://mlflow:5000``, …
-        artifact_root: where the experiment's artifacts go (absolute); ``None`` lets the server decide.
+        artifact_root: where the experiment's artifacts go: a URI (``file:///abs``, ``s3://bucket/prefix``)
+            or an absolute directory; ``None`` lets the server decide.
         cache_dir: where downloaded model versions are kept.
         cache_keep: how many versions the cache keeps (the most recently used); older ones are
             deleted after each download.
     """
 
-    def __init__(self, tracking_uri: str, artifact_root: Path | None, cache_dir: Path, cache_keep: int = 4):
+    def __init__(self, tracking_uri: str, artifact_root: str | Path | None, cache_dir: Path, cache_keep: int = 4):
         self.tracking_uri = tracking_uri
-        self.artifact_root = artifact_root
+        if isinstance(artifact_root, Path) or (artifact_root and "://" not in artifact_root):
+            artifact_root = Path(artifact_root).resolve().as_uri()
+        self.artifact_root: str | None = artifact_root
         self.cache_dir = cache_dir
         self.cache_keep = cache_keep
 
@@ -248,37 +251,49 @@ class Registry:
         store's model as the other's. The download goes through this registry's own client, never
         MLflow's process-wide tracking URI, which another thread may have pointed elsewhere.
         """
-        import mlflow
-
         with self._errors(f"downloading version {version}"):
             client = self.client()
             run_id = client.get_model_version(MODEL_NAME, str(version)).run_id or "norun"
-            target = self.cache_dir / f"v{version}-{run_id[:12]}"
-            if (target / "manifest.json").exists():
-                os.utime(target)  # most recently used: the last to be evicted
-                return target
-            tmp = self.cache_dir / f".v{version}-{run_id[:12]}.{os.getpid()}.{threading.get_ident()}.tmp"
+            return self._fetch(
+                lambda: client.get_model_version_download_uri(MODEL_NAME, str(version)),
+                key=f"v{version}-{run_id[:12]}",
+                what=f"version {version}",
+            )
+
+    def download_logged(self, model_uri: str) -> Path:
+        """A logged model (``models:/m-…``, registered or not: a candidate between its training
+        and its evaluation, which may run in another pod) downloaded once into the cache."""
+        with self._errors(f"downloading {model_uri}"):
+            return self._fetch(lambda: model_uri, key="c-" + model_uri.rsplit("/", 1)[-1][:40], what=model_uri)
+
+    def _fetch(self, source: Callable[[], str], key: str, what: str) -> Path:
+        import mlflow
+
+        target = self.cache_dir / key
+        if (target / "manifest.json").exists():
+            os.utime(target)  # most recently used: the last to be evicted
+            return target
+        tmp = self.cache_dir / f".{key}.{os.getpid()}.{threading.get_ident()}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        try:  # a failed download leaves no temporary directory behind
+            fetched = mlflow.artifacts.download_artifacts(
+                artifact_uri=source(), dst_path=str(tmp), tracking_uri=self.tracking_uri
+            )
+            manifest = next(Path(fetched).rglob("manifest.json"), None)
+            if manifest is None:
+                raise RegistryError(f"{what} has no manifest.json: it is not a model version")
+            shutil.rmtree(target, ignore_errors=True)
+            manifest.parent.rename(target)
+        finally:
             shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir(parents=True)
-            try:  # a failed download leaves no temporary directory behind
-                source = client.get_model_version_download_uri(MODEL_NAME, str(version))
-                fetched = mlflow.artifacts.download_artifacts(
-                    artifact_uri=source, dst_path=str(tmp), tracking_uri=self.tracking_uri
-                )
-                manifest = next(Path(fetched).rglob("manifest.json"), None)
-                if manifest is None:
-                    raise RegistryError(f"version {version} has no manifest.json: it is not a model version")
-                shutil.rmtree(target, ignore_errors=True)
-                manifest.parent.rename(target)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
         self._evict(keep=target)
         return target
 
     def _evict(self, keep: Path) -> None:
         """Delete all but the ``cache_keep`` most recently used versions (never ``keep``). A loaded
         version does not need its files (the arrays are read into memory), so eviction is safe."""
-        cached = [p for p in self.cache_dir.glob("v*-*") if p.is_dir() and p != keep]
+        cached = [p for p in [*self.cache_dir.glob("v*-*"), *self.cache_dir.glob("c-*")] if p.is_dir() and p != keep]
         cached.sort(key=lambda p: p.stat().st_mtime, reverse=True)
         for old in cached[max(self.cache_keep - 1, 0) :]:
             log.info("model cache: evicting %s (keeping the %d most recent)", old.name, self.cache_keep)

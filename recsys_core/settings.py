@@ -8,6 +8,11 @@ deployment's public interface, several defaults derive from others (``DAGSTER_HO
 
 Where everything lives:
 
+The run artifacts (prepared data, reports, a training's split, MLflow's artifacts when MLflow has no
+server, Dagster's step outputs) live under one root, ``RECSYS_STORAGE_URI``: ``$RECSYS_HOME`` by
+default, or object storage (``s3://bucket/prefix``; ``AWS_ENDPOINT_URL`` for a server other than
+AWS's); only caches stay on local disk then.
+
 Every embedded store is rooted in ``RECSYS_HOME`` (default ``./.recsys``, made absolute once, by the
 first process that reads it, and handed to child processes through the environment). Every endpoint
 can be overridden by an environment variable; the defaults work on a bare machine with no accounts
@@ -16,6 +21,7 @@ and no Docker.
 | variable | default |
 |---|---|
 | ``RECSYS_HOME`` | ``./.recsys`` |
+| ``RECSYS_STORAGE_URI`` | ``$RECSYS_HOME``; or ``s3://bucket/prefix`` (credentials: the ``AWS_*`` variables) |
 | ``DAGSTER_HOME`` | ``$RECSYS_HOME/dagster`` |
 | ``RECSYS_WAREHOUSE_URI`` | ``duckdb:///$RECSYS_HOME/warehouse.duckdb`` (or ``postgresql://…``) |
 | ``MLFLOW_TRACKING_URI`` | ``sqlite:///$RECSYS_HOME/mlflow/mlflow.db`` |
@@ -50,6 +56,8 @@ class Settings:
 
     home: Path
     dagster_home: Path
+    # RECSYS_STORAGE_URI: the one root of the run artifacts (a local directory, or s3://bucket/prefix).
+    storage_uri: str
     warehouse_uri: str
     mlflow_tracking_uri: str
     host: str
@@ -75,9 +83,31 @@ class Settings:
         return "embedded" if embedded else "production"
 
     @property
+    def remote_storage(self) -> bool:
+        """Whether the run artifacts live in object storage (``RECSYS_STORAGE_URI=s3://…``)."""
+        return "://" in self.storage_uri
+
+    @property
+    def storage(self) -> Path:
+        """The root of the run artifacts: a ``pathlib.Path`` for a local directory, else a
+        ``upath.UPath`` (fsspec) with the same interface, for object storage."""
+        return storage_path(self.storage_uri)
+
+    @property
     def prepared_dir(self) -> Path:
         """Parquet files of the prepared data (cleaned events, features, interactions)."""
-        return self.home / "prepared"
+        return self.storage / "prepared"
+
+    @property
+    def runs_dir(self) -> Path:
+        """Files a training run hands to the steps after it (its train/holdout split)."""
+        return self.storage / "runs"
+
+    @property
+    def dagster_io_uri(self) -> str | None:
+        """Where Dagster keeps the assets' step outputs: ``None`` (its default, under DAGSTER_HOME)
+        for local storage, else under the storage root."""
+        return f"{self.storage_uri.rstrip('/')}/dagster" if self.remote_storage else None
 
     @property
     def mlflow_dir(self) -> Path:
@@ -88,10 +118,16 @@ class Settings:
         return self.mlflow_dir / "artifacts"
 
     @property
-    def mlflow_artifact_root(self) -> Path | None:
-        """Where a store without a server puts the experiment's artifacts (SQLite or PostgreSQL
-        backend store); ``None`` for an MLflow server, which decides."""
-        return None if self.mlflow_tracking_uri.startswith(("http://", "https://")) else self.mlflow_artifacts_dir
+    def mlflow_artifact_root(self) -> str | None:
+        """The URI where a store without a server puts the experiment's artifacts (SQLite or
+        PostgreSQL backend store): under the storage root when it is object storage (MLflow's own
+        S3 support), else ``$RECSYS_HOME/mlflow/artifacts``; ``None`` for an MLflow server, which
+        decides (its ``--default-artifact-root``)."""
+        if self.mlflow_tracking_uri.startswith(("http://", "https://")):
+            return None
+        if self.remote_storage:
+            return f"{self.storage_uri.rstrip('/')}/mlflow"
+        return self.mlflow_artifacts_dir.as_uri()
 
     @property
     def bentoml_home(self) -> Path:
@@ -99,7 +135,7 @@ class Settings:
 
     @property
     def reports_dir(self) -> Path:
-        return self.home / "reports"
+        return self.storage / "reports"
 
     @property
     def run_dir(self) -> Path:
@@ -114,6 +150,7 @@ class Settings:
         env = dict(os.environ if base is None else base)
         env.update(
             RECSYS_HOME=str(self.home),
+            RECSYS_STORAGE_URI=self.storage_uri,
             DAGSTER_HOME=str(self.dagster_home),
             RECSYS_WAREHOUSE_URI=self.warehouse_uri,
             MLFLOW_TRACKING_URI=self.mlflow_tracking_uri,
@@ -163,6 +200,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     return Settings(
         home=home,
         dagster_home=Path(env.get("DAGSTER_HOME") or home / "dagster").absolute(),
+        storage_uri=_storage_uri(env.get("RECSYS_STORAGE_URI"), home),
         warehouse_uri=env.get("RECSYS_WAREHOUSE_URI") or f"duckdb:///{home / 'warehouse.duckdb'}",
         mlflow_tracking_uri=env.get("MLFLOW_TRACKING_URI") or f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
         host=host,
@@ -176,6 +214,28 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         mlflow_credentials=_credentials(env),
         dagster_storage_uri=_dagster_storage_uri(env.get("RECSYS_DAGSTER_STORAGE_URI")),
     )
+
+
+def _storage_uri(uri: str | None, home: Path) -> str:
+    """A local directory (absolute) or an ``s3://bucket[/prefix]`` URI."""
+    if not uri:
+        return str(home)
+    if "://" not in uri:
+        return str(Path(uri).expanduser().absolute())
+    scheme, rest = uri.split("://", 1)
+    if scheme not in ("s3", "file") or not rest.strip("/"):
+        raise ValueError(f"RECSYS_STORAGE_URI={uri!r} is neither a directory nor s3://bucket[/prefix]")
+    return str(Path(rest).absolute()) if scheme == "file" else uri.rstrip("/")
+
+
+def storage_path(uri: str) -> Path:
+    """``uri`` as a path object: ``pathlib.Path`` for a directory, ``upath.UPath`` for object storage
+    (universal_pathlib over fsspec: imported only then, so the serving plane never needs it)."""
+    if "://" not in uri:
+        return Path(uri)
+    from upath import UPath
+
+    return UPath(uri)
 
 
 def _dagster_storage_uri(uri: str | None) -> str | None:

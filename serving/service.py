@@ -109,6 +109,10 @@ FEEDBACK_BACKLOG = prometheus_client.Gauge(
     "(a served list's impressions count as one)",
     multiprocess_mode="livesum",
 )
+LANDER_RESTARTS = prometheus_client.Counter(
+    name="recsys_feedback_lander_restarts",
+    documentation="Feedback landers (the child process landing the write-ahead log) that died and were restarted",
+)
 MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
 )
@@ -161,6 +165,8 @@ class Recommender:
             spill_dir=settings.home / "serving" / "spill",
             flush_seconds=knobs.feedback_flush_seconds,
             on_backlog=FEEDBACK_BACKLOG.set,
+            lander=True,  # landing in a child process: its pauses stay out of this one's requests
+            on_lander_restart=LANDER_RESTARTS.inc,
         )
         self.feedback_writer.start()
         if knobs.fast_path:

@@ -21,6 +21,7 @@ from recsys_assets.data.kpis import (
     canary_strata,
     serving_health,
 )
+from recsys_assets.data.store import write_atomic
 from recsys_assets.metadata import markdown_table
 from recsys_assets.ml.canary import CanaryRules, decide_canary
 from recsys_assets.resources import (
@@ -125,7 +126,7 @@ def model_deployment(
     The challenger's canary starts at the first traffic step (``RECSYS_CANARY_STEPS``), held in the
     registry so that every replica serves the same split; the running ``bentoml serve`` is told to
     follow the registry now, and the asset checks that it serves the expected versions. For
-    production the manifests under ``$RECSYS_HOME/deploy/k8s`` name the container of this Bento.
+    production the manifests under ``<storage root>/deploy/k8s`` name the container of this Bento.
     """
     tag = recommender_bento["tag"]
     image = f"recommender:{tag.split(':', 1)[1]}"
@@ -135,9 +136,8 @@ def model_deployment(
         CHAMPION_VERSION=recommender_bento["champion"],
         CHALLENGER_VERSION=recommender_bento["challenger"] or "",
     )
-    manifests = recsys_home.path / "deploy" / "k8s" / "recommender.yaml"
-    manifests.parent.mkdir(parents=True, exist_ok=True)
-    manifests.write_text(rendered)
+    manifests = recsys_home.storage_root / "deploy" / "k8s" / "recommender.yaml"
+    write_atomic(manifests, lambda f: f.write(rendered.encode()))
 
     canary = None
     if recommender_bento["challenger"] is not None:

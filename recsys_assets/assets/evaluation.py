@@ -14,10 +14,11 @@ from pydantic import Field
 
 from recsys_assets.constants import EVALUATION
 from recsys_assets.data.simulation import world_dir
-from recsys_assets.data.store import write_json_atomic
+from recsys_assets.data.store import read_parquet, write_json_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.gate import DEFAULT_GUARDS, GateRules
 from recsys_assets.resources import MLflowResource, RecsysHomeResource
+from recsys_core.settings import storage_path
 
 CORE_METRICS = ("ndcg@10", "recall@10", "precision@10", "map@10", "hit_rate@10", "ndcg@20", "recall@20",
                 "coverage@10", "novelty@10", "sim_ctr@10")  # fmt: skip
@@ -101,12 +102,15 @@ def model_evaluation(
     from recsys_core.scoring import Ranker
 
     registry = mlflow.get_control_plane()
-    split_dir = Path(two_tower_model["split_dir"])
-    train = pl.read_parquet(split_dir / "train.parquet")
-    holdout = pl.read_parquet(split_dir / "holdout.parquet")
+    split_dir = storage_path(two_tower_model["split_dir"])
+    train = read_parquet(split_dir / "train.parquet")
+    holdout = read_parquet(split_dir / "holdout.parquet")
     eval_set = build_eval_set(train, holdout)
     clicks = click_model_for(recsys_home.path)
-    candidate_ranker = Ranker.load(Path(two_tower_model["model_dir"]), version=0)
+    model_dir = Path(two_tower_model["model_dir"])
+    if not (model_dir / "manifest.json").exists():  # trained in another pod: MLflow has it
+        model_dir = registry.download_logged(two_tower_model["model_uri"])
+    candidate_ranker = Ranker.load(model_dir, version=0)
     candidate = evaluate(candidate_ranker.scorer(eval_set.items), eval_set, click_model=clicks)
     popularity = evaluate(popularity_scorer(train, eval_set.items), eval_set, click_model=clicks)
     results = {"candidate": candidate.metrics}

@@ -12,7 +12,7 @@ from pydantic import Field
 from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
 from recsys_assets.data.cleaning import CleaningRules, clean_events
-from recsys_assets.data.store import write_json_atomic
+from recsys_assets.data.store import read_parquet, write_json_atomic
 from recsys_assets.metadata import counts_table, markdown_table, reason_category, time_range
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
 from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
@@ -76,7 +76,7 @@ def clean_listening_events(
     reasons: dict[str, int] = {}
     last_clean = pl.DataFrame()
     for raw_file in pending:
-        raw = pl.read_parquet(raw_file.path)
+        raw = read_parquet(raw_file.path)
         result = clean_events(raw, tracks, users, now=now, origin=str(raw_file.path), rules=rules)
         batch_ids = raw["batch_id"].unique().sort().to_list()
         # Quarantine first: the clean file's existence marks the raw file as done, so a crash in

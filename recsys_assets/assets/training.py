@@ -11,6 +11,7 @@ import polars as pl
 from pydantic import Field
 
 from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
+from recsys_assets.data.store import remove_tree, write_parquet_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
 from recsys_assets.ml.two_tower import TwoTowerParams
@@ -119,9 +120,8 @@ def two_tower_model(
             "recsys.protocol": split.protocol,
         },
     )
-    candidates = recsys_home.models_dir / "candidates"
-    model_dir = candidates / run_id
-    split_dir = candidates / f"{run_id}.split"
+    model_dir = recsys_home.models_dir / "candidates" / run_id  # local: MLflow then has it
+    split_dir = recsys_home.runs_dir / run_id / "split"  # the storage root: evaluation may run elsewhere
     try:
         trained = train_two_tower(
             split.train,
@@ -140,9 +140,8 @@ def two_tower_model(
         }
         ann_min_items = load_settings().ann_min_items
         exported = export_model(trained, split.train, manifest, model_dir, ann_min_items=ann_min_items)
-        split_dir.mkdir(parents=True, exist_ok=True)
-        split.train.write_parquet(split_dir / "train.parquet")
-        split.holdout.write_parquet(split_dir / "holdout.parquet")
+        write_parquet_atomic(split.train, split_dir / "train.parquet")
+        write_parquet_atomic(split.holdout, split_dir / "holdout.parquet")
         registry.log_run(
             run_id,
             params={**params.__dict__, "protocol": split.protocol},
@@ -159,7 +158,7 @@ def two_tower_model(
     except BaseException:
         registry.end_run(run_id, status="FAILED")
         shutil.rmtree(model_dir, ignore_errors=True)
-        shutil.rmtree(split_dir, ignore_errors=True)
+        remove_tree(split_dir)
         raise
     history = pl.DataFrame(trained.history)
     value = {

@@ -1,4 +1,10 @@
-"""Prepared data on disk: Parquet datasets under ``$RECSYS_HOME/prepared``.
+"""Prepared data: Parquet datasets under ``<storage root>/prepared``, on local disk or in object storage.
+
+The root is ``RECSYS_STORAGE_URI`` (default ``$RECSYS_HOME``): a ``pathlib.Path``, or for
+``s3://bucket/prefix`` a ``upath.UPath`` (universal_pathlib over fsspec/s3fs) with the same
+interface, so listing, reading and writing are one code path. Parquet is written by polars into the
+path's file object, and read by polars' own object-store reader (its native S3 support: projection
+and predicate pushdown, ranged reads) with the credentials and endpoint of the ``AWS_*`` variables.
 
 An incremental dataset is a directory of files named after the range of landed batches they hold,
 ``batches-<first>-<last>.parquet``. The files are the state: the next extraction starts after the
@@ -8,9 +14,12 @@ a crash never leaves half a file and re-running the same batches writes nothing 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,30 +44,71 @@ def batch_file_name(first: int, last: int) -> str:
     return f"batches-{first:010d}-{last:010d}.parquet"
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
-    """Write ``df`` to ``path`` so that readers see either nothing or the whole file."""
+def is_remote(path: Path) -> bool:
+    """Whether ``path`` is in object storage (a ``UPath`` with a protocol other than ``file``)."""
+    return getattr(path, "protocol", "") not in ("", "file", "local")
+
+
+def write_atomic(path: Path, write: Callable[[Any], None]) -> None:
+    """Write a file so that readers see either nothing or all of it: locally aside, then renamed;
+    in object storage by one upload (an object appears whole when its upload completes).
+    ``write`` receives a binary file object."""
+    if is_remote(path):
+        with path.open("wb") as f:
+            write(f)
+        return
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    df.write_parquet(tmp, compression="zstd", statistics=True)
+    with open(tmp, "wb") as f:
+        write(f)
     os.replace(tmp, path)
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> None:
+    """Write ``df`` to ``path`` so that readers see either nothing or the whole file."""
+    write_atomic(path, lambda f: df.write_parquet(f, compression="zstd", statistics=True))
 
 
 def write_json_atomic(data: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str))
-    os.replace(tmp, path)
+    text = json.dumps(data, indent=2, default=str).encode()
+    write_atomic(path, lambda f: f.write(text))
+
+
+def remove_tree(path: Path) -> None:
+    """Delete a directory (or prefix) and everything under it; nothing if it is not there."""
+    if is_remote(path):
+        with contextlib.suppress(FileNotFoundError):
+            path.fs.rm(path.path, recursive=True)
+        return
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def polars_source(path: Path) -> str:
+    """What polars' readers take for ``path``: the path, or the object's URI."""
+    return str(path) if not is_remote(path) else path.as_uri()
+
+
+def scan_parquet(paths: Path | list[Path]) -> pl.LazyFrame:
+    """Parquet files, lazily, wherever they are (polars' native object-store reader for URIs)."""
+    many = paths if isinstance(paths, list) else [paths]
+    return pl.scan_parquet([polars_source(p) for p in many])
+
+
+def read_parquet(path: Path) -> pl.DataFrame:
+    return scan_parquet(path).collect()
 
 
 class PreparedStore:
-    """The prepared datasets of one ``RECSYS_HOME``.
+    """The prepared datasets of one deployment.
 
     Args:
-        root: the ``prepared`` directory.
+        root: the ``prepared`` directory: a path, or a URI (``s3://bucket/prefix/prepared``).
     """
 
-    def __init__(self, root: Path):
-        self.root = Path(root)
+    def __init__(self, root: Path | str):
+        from recsys_core.settings import storage_path
+
+        self.root = root if isinstance(root, Path) else storage_path(root)
 
     def dataset_dir(self, name: str) -> Path:
         return self.root / name
@@ -95,13 +145,13 @@ class PreparedStore:
             raise FileNotFoundError(
                 f"the dataset {name} has no files in {self.dataset_dir(name)}: materialize it first"
             )
-        return pl.scan_parquet([f.path for f in files])
+        return scan_parquet([f.path for f in files])
 
     def scan_table(self, name: str) -> pl.LazyFrame:
         path = self.table_path(name)
         if not path.exists():
             raise FileNotFoundError(f"{path} does not exist: materialize the asset {name} first")
-        return pl.scan_parquet(path)
+        return scan_parquet(path)
 
     def write_table(self, name: str, df: pl.DataFrame) -> Path:
         path = self.table_path(name)

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import polars as pl
 
+from recsys_assets.data.store import write_atomic
+
 DRIFT_COLUMNS = ("genre", "user_activity", "track_popularity", "ms_played", "is_skip")
 CATEGORICAL_COLUMNS = ("genre", "is_skip")
 VALUE_DRIFT = re.compile(
@@ -113,8 +115,10 @@ def run_drift(reference: pl.DataFrame, current: pl.DataFrame, drift_share: float
         current_data=Dataset.from_pandas(current.select(columns).to_pandas(), data_definition=definition),
         reference_data=Dataset.from_pandas(reference.select(columns).to_pandas(), data_definition=definition),
     )
-    html_path.parent.mkdir(parents=True, exist_ok=True)
-    snapshot.save_html(str(html_path))
+    # The HTML string, written by the store (Evidently's save_html writes nothing for a file object,
+    # and knows only local paths): the report may go to object storage.
+    html = snapshot.get_html_str(as_iframe=False).encode()
+    write_atomic(html_path, lambda f: f.write(html))
     rows = []
     share = 0.0
     for metric in snapshot.dict()["metrics"]:

@@ -54,14 +54,10 @@ storage:
 
 def ensure_home(settings: Settings) -> None:
     """Create ``$RECSYS_HOME`` and its ``dagster.yaml``; existing files are left as they are."""
-    for path in (
-        settings.home,
-        settings.dagster_home,
-        settings.prepared_dir,
-        settings.mlflow_artifacts_dir,
-        settings.reports_dir,
-        settings.run_dir,
-    ):
+    local = [settings.home, settings.dagster_home, settings.run_dir]
+    if not settings.remote_storage:  # object storage has no directories to create
+        local += [settings.prepared_dir, settings.mlflow_artifacts_dir, settings.reports_dir]
+    for path in local:
         path.mkdir(parents=True, exist_ok=True)
     # The stores, logs and the admin token are the owner's alone: a private root keeps every file
     # under it out of other users' reach, whatever mode the libraries create them with.
@@ -97,8 +93,9 @@ def init_mlflow_storage(settings: Settings) -> None:
         return  # a server-backed store migrates itself once
     from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
-    SqlAlchemyStore(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir.as_uri())
+    if not settings.remote_storage:
+        settings.mlflow_artifacts_dir.mkdir(parents=True, exist_ok=True)
+    SqlAlchemyStore(settings.mlflow_tracking_uri, settings.mlflow_artifact_root)
 
 
 def venv_bin(name: str) -> str:
@@ -135,7 +132,7 @@ def mlflow_server_argv(settings: Settings) -> list[str]:
         "--backend-store-uri",
         settings.mlflow_tracking_uri,
         "--default-artifact-root",
-        settings.mlflow_artifacts_dir.as_uri(),
+        settings.mlflow_artifact_root,
         "--host",
         settings.host,
         "--port",

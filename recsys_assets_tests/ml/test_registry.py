@@ -148,7 +148,7 @@ def test_two_stores_with_the_same_version_number_never_share_a_cached_model(tmp_
 
 
 def _moves_from_a_process(uri: str, root: str, cache: str, worker: int, n: int) -> None:
-    plane = ControlPlane(uri, Path(root), Path(cache))
+    plane = ControlPlane(uri, root, Path(cache))
     for i in range(n):
         plane.set_canary(2, step=0, fraction=0.01 * (i + 1), mode="ab", reason=f"process {worker} move {i}", by="test")
 

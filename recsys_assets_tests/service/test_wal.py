@@ -163,3 +163,53 @@ def test_concurrent_acknowledgements_share_their_fsyncs(tmp_path: Path, monkeypa
     monkeypatch.setattr(feedback.os, "fsync", broken)
     with pytest.raises(OSError, match="could not be written"):
         writer.log([row(0, "full")])
+
+
+def test_the_lander_lands_from_its_own_process_and_is_restarted_when_it_dies(tmp_path: Path) -> None:
+    """The service's mode: the worker only logs and seals; a child process lands. A lander killed with
+    SIGKILL is restarted (and counted), and nothing logged is lost to it."""
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    restarts: list[int] = []
+    backlog: list[int] = []
+    writer = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=0.2, lander=True,
+                            on_lander_restart=lambda: restarts.append(1), on_backlog=backlog.append)  # fmt: skip
+    writer.start()
+    try:
+        first = writer._lander.pid
+        assert first != os.getpid()
+        writer.log([row(i, "lander") for i in range(20)])
+        until(lambda: len(landed_ids(warehouse, "lander")) == 20, 60, "the lander to land the log")
+        until(lambda: backlog and backlog[-1] == 0, 30, "the lander's backlog to reach the worker")
+        assert writer.landed == 0  # none of it landed in this process
+
+        psutil.Process(first).kill()
+        until(lambda: restarts, 30, "the dead lander to be restarted")
+        assert writer._lander.pid != first
+        until(lambda: writer.alive, 30, "the writer to be alive again")
+        writer.log([row(i, "after") for i in range(5)])
+        until(lambda: len(landed_ids(warehouse, "after")) == 5, 60, "the new lander to land")
+    finally:
+        writer.close()
+    assert writer._lander.poll() is not None  # stopped with its writer
+    assert not list((tmp_path / "spill").glob(".lander-*"))
+
+
+def test_a_lander_whose_worker_died_lands_what_is_left_and_exits(tmp_path: Path) -> None:
+    """kill -9 of a worker: its lander (now an orphan) lands the worker's log and exits by itself."""
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    spill = tmp_path / "spill"
+    writer = FeedbackWriter(warehouse, spill_dir=spill, flush_seconds=3600)
+    writer.log([row(i, "orphan") for i in range(7)])
+    writer._segment.close()  # as a killed worker's segment: written, synced, unlocked
+    env = {**os.environ, "RECSYS_WAREHOUSE_URI": warehouse.uri, "PYTHONPATH": str(REPO_ROOT)}
+    # A shell starts the lander as its child, then becomes `sleep` (same pid): the lander's parent.
+    shell = psutil.Popen(
+        ["sh", "-c", f'"$0" -m serving.feedback {spill} --flush-seconds 3600 --parent $$ & exec sleep 600',
+         os.sys.executable], env=env,
+    )  # fmt: skip
+    until(lambda: shell.children(), 30, "the lander to start")
+    lander = shell.children()[0]
+    shell.kill()
+    shell.wait()
+    lander.wait(timeout=60)  # exits by itself, though its flush interval is an hour
+    assert landed_ids(warehouse, "orphan") == {f"orphan-{i}" for i in range(7)}
