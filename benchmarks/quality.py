@@ -89,6 +89,7 @@ def main() -> None:
     parser.add_argument("--l2", type=float, help="override l2")
     parser.add_argument("--no-logq", action="store_true", help="turn off the logQ correction")
     parser.add_argument("--no-user-features", action="store_true", help="id embeddings only in the query tower")
+    parser.add_argument("--history", type=int, help="override history_length (the query tower's last N tracks)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -139,6 +140,7 @@ def main() -> None:
                 "batch_size": args.batch, "temperature": args.temperature, "refit": args.refit, "l2": args.l2,
                 "logq_correction": False if args.no_logq else None,
                 "use_user_features": False if args.no_user_features else None,
+                "history_length": args.history,
             }.items()
             if v is not None
         }  # fmt: skip

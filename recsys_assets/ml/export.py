@@ -58,6 +58,8 @@ def export_model(
     np.save(tmp / "user_embeddings.npy", trained.user_embeddings)
     np.save(tmp / "item_embeddings.npy", trained.item_embeddings)
     np.save(tmp / "user_features.npy", trained.user_features)
+    if trained.user_history is not None:  # item rows, most recent first: the users' state at the cutoff
+        np.save(tmp / "user_history.npy", trained.user_history)
     np.savez(tmp / "seen.npz", indptr=indptr.astype(np.int64), indices=item_rows[order].astype(np.int32))
     _export_savedmodels(trained, tmp, k)
     full = {
@@ -67,6 +69,7 @@ def export_model(
         "users": len(vocab.users) - 1,
         "items": len(vocab.items) - 1,
         "query_genres": vocab.query_genres,
+        "history_length": int(trained.params.history_length),
         "index_k": k,
     }
     if len(vocab.items) - 1 >= ann_min_items:
@@ -85,28 +88,35 @@ def _export_savedmodels(trained, directory: Path, k: int) -> None:
 
     vocab = trained.vocab
     n_features = trained.user_features.shape[1]
+    n_history = trained.params.history_length
     core = trained.model.query_tower
 
     class ServingQueryTower(tf.keras.Model):
         def __init__(self) -> None:
             super().__init__()
             self.lookup = tf.keras.layers.StringLookup(vocabulary=list(vocab.users[1:].astype(str)), num_oov_indices=1)
+            # A history's track ids (most recent first, "" for padding: row 0, left out of the mean).
+            self.tracks = tf.keras.layers.StringLookup(vocabulary=list(vocab.items[1:].astype(str)), num_oov_indices=1)
             self.core = core
 
         def call(self, inputs):
-            embedding = self.core(
-                {"user_row": self.lookup(inputs["user_id"]), "user_features": inputs["user_features"]}
-            )
+            query = {"user_row": self.lookup(inputs["user_id"]), "user_features": inputs["user_features"]}
+            if n_history:
+                query["history"] = self.tracks(inputs["history"])
+            embedding = self.core(query)
             # The popularity prior's extra dimension (see two_tower.with_prior): always 1 on the query side.
             return tf.concat([embedding, tf.ones_like(embedding[:, :1])], axis=1)
 
     tower = ServingQueryTower()
     example = {"user_id": tf.constant([str(vocab.users[1])]), "user_features": tf.zeros((1, n_features))}
-    tower(example)
     signature = {
         "user_id": tf.TensorSpec([None], tf.string, name="user_id"),
         "user_features": tf.TensorSpec([None, n_features], tf.float32, name="user_features"),
     }
+    if n_history:
+        example["history"] = tf.fill((1, n_history), "")
+        signature["history"] = tf.TensorSpec([None, n_history], tf.string, name="history")
+    tower(example)
     tf.saved_model.save(
         tower,
         str(directory / "query_tower"),

@@ -1,7 +1,9 @@
 """The TensorFlow Recommenders two-tower retrieval model (plain module: no Dagster).
 
 - Query tower: user id embedding and the user's features (genre shares of their training-window
-  positives, activity, like share) → a dense projection.
+  positives, activity, like share) → a dense projection; with ``history_length`` N > 0, also the
+  user's last N distinct positive tracks before the example (:mod:`recsys_assets.ml.history`), their
+  item embeddings (shared with the candidate tower) averaged and projected.
 - Candidate tower: track id, artist and genre embeddings → a dense projection.
 - ``tfrs.tasks.Retrieval`` with in-batch negatives, a logQ correction for the popularity of in-batch
   candidates, and sample weights from the interactions.
@@ -57,6 +59,7 @@ class TwoTowerParams:
     popularity_prior: bool = True
     validation_users: int = 2000
     min_train_pairs: int = 50
+    history_length: int = 0
     seed: int = 42
 
 
@@ -138,6 +141,16 @@ def query_features(interactions: pl.DataFrame, users: np.ndarray, genres: list[s
 # --- the towers ------------------------------------------------------------------------------------
 
 
+def pooled_history(embedded, rows):
+    """The mean of a history's item embeddings (``embedded``: batch × N × d), row 0 (padding and
+    unknown tracks) left out; zeros for an empty history. The numpy twin is
+    :func:`recsys_core.scoring.pooled_history`."""
+    import tensorflow as tf
+
+    mask = tf.cast(rows > 0, embedded.dtype)[..., None]
+    return tf.reduce_sum(embedded * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+
+
 def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
     import tensorflow as tf
 
@@ -147,6 +160,11 @@ def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
     def init(offset: int):
         """Every initializer gets its own seed, so the same seed gives the same model in any process."""
         return tf.keras.initializers.RandomUniform(-0.05, 0.05, seed=params.seed * 101 + offset)
+
+    # One vector per track, shared by the candidate tower and the query tower's history.
+    item_embedding = tf.keras.layers.Embedding(
+        len(vocab.items), dim, embeddings_initializer=init(3), embeddings_regularizer=reg
+    )
 
     class QueryTower(tf.keras.Model):
         def __init__(self) -> None:
@@ -165,18 +183,28 @@ def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
                 else None
             )
 
+            self.use_history = params.history_length > 0
+            if self.use_history:
+                self.item_embedding = item_embedding  # the candidate tower's: one vector per track
+                self.history_projection = tf.keras.layers.Dense(
+                    dim, use_bias=False,
+                    kernel_initializer=tf.keras.initializers.GlorotUniform(seed=params.seed * 101 + 6),
+                )  # fmt: skip
+
         def call(self, inputs):
             x = self.user_embedding(inputs["user_row"])
             if self.use_features:
                 x = x + self.features(inputs["user_features"])
+            if self.use_history:
+                x = x + self.history_projection(
+                    pooled_history(self.item_embedding(inputs["history"]), inputs["history"])
+                )
             return x
 
     class CandidateTower(tf.keras.Model):
         def __init__(self) -> None:
             super().__init__()
-            self.item_embedding = tf.keras.layers.Embedding(
-                len(vocab.items), dim, embeddings_initializer=init(3), embeddings_regularizer=reg
-            )
+            self.item_embedding = item_embedding
             self.artist_embedding = tf.keras.layers.Embedding(
                 len(vocab.artists), dim, embeddings_initializer=init(4), embeddings_regularizer=reg
             )
@@ -226,13 +254,52 @@ def _build_model(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
 
 
 def training_pairs(interactions: pl.DataFrame) -> pl.DataFrame:
-    """The distinct (user, track) pairs with weight log(1 + Σ weights), in a fixed order (the
-    shuffle is seeded, so the input order must not depend on hashing)."""
+    """The distinct (user, track) pairs with weight log(1 + Σ weights) and the time of their first
+    play (``first_at``: the moment a pair's example is predicted, for its history), in a fixed order
+    (the shuffle is seeded, so the input order must not depend on hashing)."""
     return (
         interactions.group_by("user_id", "track_id")
-        .agg(pl.col("weight").sum().log1p().alias("weight"))
+        .agg(pl.col("weight").sum().log1p().alias("weight"), pl.col("played_at").min().alias("first_at"))
         .sort("user_id", "track_id")
     )
+
+
+def _track_index(vocab: Vocabulary) -> pl.DataFrame:
+    return pl.DataFrame(
+        {"track_id": vocab.items[1:].astype(str), "row": np.arange(1, len(vocab.items), dtype=np.int32)}
+    )
+
+
+def _padded(lists: pl.Series, n: int) -> np.ndarray:
+    """Lists of at most ``n`` rows → an (len × n) int32 matrix, 0-padded on the right."""
+    padded = pl.concat_list(lists, pl.lit(0, pl.Int32).repeat_by(n - lists.list.len()))
+    return pl.select(padded.list.to_array(n)).to_series().to_numpy().astype(np.int32).reshape(len(lists), n)
+
+
+def example_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
+    """For each row of ``pairs`` (in its order), the user's last ``n`` distinct positive tracks whose
+    first play is strictly before the pair's own (most recent first, 0-padded): only the past."""
+    from recsys_assets.ml.history import histories
+
+    frame = pairs.select("user_id", "track_id", pl.col("first_at").alias("played_at")).with_row_index("_i")
+    built = histories(frame, _track_index(vocab), n).sort("_i")
+    return _padded(built["history"], n)
+
+
+def latest_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
+    """Each user's last ``n`` distinct positive tracks (by first play; most recent first, 0-padded),
+    in the rows of ``vocab.users``: the user's history at the end of ``pairs`` (row 0: empty)."""
+    last = (
+        pairs.join(_track_index(vocab), on="track_id", how="left")
+        .with_columns(pl.col("row").fill_null(0))
+        .sort("user_id", "first_at", "track_id")
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("row").tail(n).reverse())
+    )
+    out = np.zeros((len(vocab.users), n), dtype=np.int32)
+    out[Vocabulary.index(last["user_id"], vocab.users)] = _padded(last["row"], n)
+    out[0] = 0
+    return out
 
 
 @dataclass
@@ -253,10 +320,11 @@ class TrainedTwoTower:
     train_seconds: float = 0.0
     examples_per_second: float = 0.0
     pairs: int = 0
+    user_history: np.ndarray | None = None  # rows of vocab.users × history_length, at the training cutoff
 
 
 def _arrays(
-    pairs: pl.DataFrame, items: pl.DataFrame, vocab: Vocabulary, user_features: np.ndarray
+    pairs: pl.DataFrame, items: pl.DataFrame, vocab: Vocabulary, state: dict[str, np.ndarray], history_length: int
 ) -> dict[str, np.ndarray]:
     item_rows = Vocabulary.index(pairs["track_id"], vocab.items)
     user_rows = Vocabulary.index(pairs["user_id"], vocab.users)
@@ -266,9 +334,11 @@ def _arrays(
     genre_of = np.concatenate([[0], genres])
     counts = np.bincount(item_rows, minlength=len(vocab.items)).astype(np.float64)
     probability = counts / counts.sum()
+    history = {"history": example_histories(pairs, vocab, history_length)} if history_length else {}
     return {
+        **history,
         "user_row": user_rows,
-        "user_features": user_features[user_rows],
+        "user_features": state["user_features"][user_rows],
         "item_row": item_rows,
         "artist_row": artist_of[item_rows],
         "genre_row": genre_of[item_rows],
@@ -278,12 +348,14 @@ def _arrays(
 
 
 def _embeddings(
-    model, vocab: Vocabulary, items: pl.DataFrame, user_features: np.ndarray
+    model, vocab: Vocabulary, items: pl.DataFrame, state: dict[str, np.ndarray]
 ) -> tuple[np.ndarray, np.ndarray]:
+    """Every item's and every user's embedding; ``state``: the query tower's per-user inputs, in the
+    rows of ``vocab.users`` (``user_features``, and ``history`` at the moment the users are scored)."""
     artists = np.concatenate([[0], Vocabulary.index(items["artist_id"], vocab.artists)])
     genres = np.concatenate([[0], Vocabulary.index(items["genre"], vocab.genres)])
     item_inputs = {"item_row": np.arange(len(vocab.items)), "artist_row": artists, "genre_row": genres}
-    user_inputs = {"user_row": np.arange(len(vocab.users)), "user_features": user_features}
+    user_inputs = {"user_row": np.arange(len(vocab.users)), **state}
     item_emb = model.candidate_tower.predict(item_inputs, batch_size=65536, verbose=0)
     user_emb = model.query_tower.predict(user_inputs, batch_size=65536, verbose=0)
     return np.asarray(user_emb, dtype=np.float32), np.asarray(item_emb, dtype=np.float32)
@@ -327,10 +399,10 @@ def with_prior(
 
 
 def _pick_prior(
-    model, vocab, items, user_features, validation: EvalSet, pairs: pl.DataFrame, params
+    model, vocab, items, state, validation: EvalSet, pairs: pl.DataFrame, params
 ) -> tuple[float, list[dict]]:
     """The α of :func:`with_prior` with the best validation NDCG@10."""
-    user_emb, item_emb = _embeddings(model, vocab, items, user_features)
+    user_emb, item_emb = _embeddings(model, vocab, items, state)
     log_q = log_popularity(pairs, vocab)
     scores = []
     for alpha in PRIOR_GRID:
@@ -359,8 +431,8 @@ def _validation_scorer(vocab: Vocabulary, user_emb: np.ndarray, item_emb: np.nda
 class _EpochEnd:
     """Per-epoch bookkeeping: timing, validation recall@20, early stopping on it, best weights."""
 
-    def __init__(self, model, vocab, items, user_features, validation, params, progress, phase):
-        self.model, self.vocab, self.items, self.user_features = model, vocab, items, user_features
+    def __init__(self, model, vocab, items, state, validation, params, progress, phase):
+        self.model, self.vocab, self.items, self.state = model, vocab, items, state
         self.validation, self.params, self.progress, self.phase = validation, params, progress, phase
         self.history: list[dict] = []
         self.best_epoch, self.best_score, self.best_weights, self.waited = 0, -math.inf, None, 0
@@ -391,7 +463,7 @@ class _EpochEnd:
             record["phase"] = self.phase
         stop = False
         if self.validation is not None:
-            user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.user_features)
+            user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.state)
             scorer = _validation_scorer(self.vocab, user_emb, item_emb, self.validation.items)
             metrics = ranking_metrics(recommend(scorer, self.validation, 20), self.validation, ks=(20,)).metrics
             record["val_recall@20"] = metrics["recall@20"]
@@ -414,7 +486,7 @@ def _fit(
     pairs: pl.DataFrame,
     items: pl.DataFrame,
     vocab: Vocabulary,
-    user_features: np.ndarray,
+    state: dict[str, np.ndarray],
     params: TwoTowerParams,
     epochs: int,
     validation: EvalSet | None,
@@ -422,8 +494,8 @@ def _fit(
     phase: str = "",
 ) -> _EpochEnd:
     """Train ``model`` for up to ``epochs`` epochs in one ``fit`` call; restore the best weights."""
-    arrays = _arrays(pairs, items, vocab, user_features)
-    tracker = _EpochEnd(model, vocab, items, user_features, validation, params, progress, phase)
+    arrays = _arrays(pairs, items, vocab, state, params.history_length)
+    tracker = _EpochEnd(model, vocab, items, state, validation, params, progress, phase)
     model.fit(_dataset(arrays, params, params.seed), epochs=epochs, verbose=0, callbacks=[tracker.callback()])
     if validation is not None and tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
@@ -479,13 +551,14 @@ def train_two_tower(
     vocab = Vocabulary.build(pairs, items)
     features = query_features(with_genre(train, items), vocab.users, vocab.query_genres)
     features[0] = 0.0
+    state = _state(features, pairs, vocab, params)
 
     tf.keras.utils.set_random_seed(params.seed)
     model = _build_model(vocab, features.shape[1], params)
     runs: list[_EpochEnd] = []
     prior, prior_scores = 0.0, []
     if validation_split is None:
-        runs.append(_fit(model, pairs, items, vocab, features, params, params.max_epochs, None, progress))
+        runs.append(_fit(model, pairs, items, vocab, state, params, params.max_epochs, None, progress))
         best_epoch = runs[-1].best_epoch
     else:
         fit_part, val_part = validation_split
@@ -499,26 +572,24 @@ def train_two_tower(
             )
         fit_features = query_features(with_genre(fit_part, items), vocab.users, vocab.query_genres)
         fit_features[0] = 0.0
+        fit_pairs = training_pairs(fit_part)
+        fit_state = _state(fit_features, fit_pairs, vocab, params)
         fit = _fit(
-            model, training_pairs(fit_part), items, vocab, fit_features, params, params.max_epochs,
+            model, fit_pairs, items, vocab, fit_state, params, params.max_epochs,
             validation if len(validation.users) else None, progress,
         )  # fmt: skip
         runs.append(fit)
         best_epoch = max(fit.best_epoch, 1)
         if params.popularity_prior and len(validation.users):
-            prior, prior_scores = _pick_prior(
-                model, vocab, items, fit_features, validation, training_pairs(fit_part), params
-            )
+            prior, prior_scores = _pick_prior(model, vocab, items, fit_state, validation, fit_pairs, params)
             log.info("popularity prior on the validation split: %s -> alpha %s", prior_scores, prior)
         if params.refit == "warm":
-            runs.append(
-                _fit(model, pairs, items, vocab, features, params, params.refit_epochs, None, progress, "refit")
-            )
+            runs.append(_fit(model, pairs, items, vocab, state, params, params.refit_epochs, None, progress, "refit"))
         elif params.refit == "scratch":
             tf.keras.utils.set_random_seed(params.seed)
             model = _build_model(vocab, features.shape[1], params)
-            runs.append(_fit(model, pairs, items, vocab, features, params, best_epoch, None, progress, "refit"))
-    user_emb, item_emb = _embeddings(model, vocab, items, features)
+            runs.append(_fit(model, pairs, items, vocab, state, params, best_epoch, None, progress, "refit"))
+    user_emb, item_emb = _embeddings(model, vocab, items, state)
     user_emb, item_emb = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(pairs, vocab))
     seconds = sum(r.seconds for r in runs)
     examples = sum(r.examples for r in runs)
@@ -537,7 +608,15 @@ def train_two_tower(
         train_seconds=seconds,
         examples_per_second=examples / seconds if seconds else 0.0,
         pairs=pairs.height,
+        user_history=state.get("history"),
     )
+
+
+def _state(features: np.ndarray, pairs: pl.DataFrame, vocab: Vocabulary, params: TwoTowerParams) -> dict:
+    """The query tower's per-user inputs at the end of ``pairs`` (rows of ``vocab.users``)."""
+    if not params.history_length:
+        return {"user_features": features}
+    return {"user_features": features, "history": latest_histories(pairs, vocab, params.history_length)}
 
 
 def params_dict(params: TwoTowerParams) -> dict:

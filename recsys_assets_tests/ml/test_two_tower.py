@@ -166,3 +166,74 @@ def test_users_and_tracks_with_a_single_event_are_handled(tiny_world) -> None:
     model = train_two_tower(split.train, tracks, None, replace(FAST, max_epochs=1, refit="none"))
     assert np.isfinite(model.user_embeddings).all()
     assert np.isfinite(model.item_embeddings).all()
+
+
+# --- the history-aware query tower ------------------------------------------------------------------
+
+
+def _pairs_by_hand() -> tuple[pl.DataFrame, object]:
+    from recsys_assets.ml.two_tower import Vocabulary
+
+    t = datetime(2026, 1, 1, tzinfo=UTC)
+    pairs = pl.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a", "b"],
+            "track_id": ["t3", "t1", "t2", "t4", "t1"],
+            "weight": [1.0] * 5,
+            "first_at": [t.replace(hour=1), t, t.replace(hour=1), t.replace(hour=2), t],
+        }
+    )
+    items = pl.DataFrame({"track_id": ["t1", "t2", "t3", "t4"], "artist_id": ["x"] * 4, "genre": ["g"] * 4})
+    return pairs, Vocabulary.build(pairs, items)
+
+
+def test_each_example_sees_only_the_tracks_first_played_before_it() -> None:
+    from recsys_assets.ml.two_tower import example_histories
+
+    pairs, vocab = _pairs_by_hand()  # item rows: t1 → 1, t2 → 2, t3 → 3, t4 → 4
+    got = example_histories(pairs, vocab, 3)
+    assert got.tolist() == [
+        [1, 0, 0],  # a/t3 at 1h: t1 (0h); t2, at the same instant, is not before
+        [0, 0, 0],  # a/t1 at 0h: nothing before
+        [1, 0, 0],  # a/t2 at 1h: t1
+        [3, 2, 1],  # a/t4 at 2h: most recent first (t2 and t3 tie at 1h: by track id, the later id first)
+        [0, 0, 0],  # b/t1: a's plays are not b's history
+    ]
+
+
+def test_the_latest_history_is_each_users_last_tracks_most_recent_first() -> None:
+    from recsys_assets.ml.two_tower import latest_histories
+
+    pairs, vocab = _pairs_by_hand()
+    got = latest_histories(pairs, vocab, 2)
+    rows = {str(u): i for i, u in enumerate(vocab.users)}
+    assert got[rows["a"]].tolist() == [4, 3]
+    assert got[rows["b"]].tolist() == [1, 0]
+    assert got[0].tolist() == [0, 0]  # the out-of-vocabulary user has no history
+
+
+def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(tiny_world, tmp_path) -> None:
+    """history_length > 0: the exported query tower takes the history's track ids and gives the
+    embeddings the version carries (computed from each user's history at the cutoff)."""
+    _, interactions, tracks = tiny_world
+    split = global_temporal_split(interactions)
+    params = replace(FAST, max_epochs=2, refit="none", history_length=5)
+    model = train_two_tower(split.train, tracks, None, params)
+    assert model.user_history.shape == (len(model.vocab.users), 5)
+    assert (model.user_history[1:] > 0).any()
+    export_model(model, split.train, {}, tmp_path / "v1", k=10)
+    assert json.loads((tmp_path / "v1" / "manifest.json").read_text())["history_length"] == 5
+    np.testing.assert_array_equal(np.load(tmp_path / "v1" / "user_history.npy"), model.user_history)
+
+    import tensorflow as tf
+
+    tower = tf.saved_model.load(str(tmp_path / "v1" / "query_tower")).signatures["serving_default"]
+    rows = np.arange(1, min(9, len(model.vocab.users)))
+    ids = np.where(model.user_history[rows] > 0, model.vocab.items[model.user_history[rows]].astype(str), "")
+    got = tower(
+        user_id=tf.constant(model.vocab.users[rows].astype(str)),
+        user_features=tf.constant(model.user_features[rows]),
+        history=tf.constant(ids),
+    )["embedding"].numpy()
+    # The prior's extra dimension is α·log q on the item side and 1 on the query side.
+    np.testing.assert_allclose(got[:, :-1], model.user_embeddings[rows, :-1], rtol=1e-5, atol=1e-5)
