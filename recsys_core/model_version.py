@@ -7,9 +7,11 @@ A version directory holds:
 | ``manifest.json`` | format version, hyperparameters, training cutoff and row counts, data hash, dims, query genres |
 | ``users.parquet`` / ``user_embeddings.npy`` | known users (row order) and their embeddings |
 | ``user_features.npy`` | the query tower's features of those users at training time |
+| ``user_history.npy`` | with ``history_length`` N > 0: each user's last N tracks at the cutoff (item rows) |
+| ``query_tower.npz`` | with N > 0: the query tower's weights for :mod:`recsys_core.query_tower` (numpy) |
 | ``items.parquet`` / ``item_embeddings.npy`` | ranked tracks (track, artist, genre, popularity) and their embeddings |
 | ``seen.npz`` | each user's training tracks (CSR over item rows): filtered out of recommendations |
-| ``query_tower/`` | SavedModel: ``{user_id, user_features}`` → embedding (string lookup inside) |
+| ``query_tower/`` | SavedModel: ``{user_id, user_features[, history]}`` → embedding (string lookups inside) |
 | ``index/`` | SavedModel: ``tfrs.layers.factorized_top_k.BruteForce`` over the item embeddings |
 | ``ann/`` | from ``RECSYS_ANN_MIN_ITEMS`` tracks on: a FAISS IVF index of the item embeddings (``recsys_core.ann``) |
 

@@ -7,6 +7,13 @@ item for item. From ``RECSYS_ANN_MIN_ITEMS`` tracks on, ``/recommend`` finds its
 version's ANN index (``recsys_core.ann``) and the offline evaluation stays exact: they then agree up to
 the index's recall (≥ 0.95 by design, measured in docs/benchmarks.md).
 
+With a history-aware version (``query_tower.npz``), the user vectors are the numpy query tower's
+(:mod:`recsys_core.query_tower`) over each user's exported features and history at the training
+cutoff, computed once at load; a request that brings the user's plays since then (``recent``: the
+service's user state) gets its query from the same tower over those plays and the exported history,
+and those plays are filtered out like the training's. The offline evaluation scores the same vectors:
+what it measures is what a user without new plays is served.
+
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
 already-heard tracks masked out, and a partition for the k-th best score. It allocates two vectors of
 the catalogue's size per request (the scores and the partition's copy) and nothing else. Measured on
@@ -18,6 +25,7 @@ selecting by threshold (``partition`` of the values, then the indices above the 
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,10 +34,12 @@ import polars as pl
 
 from recsys_core.ann import DEFAULT_MIN_ITEMS, INDEX_FILE, AnnIndex
 from recsys_core.model_version import ModelArtifact
+from recsys_core.query_tower import QueryTower
 
 # A user who heard more tracks than this is ranked exactly even when an index is there: the index
 # would have to over-fetch them all.
 MAX_ANN_OVERFETCH = 1_000
+_NO_ROWS = np.empty(0, dtype=np.int64)
 
 
 def single_threaded_blas() -> None:
@@ -68,6 +78,7 @@ class Recommendation:
     artist_ids: list[str]
     scores: list[float]
     fallback: bool
+    personalised_from_history: bool = False  # a user the version does not know, ranked from their plays
 
 
 class Ranker:
@@ -96,6 +107,17 @@ class Ranker:
         if use_index and not (artifact.path / INDEX_FILE).exists():
             raise ValueError(f"model version {version}: its manifest names an ANN index, {INDEX_FILE} is missing")
         self.ann = AnnIndex.load(artifact.path, entry) if use_index else None
+        self.tower = QueryTower.load(artifact.path)
+        if self.tower is not None:
+            self._features = np.load(artifact.path / "user_features.npy").astype(np.float32)
+            self._history = np.load(artifact.path / "user_history.npy").astype(np.int64)
+            for name, table in (("user_features.npy", self._features), ("user_history.npy", self._history)):
+                if len(table) != len(artifact.user_ids):
+                    raise ValueError(f"model version {version}: {name} rows = {len(table)}, "
+                                     f"users.parquet rows = {len(artifact.user_ids)}")  # fmt: skip
+            self.users = self.tower.embed_all(self._features if self.tower.features_kernel is not None else None,
+                                              self._history)  # fmt: skip
+            self._item_rows = {t: i for i, t in enumerate(self.item_ids) if i}
 
     @classmethod
     def load(cls, path: Path, version: int, ann_min_items: int = DEFAULT_MIN_ITEMS) -> Ranker:
@@ -105,16 +127,44 @@ class Ranker:
     def n_items(self) -> int:
         return len(self.item_ids) - 1
 
-    def top_rows(self, user_id: str, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
-        """Item rows and scores of the top ``k`` for ``user_id``; popularity for unknown users."""
+    @property
+    def history_length(self) -> int:
+        """N of the version's query tower (0: a version without history, whose users are static)."""
+        return self._history.shape[1] if self.tower is not None else 0
+
+    def query(self, user_id: str, recent: Sequence[str] = ()) -> tuple[np.ndarray | None, np.ndarray]:
+        """The user's query vector (``None``: nobody to personalise for) and the item rows of ``recent``.
+
+        ``recent``: the user's positive tracks since the version's cutoff, most recent first. Those
+        the version knows go before the exported history (a track already in it keeps its place: the
+        history orders tracks by first play, as the training did), N at most, through the tower.
+        """
         row = self.artifact.user_row(user_id)
-        if row == 0:
+        played = _NO_ROWS
+        if self.tower is not None and recent:
+            played = np.fromiter((self._item_rows.get(t, 0) for t in recent), dtype=np.int64, count=len(recent))
+            played = played[played > 0]
+        if not len(played):
+            return (self.users[row] if row else None), played
+        exported = self._history[row]
+        exported = exported[exported > 0]
+        history = np.concatenate([played[~np.isin(played, exported)], exported])[: self.history_length]
+        features = self._features[row] if self.tower.features_kernel is not None else None
+        return self.tower.embed(row, features, history), played
+
+    def top_rows(self, user_id: str, k: int, recent: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, bool]:
+        """Item rows and scores of the top ``k`` for ``user_id``; popularity for users it cannot
+        personalise for (unknown to the version, and no ``recent`` play it knows)."""
+        query, played = self.query(user_id, recent)
+        if query is None:
             top = self._popular[:k]
             return top, self._popularity[top], True
-        seen = self.artifact.seen(row)
+        seen = self.artifact.seen(self.artifact.user_row(user_id))
+        if len(played):
+            seen = np.union1d(seen, played)
         if self.ann is not None and len(seen) <= MAX_ANN_OVERFETCH:
-            return self._top_rows_ann(row, seen, k)
-        scores = self._items_t.T @ self.users[row]
+            return self._top_rows_ann(query, seen, k)
+        scores = self._items_t.T @ query
         scores[0] = -np.inf
         scores[seen] = -np.inf
         k = min(k, self.n_items - len(seen))
@@ -125,10 +175,9 @@ class Ranker:
         top = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]  # ties: the lower row first
         return top, scores[top], False
 
-    def _top_rows_ann(self, row: int, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _top_rows_ann(self, query: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
         """The index's candidates, over-fetched by the heard tracks, those filtered out, the rest
         re-scored exactly (so what is served is ordered and scored as brute force would)."""
-        query = self.users[row]
         found = self.ann.search(query, k + len(seen))
         found = found[~np.isin(found, seen)][:k]
         scores = query @ self._items_t[:, found]
@@ -165,13 +214,14 @@ class Ranker:
 
         return score
 
-    def recommend(self, user_id: str, k: int) -> Recommendation:
-        rows, scores, fallback = self.top_rows(user_id, k)
+    def recommend(self, user_id: str, k: int, recent: Sequence[str] = ()) -> Recommendation:
+        rows, scores, fallback = self.top_rows(user_id, k, recent)
         return Recommendation(
             track_ids=self.item_ids[rows].tolist(),  # object arrays of str: tolist() gives the str themselves
             artist_ids=self.item_artists[rows].tolist(),
             scores=scores.astype(np.float64).tolist(),
             fallback=fallback,
+            personalised_from_history=not fallback and bool(recent) and self.artifact.user_row(user_id) == 0,
         )
 
     def smoke_test(self) -> None:

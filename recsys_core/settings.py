@@ -382,6 +382,8 @@ class ServingSettings:
     trace_requests: bool  # RECSYS_TRACE_REQUESTS=1: OpenTelemetry spans for /recommend and /feedback too
     workers: int  # RECSYS_SERVING_WORKERS: worker processes of one service; with 2+, a dead one costs no outage
     fast_path: bool  # RECSYS_FAST_PATH=0: /recommend through BentoML's full request path (serving/fastpath.py)
+    history_poll_seconds: float  # RECSYS_HISTORY_POLL_SECONDS: how often users' new plays are read from the warehouse
+    history_max_users: int  # RECSYS_HISTORY_MAX_USERS: users whose recent plays a worker holds (LRU)
 
 
 def _serving(env: Mapping[str, str]) -> ServingSettings:
@@ -402,6 +404,8 @@ def _serving(env: Mapping[str, str]) -> ServingSettings:
         trace_requests=env.get("RECSYS_TRACE_REQUESTS", "0") == "1",
         workers=_positive_int(env, "RECSYS_SERVING_WORKERS", 2),
         fast_path=env.get("RECSYS_FAST_PATH", "1") != "0",
+        history_poll_seconds=number("RECSYS_HISTORY_POLL_SECONDS", 10.0),
+        history_max_users=_positive_int(env, "RECSYS_HISTORY_MAX_USERS", 200_000),
     )
 
 

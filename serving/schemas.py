@@ -40,7 +40,14 @@ class Recommendations(BaseModel):
     variant: Literal["champion", "challenger", "interleaved"] = Field(
         description="Which model ranked the list; 'interleaved': both, each item says which (team-draft canary)."
     )
-    fallback: bool = Field(description="True when the user is unknown to the model: popular tracks instead.")
+    fallback: bool = Field(
+        description="True when the model can personalise nothing for the user (unknown to it, and no play of a "
+        "track it knows): popular tracks instead."
+    )
+    personalised_from_history: bool = Field(
+        default=False,
+        description="True when the user is unknown to the model and was ranked from their plays since its training.",
+    )
     request_id: str
 
 

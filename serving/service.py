@@ -20,6 +20,8 @@ Configuration (environment, read through ``recsys_core.settings``):
 | ``RECSYS_FEEDBACK_FLUSH_SECONDS`` | ``2`` | how often buffered events land in the warehouse |
 | ``RECSYS_BENTOML_METRICS`` | ``0`` | ``1``: BentoML's own metrics middleware as well (costly per request) |
 | ``RECSYS_TRACE_REQUESTS`` | ``0`` | ``1``: OpenTelemetry spans for ``/recommend`` and ``/feedback`` too |
+| ``RECSYS_HISTORY_POLL_SECONDS`` | ``10`` | how often the users' new plays are read from the warehouse |
+| ``RECSYS_HISTORY_MAX_USERS`` | ``200000`` | users whose recent plays a worker holds (LRU) |
 | ``RECSYS_ADMIN_TOKEN`` | the content of ``$RECSYS_HOME/admin_token`` | bearer token of the ``/admin/*`` endpoints |
 """
 
@@ -43,6 +45,7 @@ from annotated_types import Ge, Le
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field
 
+from recsys_core.contracts import POSITIVE_EVENT_TYPES
 from recsys_core.registry import Registry
 from recsys_core.scoring import single_threaded_blas
 from recsys_core.settings import admin_token, load_settings
@@ -67,6 +70,7 @@ from serving.schemas import (
     TrackId,
     UserId,
 )
+from serving.user_state import RecentPlays, WarehousePoll
 
 log = logging.getLogger("recsys.serving")
 
@@ -112,6 +116,16 @@ FEEDBACK_BACKLOG = prometheus_client.Gauge(
 LANDER_RESTARTS = prometheus_client.Counter(
     name="recsys_feedback_lander_restarts",
     documentation="Feedback landers (the child process landing the write-ahead log) that died and were restarted",
+)
+USER_STATE_USERS = prometheus_client.Gauge(
+    name="recsys_user_state_users", documentation="Users whose plays since the model's cutoff a worker holds",
+    multiprocess_mode="livesum",
+)  # fmt: skip
+USER_STATE_EVICTIONS = prometheus_client.Counter(
+    name="recsys_user_state_evictions", documentation="Users dropped from the user state (its size cap)"
+)
+USER_STATE_POLL_FAILURES = prometheus_client.Counter(
+    name="recsys_user_state_poll_failures", documentation="Warehouse polls of the user state that failed (retried)"
 )
 MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
@@ -169,6 +183,16 @@ class Recommender:
             on_lander_restart=LANDER_RESTARTS.inc,
         )
         self.feedback_writer.start()
+        # The users' plays since the champion's cutoff: /feedback's and the warehouse's (serving/user_state.py).
+        self.recent = RecentPlays(knobs.history_max_users, on_evict=USER_STATE_EVICTIONS.inc)
+        self.user_poll = None
+        if warehouse is not None:
+            self.user_poll = WarehousePoll(
+                warehouse, self.recent, cutoff=self._champion_cutoff,
+                on_poll=lambda _added: USER_STATE_USERS.set(len(self.recent)),
+                on_failure=USER_STATE_POLL_FAILURES.inc,
+            )  # fmt: skip
+            self.user_poll.start(knobs.history_poll_seconds)
         if knobs.fast_path:
             fastpath.bind("/recommend", self.recommend.local)
         # Everything loaded so far (the libraries, the models) lives as long as the process: out of the
@@ -179,14 +203,22 @@ class Recommender:
         MODEL_RELOADS.labels(variant=variant, reason=reason).inc()
         MODEL_INFO.labels(variant=variant).set(new or 0)
 
+    def _champion_cutoff(self) -> datetime | None:
+        champion = self.slots.current.champion
+        cutoff = champion.artifact.cutoff if champion is not None else None
+        return datetime.fromisoformat(cutoff) if cutoff else None
+
     def __is_ready__(self) -> bool:
-        """``/readyz``: not ready once a background loop (registry poll, feedback landing) has stopped."""
-        return self.slots.alive and self.feedback_writer.alive
+        """``/readyz``: not ready once a background loop (registry poll, feedback landing, user-state
+        poll) has stopped."""
+        return self.slots.alive and self.feedback_writer.alive and (self.user_poll is None or self.user_poll.alive)
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         fastpath.bind("/recommend", None)
         self.slots.close()
+        if self.user_poll is not None:
+            self.user_poll.close()
         self.feedback_writer.close()
         gc.unfreeze()  # let the interpreter's exit free what start-up froze
 
@@ -196,7 +228,8 @@ class Recommender:
     async def recommend(
         self, user_id: UserId, k: Annotated[int, Field(strict=True), Ge(1), Le(100)] = 10
     ) -> Recommendations:
-        """Top-k tracks for a user, already-heard tracks excluded; popular tracks for unknown users."""
+        """Top-k tracks for a user, already-heard tracks excluded, from their plays up to now (a
+        history-aware model); popular tracks for users with no play the model knows."""
         slots = self.slots.current  # read once: a swap during this request does not affect it
         if slots.champion is None:
             raise ServiceUnavailable("no champion model is registered yet")
@@ -206,11 +239,12 @@ class Recommender:
             variant = "interleaved"
         ranker = slots.champion if variant == "champion" else slots.challenger
         version = str(ranker.version)
+        recent = self.recent.get(user_id)
         started = time.perf_counter()
         try:
-            rec = ranker.recommend(user_id, k)
+            rec = ranker.recommend(user_id, k, recent)
             if interleaved:
-                items = self._interleave(slots.champion.recommend(user_id, k), slots.champion.version, rec,
+                items = self._interleave(slots.champion.recommend(user_id, k, recent), slots.champion.version, rec,
                                          ranker.version, k)  # fmt: skip
             else:
                 items = [
@@ -245,6 +279,7 @@ class Recommender:
             model_version=ranker.version,
             variant=variant,
             fallback=rec.fallback,
+            personalised_from_history=rec.personalised_from_history,
             request_id=request_id,
         )
 
@@ -300,6 +335,8 @@ class Recommender:
         )
         # Durable before it is acknowledged: the write-ahead log, fsync-ed off the event loop.
         await asyncio.to_thread(self.feedback_writer.log, [row])
+        if event_type in POSITIVE_EVENT_TYPES:  # the user's next list follows what they just liked or played
+            self.recent.add(user_id, (track_id,))
         FEEDBACK.labels(
             model_version=self._version_label(model_version),
             variant=variant or "unknown",

@@ -3,7 +3,6 @@
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
 # definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
 
-import json
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -37,6 +36,11 @@ class GateConfig(dg.Config):
     )
     force: bool = Field(default=False, description="Promote regardless of the metrics (recorded as forced).")
     bootstrap_samples: int = Field(default=1000, description="Resamples of users for the confidence intervals.")
+    ease_max_items: int = Field(
+        default=2000,
+        description="EASE, a strong linear baseline, is scored beside the candidate as a reference (it gates "
+        "nothing) over this many most-listened tracks; 0 leaves it out.",
+    )
 
     def rules(self) -> GateRules:
         return GateRules(
@@ -93,6 +97,10 @@ def model_evaluation(
 ) -> dg.Output[dict]:
     """Evaluation report: candidate, champion re-scored and popularity on the same holdout, with the gate's decision.
 
+    EASE (capped to the most-listened tracks, λ picked on the validation split) is scored beside them
+    as a reference: how the candidate stands against a strong linear baseline on this data. Only the
+    champion and the popularity floor gate the candidate.
+
     The report is also written to ``$RECSYS_HOME/reports/evaluation/<run id>.json`` and its metrics to
     the candidate's MLflow run. The blocking check ``promotion_gate`` acts on the decision.
     """
@@ -124,6 +132,11 @@ def model_evaluation(
         champion_label = f"champion v{champion.version}"
         results[champion_label] = champion_eval.metrics
     results["popularity"] = popularity.metrics
+    ease, ease_lambda = None, None
+    if config.ease_max_items > 0:
+        protocol = two_tower_model["lineage"]["protocol"]
+        ease, ease_lambda = _reference_ease(train, protocol, eval_set, config.ease_max_items)
+        results["EASE (reference)"] = ease.metrics
     decision = decide(candidate, champion_eval, popularity, config.rules(), champion_label or "champion")
     context.log.info(decision.summary())
 
@@ -146,6 +159,7 @@ def model_evaluation(
             **{f"eval_{k}": v for k, v in candidate.metrics.items()},
             **{f"popularity_{k}": v for k, v in popularity.metrics.items()},
             **({f"champion_{k}": v for k, v in champion_eval.metrics.items()} if champion_eval else {}),
+            **({f"ease_{k}": v for k, v in ease.metrics.items()} if ease else {}),
         },
         tags={"recsys.gate": "promote" if decision.promote else "reject", "recsys.gate_forced": str(decision.forced)},
     )
@@ -161,6 +175,16 @@ def model_evaluation(
             "deltas_vs_reference": markdown_table(deltas, limit=20),
             "metrics_plot": _bar_plot(results),
             "eval_users": dg.MetadataValue.int(len(eval_set.users)),
+            **(
+                {
+                    "ease_lambda": dg.MetadataValue.float(ease_lambda),
+                    "ndcg@10_vs_ease": dg.MetadataValue.float(
+                        candidate.metrics["ndcg@10"] / ease.metrics["ndcg@10"] if ease.metrics["ndcg@10"] else 0.0
+                    ),
+                }
+                if ease
+                else {}
+            ),
             "relevant_pairs": dg.MetadataValue.int(int(eval_set.n_relevant.sum())),
             "ndcg@10": dg.MetadataValue.float(candidate.metrics["ndcg@10"]),
             "recall@10": dg.MetadataValue.float(candidate.metrics["recall@10"]),
@@ -189,5 +213,15 @@ def promotion_gate(model_evaluation: dict) -> dg.AssetCheckResult:
     )
 
 
-def read_report(path: str | Path) -> dict:
-    return json.loads(Path(path).read_text())
+def _reference_ease(train: pl.DataFrame, protocol: str, eval_set, max_items: int):
+    """EASE scored on the same holdout as the candidate, λ picked on the same validation split."""
+    from recsys_assets.ml.baselines import reference_ease
+    from recsys_assets.ml.metrics import evaluate
+    from recsys_assets.ml.split import validation_split
+
+    val = validation_split(train, protocol)
+    scorer, lam = reference_ease(
+        train, (val.train, val.holdout), eval_set.items, max_items,
+        lambda s, e: evaluate(s, e).metrics["ndcg@10"],
+    )  # fmt: skip
+    return evaluate(scorer, eval_set), lam

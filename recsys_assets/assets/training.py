@@ -41,6 +41,11 @@ class TwoTowerConfig(dg.Config):
     )
     refit_epochs: int = Field(default=_DEFAULTS.refit_epochs, description="Epochs of the warm refit.")
     min_train_pairs: int = Field(default=_DEFAULTS.min_train_pairs, description="Refuse to train on fewer pairs.")
+    history_length: int = Field(
+        default=_DEFAULTS.history_length,
+        description="The query tower's history: the user's last N distinct positive tracks before each example "
+        "(0: id and features only). 20 was picked on the validation split (docs/benchmarks.md).",
+    )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
 
     def params(self) -> TwoTowerParams:

@@ -42,3 +42,36 @@ def ease_scorer(train: pl.DataFrame, items: np.ndarray, l2: float) -> Scorer:
         return out
 
     return score
+
+
+EASE_LAMBDAS = (100.0, 500.0, 2000.0)
+
+
+def capped_ease_scorer(train: pl.DataFrame, items: np.ndarray, l2: float, max_items: int) -> Scorer:
+    """EASE over the ``max_items`` tracks with the most listeners in ``train`` only (its cost is a
+    dense ``max_items``² inverse); the other tracks of ``items`` are never recommended by it."""
+    top = (
+        train.select("user_id", "track_id").unique().group_by("track_id").len()
+        .sort(["len", "track_id"], descending=[True, False]).head(max_items)["track_id"]
+    )  # fmt: skip
+    keep = np.isin(items, top.to_numpy())
+    inner = ease_scorer(train.filter(pl.col("track_id").is_in(top.implode())), items[keep], l2)
+
+    def score(user_ids: np.ndarray) -> np.ndarray:
+        out = np.full((len(user_ids), len(items)), -np.inf, dtype=np.float32)
+        out[:, keep] = inner(user_ids)
+        return out
+
+    return score
+
+
+def reference_ease(train: pl.DataFrame, validation, items: np.ndarray, max_items: int, evaluate) -> tuple:
+    """EASE as a reference for a candidate: λ picked on ``validation`` (a ``(fit, holdout)`` split of
+    ``train``, the same the candidate stopped early on) from :data:`EASE_LAMBDAS`, then fitted on
+    ``train``. Returns ``(scorer, λ)``; ``evaluate(scorer, eval_set) -> float`` scores a λ."""
+    from recsys_assets.ml.metrics import build_eval_set
+
+    fit, holdout = validation
+    val_set = build_eval_set(fit, holdout)
+    best = max(EASE_LAMBDAS, key=lambda lam: evaluate(capped_ease_scorer(fit, val_set.items, lam, max_items), val_set))
+    return capped_ease_scorer(train, items, best, max_items), best

@@ -14,6 +14,7 @@ import polars as pl
 from recsys_core import ann
 from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.model_version import FORMAT_VERSION, ModelArtifact
+from recsys_core.query_tower import QueryTower
 
 
 def export_model(
@@ -60,6 +61,7 @@ def export_model(
     np.save(tmp / "user_features.npy", trained.user_features)
     if trained.user_history is not None:  # item rows, most recent first: the users' state at the cutoff
         np.save(tmp / "user_history.npy", trained.user_history)
+        _query_tower_weights(trained).save(tmp)
     np.savez(tmp / "seen.npz", indptr=indptr.astype(np.int64), indices=item_rows[order].astype(np.int32))
     _export_savedmodels(trained, tmp, k)
     full = {
@@ -79,6 +81,17 @@ def export_model(
         raise FileExistsError(f"{path} already exists: a model version is never overwritten")
     os.replace(tmp, path)
     return ModelArtifact.load(path)
+
+
+def _query_tower_weights(trained) -> QueryTower:
+    """The history-aware query tower's weights, for :mod:`recsys_core.query_tower` (numpy)."""
+    core = trained.model.query_tower
+    return QueryTower(
+        user_embedding=core.user_embedding.embeddings.numpy(),
+        history_items=core.item_embedding.embeddings.numpy(),
+        history_kernel=core.history_projection.kernel.numpy(),
+        features_kernel=core.features.kernel.numpy() if core.use_features else None,
+    )
 
 
 def _export_savedmodels(trained, directory: Path, k: int) -> None:

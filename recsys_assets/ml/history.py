@@ -1,6 +1,6 @@
 """Listening histories: for each positive interaction, the user's last ``n`` positive tracks strictly
-before it (groundwork of the history-aware query tower, issue "A model that beats EASE…"; nothing
-reads it yet).
+before it: the history-aware query tower's input at training time (``recsys_assets.ml.two_tower``).
+Serving builds the same input at request time (``recsys_core.scoring``).
 
 Vectorised polars, no Python loop per event: the interactions are sorted by user and time, and the
 ``k``-th previous track is the ``k``-th shift within the user (``shift(k).over(user)``); a previous

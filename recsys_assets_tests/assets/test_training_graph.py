@@ -45,8 +45,10 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         report = json.loads(Path(evaluation["report_path"]).read_text())
         assert report["dagster_run_id"] == first.run_id
         assert evaluation["report_path"].endswith(f"reports/evaluation/{first.run_id}.json")
-        assert set(report["metrics"]) == {"candidate", "popularity"}
+        assert set(report["metrics"]) == {"candidate", "popularity", "EASE (reference)"}
         assert report["metrics"]["candidate"]["sim_ctr@10"] > 0  # simulated data: the click model is used
+        # EASE is a reference row only: the gate compared the candidate with popularity (no champion yet).
+        assert 0 < report["metrics"]["EASE (reference)"]["ndcg@10"] <= 1
         registered = first.output_for_node("registered_model")
         assert registered["aliases"] == [CHAMPION]
         gate = next(e for e in first.get_asset_check_evaluations() if e.check_name == "promotion_gate")
@@ -58,6 +60,7 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         mlflow_run = client.get_run(model["mlflow_run_id"])
         assert mlflow_run.data.params["embedding_dim"] == "16"
         assert "eval_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
+        assert "ease_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
         assert mlflow_run.data.tags["recsys.cutoff"] == model["lineage"]["cutoff"]
         experiment = client.get_experiment(mlflow_run.info.experiment_id)
         assert experiment.artifact_location.startswith("file:///")

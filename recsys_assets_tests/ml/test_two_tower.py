@@ -87,13 +87,20 @@ def test_export_then_reload_in_a_fresh_process_gives_the_same_top_k(trained, tmp
         expected[user] = [str(artifact.item_ids[i]) for i in np.argsort(-scores, kind="stable")[:10]]
     features = np.load(tmp_path / "v1" / "user_features.npy")[[artifact.user_row(u) for u in users]]
     np.save(tmp_path / "features.npy", features)
+    # The users' history at the cutoff, as a TensorFlow Serving client sends it: track ids, "" for padding.
+    history_rows = np.load(tmp_path / "v1" / "user_history.npy")[[artifact.user_row(u) for u in users]]
+    assert history_rows.shape[1] == model.params.history_length > 0
+    assert (history_rows > 0).any()
+    np.save(tmp_path / "history.npy", np.where(history_rows > 0, artifact.item_ids[history_rows], "").astype(str))
     # A fresh interpreter, without TFRS and without TF_USE_LEGACY_KERAS: the SavedModel index alone.
     code = (
         "import json, sys, numpy as np, tensorflow as tf\n"
         f"index = tf.saved_model.load({str(tmp_path / 'v1' / 'index')!r})\n"
         f"users = {users!r}\n"
         f"features = np.load({str(tmp_path / 'features.npy')!r})\n"
-        "_, ids = index({'user_id': tf.constant(users), 'user_features': tf.constant(features)})\n"
+        f"history = np.load({str(tmp_path / 'history.npy')!r})\n"
+        "_, ids = index({'user_id': tf.constant(users), 'user_features': tf.constant(features),\n"
+        "                'history': tf.constant(history)})\n"
         "print(json.dumps({u: [x.decode() for x in row] for u, row in zip(users, ids.numpy())}))\n"
     )
     env = {k: v for k, v in __import__("os").environ.items() if k != "TF_USE_LEGACY_KERAS"}
@@ -237,3 +244,54 @@ def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(t
     )["embedding"].numpy()
     # The prior's extra dimension is α·log q on the item side and 1 on the query side.
     np.testing.assert_allclose(got[:, :-1], model.user_embeddings[rows, :-1], rtol=1e-5, atol=1e-5)
+
+    # The numpy tower (what serving runs) against the SavedModel, on random users and histories.
+    from recsys_core.query_tower import QueryTower
+
+    numpy_tower = QueryTower.load(tmp_path / "v1")
+    rng = np.random.default_rng(3)
+    users = rng.integers(0, len(model.vocab.users), 32)
+    histories = rng.integers(0, len(model.vocab.items), (32, 5))
+    histories[::4, 2:] = 0  # short histories
+    histories[1] = 0  # an empty one
+    features = rng.random((32, model.user_features.shape[1]), dtype=np.float32)
+    ids = np.where(histories > 0, model.vocab.items[histories].astype(str), "")
+    expected = tower(user_id=tf.constant(model.vocab.users[users].astype(str)), user_features=tf.constant(features),
+                     history=tf.constant(ids))["embedding"].numpy()  # fmt: skip
+    got = np.stack([numpy_tower.embed(u, f, h) for u, f, h in zip(users, features, histories, strict=True)])
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_the_one_scorer_ranks_from_the_plays_since_the_cutoff(trained, tmp_path) -> None:
+    """The Ranker's users are the numpy tower's over the exported history (TensorFlow's to 1e-5); plays
+    since the cutoff move the query, are filtered out, and personalise a user the version never saw."""
+    from recsys_core.scoring import Ranker
+
+    split, model = trained
+    artifact = export_model(model, split.train, {"data": {"cutoff": str(split.cutoff)}}, tmp_path / "v1", k=10)
+    ranker = Ranker(artifact, 1)
+    assert ranker.history_length == model.params.history_length > 0
+    np.testing.assert_allclose(ranker.users, artifact.user_embeddings, rtol=1e-5, atol=1e-5)
+
+    user = str(model.vocab.users[1])
+    before = ranker.recommend(user, 10)
+    liked = before.track_ids[:3]
+    after = ranker.recommend(user, 10, recent=tuple(reversed(liked)))
+    assert not set(liked) & set(after.track_ids)  # heard now: filtered out like the training's
+    assert not np.allclose(ranker.query(user, liked)[0], ranker.users[artifact.user_row(user)])
+    assert not after.fallback
+    assert not after.personalised_from_history
+
+    # A track already in the exported history keeps its place (first play): the query does not move.
+    row = artifact.user_row(user)
+    old = str(artifact.item_ids[ranker._history[row][ranker._history[row] > 0][-1]])
+    np.testing.assert_allclose(ranker.query(user, (old,))[0], ranker.users[row], rtol=1e-5, atol=1e-6)
+
+    # A user the version does not know: popularity until they play a track it knows, then personalised.
+    assert ranker.recommend("new-user", 10).fallback
+    assert ranker.recommend("new-user", 10, recent=("no-such-track",)).fallback
+    fresh = ranker.recommend("new-user", 10, recent=tuple(liked))
+    assert fresh.personalised_from_history
+    assert not fresh.fallback
+    assert fresh.track_ids != ranker.recommend("new-user", 10).track_ids
+    assert not set(liked) & set(fresh.track_ids)

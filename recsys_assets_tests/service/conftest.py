@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from recsys_assets_tests.service.versions import write_version
+from recsys_assets_tests.service.versions import with_history, write_version
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings
 
@@ -61,7 +61,8 @@ def serving_home(tmp_path_factory: pytest.TempPathFactory) -> ServingHome:
     settings = load_settings({"RECSYS_HOME": str(home)})
     registry = ControlPlane(settings.mlflow_tracking_uri, settings.mlflow_artifacts_dir, home / "models" / "registry")
     for seed, name in ((3, "champion"), (4, "challenger")):
-        register_version(registry, random_version(home / "exports" / name, seed), name)
+        # History-aware, as the training exports by default: users are ranked from their plays too.
+        register_version(registry, with_history(random_version(home / "exports" / name, seed), 10, seed), name)
     registry.set_canary(2, step=0, fraction=0.5, mode="ab", reason="the tests' canary", by="tests")
     env = settings.child_env({})
     env.update(

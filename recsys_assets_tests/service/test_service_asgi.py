@@ -44,7 +44,15 @@ def test_recommend_follows_the_contract(client, service_env) -> None:
     response = client.post("/recommend", json={"user_id": service_env.known_user, "k": 7})
     assert response.status_code == 200, response.text
     body = response.json()
-    assert set(body) == {"user_id", "items", "model_version", "variant", "fallback", "request_id"}
+    assert set(body) == {
+        "user_id",
+        "items",
+        "model_version",
+        "variant",
+        "fallback",
+        "personalised_from_history",
+        "request_id",
+    }
     assert len(body["items"]) == 7
     assert set(body["items"][0]) == {"track_id", "artist_id", "score", "model_version", "variant"}
     assert {(item["variant"], item["model_version"]) for item in body["items"]} == {

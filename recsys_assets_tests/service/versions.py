@@ -9,6 +9,7 @@ import numpy as np
 import polars as pl
 
 from recsys_core.model_version import FORMAT_VERSION
+from recsys_core.query_tower import QueryTower
 
 
 def write_version(
@@ -40,3 +41,28 @@ def tiny_version(directory: Path, seed: int = 0, **manifest: object) -> Path:
     rng = np.random.default_rng(seed)
     seen = [[], *[sorted(rng.choice(np.arange(1, 31), 3, replace=False).tolist()) for _ in range(8)]]
     return write_version(directory, rng.normal(size=(9, 8)), rng.normal(size=(31, 8)), seen, **manifest)
+
+
+def with_history(directory: Path, history_length: int, seed: int = 0) -> Path:
+    """Make a written version history-aware: random query-tower weights (no features), each user's
+    last ``history_length`` tracks from their heard ones, and the user embeddings the tower gives them
+    (as the training exports them)."""
+    rng = np.random.default_rng(seed)
+    users = np.load(directory / "user_embeddings.npy")
+    items = np.load(directory / "item_embeddings.npy")
+    dim = items.shape[1] - 1  # the last column is the popularity prior's: the query's is a constant 1
+    tower = QueryTower(
+        user_embedding=users[:, :dim].copy(),
+        history_items=items[:, :dim].copy(),
+        history_kernel=(rng.normal(size=(dim, dim)) / np.sqrt(dim)).astype(np.float32),
+    )
+    seen = np.load(directory / "seen.npz")
+    history = np.zeros((len(users), history_length), dtype=np.int32)
+    for row in range(1, len(users)):
+        heard = seen["indices"][seen["indptr"][row] : seen["indptr"][row + 1]][::-1][:history_length]
+        history[row, : len(heard)] = heard
+    tower.save(directory)
+    np.save(directory / "user_history.npy", history)
+    np.save(directory / "user_features.npy", np.zeros((len(users), 0), dtype=np.float32))
+    np.save(directory / "user_embeddings.npy", tower.embed_all(None, history))
+    return directory

@@ -1,0 +1,166 @@
+"""The users' state at request time: each user's positive tracks since the served version's cutoff.
+
+A history-aware version ranks a user from their last N tracks (``recsys_core.scoring``); its export
+holds them as of the training cutoff. :class:`RecentPlays` holds what came after, per worker, from two
+sources:
+
+- the likes and plays this worker receives on ``/feedback``: the next answer to that user uses them;
+- the organic events that land in the warehouse (:class:`WarehousePoll`): every batch landed since the
+  champion's cutoff, in batch order, as the extraction reads them. Feedback received by another replica
+  lands there too, so replicas converge within one poll interval.
+
+Memory is bounded: at most ``per_user`` tracks a user (distinct, most recent first) and ``max_users``
+users, the least recently updated evicted first (counted). Track ids are interned, so a track heard by
+many users is stored once; ``benchmarks/user_state.py`` measures the bytes per user.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from datetime import datetime
+
+import polars as pl
+
+from recsys_core.contracts import POSITIVE_EVENT_TYPES
+from recsys_core.warehouse import Warehouse
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PER_USER = 50  # the longest history a version's tower takes, with room: N is 20 by default
+
+
+class RecentPlays:
+    """User → their distinct positive tracks since the cutoff, most recent first (a bounded LRU).
+
+    A track already held keeps its place when played again: histories order tracks by their first
+    play, as the training builds them (``recsys_assets.ml.history``).
+    """
+
+    def __init__(self, max_users: int, per_user: int = DEFAULT_PER_USER, on_evict: Callable[[int], None] | None = None):
+        self.max_users = max_users
+        self.per_user = per_user
+        self.on_evict = on_evict
+        self.evictions = 0
+        self._users: OrderedDict[str, tuple[str, ...]] = OrderedDict()
+        self._lock = threading.Lock()  # writers only: a reader gets one immutable tuple
+
+    def __len__(self) -> int:
+        return len(self._users)
+
+    def get(self, user_id: str) -> tuple[str, ...]:
+        return self._users.get(user_id, ())
+
+    def add(self, user_id: str, track_ids: Iterable[str]) -> None:
+        """Plays of one user, oldest first."""
+        with self._lock:
+            tracks = list(self._users.get(user_id, ()))
+            for track in track_ids:
+                if track not in tracks:
+                    tracks.insert(0, sys.intern(track))
+            self._users[user_id] = tuple(tracks[: self.per_user])
+            self._users.move_to_end(user_id)
+            evicted = 0
+            while len(self._users) > self.max_users:
+                self._users.popitem(last=False)
+                evicted += 1
+        if evicted:
+            self.evictions += evicted
+            if self.on_evict is not None:
+                self.on_evict(evicted)
+
+    def add_events(self, events: pl.DataFrame) -> int:
+        """Positive events (``user_id``, ``track_id``, ``event_type``, ``played_at``); returns how many."""
+        positives = events.filter(pl.col("event_type").is_in(POSITIVE_EVENT_TYPES)).sort("played_at")
+        by_user = positives.group_by("user_id", maintain_order=True).agg("track_id")
+        for user_id, tracks in by_user.iter_rows():
+            self.add(user_id, tracks)
+        return positives.height
+
+
+class WarehousePoll:
+    """Follows the warehouse's landed batches into a :class:`RecentPlays`, in a background thread.
+
+    Args:
+        warehouse: where events land.
+        plays: the state to update.
+        cutoff: the events to start from: those played after it (the served version's training cutoff;
+            ``None``: only batches landed from now on).
+        on_poll: called with the number of positive events after every poll that succeeded.
+        on_failure: called after every poll that failed (it is retried at the next interval).
+    """
+
+    def __init__(
+        self,
+        warehouse: Warehouse,
+        plays: RecentPlays,
+        cutoff: Callable[[], datetime | None],
+        on_poll: Callable[[int], None] | None = None,
+        on_failure: Callable[[], None] | None = None,
+    ):
+        self.warehouse = warehouse
+        self.plays = plays
+        self.cutoff = cutoff
+        self.on_poll = on_poll
+        self.on_failure = on_failure
+        self.watermark: int | None = None  # the last batch read
+        self.last_error: str | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _start_after(self) -> int:
+        """The batch before the first one holding an event played after the cutoff."""
+        cutoff = self.cutoff()
+        if cutoff is None:
+            return int(self.warehouse.scalar("SELECT COALESCE(MAX(batch_id), 0) FROM ingest_batches"))
+        first = self.warehouse.scalar("SELECT MIN(batch_id) FROM listening_events WHERE played_at > ?", [cutoff])
+        if first is None:
+            return int(self.warehouse.scalar("SELECT COALESCE(MAX(batch_id), 0) FROM ingest_batches"))
+        return int(first) - 1
+
+    def poll(self) -> int:
+        """Read every batch landed since the last poll; returns the positive events added."""
+        if self.watermark is None:
+            self.watermark = self._start_after()
+        added = 0
+        for batch_id in self.warehouse.batches_after(self.watermark)["batch_id"].to_list():
+            events = self.warehouse.fetch(
+                "SELECT user_id, track_id, event_type, played_at FROM listening_events "
+                f"WHERE batch_id = ? AND event_type IN ({', '.join('?' * len(POSITIVE_EVENT_TYPES))})",
+                [batch_id, *POSITIVE_EVENT_TYPES],
+            )
+            added += self.plays.add_events(events)
+            self.watermark = batch_id
+        return added
+
+    @property
+    def alive(self) -> bool:
+        """Whether the poll loop runs (the service is not ready without it)."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, poll_seconds: float) -> None:
+        def run() -> None:
+            while True:
+                try:
+                    added = self.poll()
+                    self.last_error = None
+                    if self.on_poll is not None:
+                        self.on_poll(added)
+                except Exception as exc:  # a background loop survives anything: logged, counted, retried
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+                    log.warning("user-state poll of the warehouse failed, retrying: %s", self.last_error, exc_info=True)
+                    if self.on_failure is not None:
+                        self.on_failure()
+                if self._stop.wait(poll_seconds):
+                    return
+
+        self._thread = threading.Thread(target=run, name="user-state-poll", daemon=True)
+        self._thread.start()
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
