@@ -10,6 +10,9 @@ The world (see DESIGN.md, "The simulator"):
   across with probability rising with affinity (softmax), completes it or skips it depending on the
   affinity, sometimes likes what they completed and dislikes what they skipped;
 - the catalogue grows: new tracks are released every week of the history (and at drift time);
+- within a session, taste moves with what the user just played: the session's first play sets its
+  mood (a genre), whose tracks the rest of the session prefers (``Behaviour.session_focus``); the
+  world remembers each user's latest mood, and the click model uses it;
 - drift: ``taste_shift`` pulls every user's taste towards one trending genre, ``new_genre`` adds a
   genre with its own artists and tracks that a share of users take to.
 
@@ -86,6 +89,11 @@ class Behaviour:
     click_popularity: float = 0.2
     mean_session_length: float = 8.0
     mean_sessions_per_day: float = 0.8
+    # The short-term taste: within a session, tracks of the genre of its first play get this much more
+    # affinity when the user picks the next track (completing and liking stay by the long-term taste),
+    # and the click model gives the bonus to the genre of the user's latest session. A model that sees
+    # the last plays can follow it; a static one cannot.
+    session_focus: float = 0.2
 
 
 @dataclass(frozen=True)
@@ -315,11 +323,26 @@ class World:
         out[ok] = np.einsum("ij,ij->i", self.a["user_vec"][u[ok]], self.a["track_vec"][t[ok]])
         return out
 
+    def track_genre(self, tracks: np.ndarray) -> np.ndarray:
+        return self.a["artist_genre"][self.a["track_artist"][tracks]]
+
+    def mood_bonus(self, users: np.ndarray, tracks: np.ndarray) -> np.ndarray:
+        """``session_focus`` where the track is of the genre of the user's latest session, else 0
+        (indices ≥ 0)."""
+        mood = self.a.get("user_mood")
+        if mood is None or not self.behaviour.session_focus:
+            return np.zeros(len(users))
+        return self.behaviour.session_focus * (self.track_genre(tracks) == mood[users])
+
     def click_probability(self, user_ids, track_ids) -> np.ndarray:
-        """The true probability that each user clicks each recommended track (NaN if unknown)."""
+        """The true probability that each user clicks each recommended track (NaN if unknown): by the
+        user's long-term taste, the mood of their latest session, and the track's popularity."""
         b = self.behaviour
         aff = self.affinity(user_ids, track_ids)
         t = self._indices(track_ids, "t", self.n_tracks)
+        u = self._indices(user_ids, "u", self.n_users)
+        ok = (u >= 0) & (t >= 0)
+        aff[ok] += self.mood_bonus(u[ok], t[ok])
         pop_z = np.zeros(len(t))
         known = t >= 0
         pop = self.a["track_pop"]
@@ -503,11 +526,36 @@ class World:
         play_session = np.repeat(np.arange(total_sessions), session_len)
         play_user = session_user[play_session]
         n_plays = len(play_session)
+        first_of_session = np.concatenate([[0], np.cumsum(session_len)[:-1]])
+        draws = rng.random(n_plays)
         flat = (cdf + np.arange(n_u)[:, None]).ravel()
-        picks = np.searchsorted(flat, play_user + rng.random(n_plays)) - play_user * pool.shape[1]
+        picks = np.searchsorted(flat, play_user + draws) - play_user * pool.shape[1]
         picks = np.clip(picks, 0, pool.shape[1] - 1)
         track = pool[play_user, picks]
         play_aff = aff[play_user, picks]
+        if b.session_focus:
+            # The session's mood: the genre of its first play. The later plays are drawn again (same
+            # uniforms) from the session's pool CDF with the mood's bonus.
+            mood = self.track_genre(track[first_of_session])
+            session_aff = aff[session_user] + b.session_focus * (self.track_genre(pool[session_user]) == mood[:, None])
+            logits = b.choice_temperature * session_aff
+            prob = np.exp(logits - logits.max(axis=1, keepdims=True))
+            session_cdf = np.cumsum(prob, axis=1)
+            session_cdf /= session_cdf[:, -1:]
+            later = np.ones(n_plays, dtype=bool)
+            later[first_of_session] = False
+            s_flat = (session_cdf + np.arange(total_sessions)[:, None]).ravel()
+            at = play_session[later]
+            later_picks = np.clip(np.searchsorted(s_flat, at + draws[later]) - at * pool.shape[1], 0, pool.shape[1] - 1)
+            picks[later] = later_picks
+            track = pool[play_user, picks]
+            play_aff = aff[play_user, picks]  # completing and liking stay by the long-term taste
+            # The world remembers each user's latest mood (the click model's short-term taste).
+            latest = np.lexsort((session_start, session_user))
+            last_of_user = latest[np.r_[session_user[latest][1:] != session_user[latest][:-1], True]]
+            a.setdefault("user_mood", np.full(self.n_users, -1, dtype=np.int64))[users[session_user[last_of_user]]] = (
+                mood[last_of_user]
+            )
 
         complete = rng.random(n_plays) < _sigmoid(b.complete_slope * (play_aff - b.complete_mid))
         duration = a["duration_ms"][track]
@@ -519,7 +567,6 @@ class World:
         # Consecutive plays: each starts when the previous one ended, plus a short gap.
         step = (ms + rng.integers(500, 4000, size=n_plays)) / 1000.0
         before = np.cumsum(step) - step
-        first_of_session = np.concatenate([[0], np.cumsum(session_len)[:-1]])
         session_offset = before - before[first_of_session][play_session]
         played_at = session_start[play_session] + session_offset
         keep = played_at < we

@@ -128,3 +128,39 @@ def test_simulated_users_react_with_the_tastes_the_stream_saved_last(tmp_path) -
     assert np.allclose(after, world.click_probability(users, tracks))
     assert not np.allclose(after, before)
     assert live.n_users == world.n_users
+
+
+def test_a_session_leans_to_the_genre_of_its_first_play_and_the_click_model_follows_it() -> None:
+    """The short-term taste: with ``session_focus`` the plays of a session share its first play's
+    genre more often than without, and clicks favour the genre of the user's latest session."""
+    from dataclasses import replace
+
+    from recsys_assets.data.simulator import Behaviour
+
+    def same_genre_share(focus: float) -> tuple[World, float]:
+        start, end = history_bounds(14, END)
+        world = World.create(users=300, tracks=1500, seed=5, start=start, end=end)
+        world.behaviour = replace(Behaviour(), session_focus=focus)
+        events = pl.concat(world.generate(start, end)).filter(pl.col("event_type").is_in(["play", "skip"]))
+        tracks = world._indices(events["track_id"], "t", world.n_tracks)
+        genre = pl.Series(world.track_genre(tracks))
+        # Consecutive plays of a user (sessions are runs of consecutive plays) in the same genre.
+        frame = events.select("user_id", "played_at").with_columns(genre=genre).sort("user_id", "played_at")
+        same = frame.select((pl.col("genre") == pl.col("genre").shift(1).over("user_id")).mean()).item()
+        return world, same
+
+    _, without = same_genre_share(0.0)
+    world, with_focus = same_genre_share(0.3)
+    assert with_focus > without + 0.03, (without, with_focus)
+
+    mood = world.a["user_mood"]
+    users = np.flatnonzero(mood >= 0)[:200]
+    assert len(users) > 100
+    genre = world.track_genre(np.arange(world.n_tracks))
+    in_mood = np.array([np.flatnonzero(genre == mood[u])[0] for u in users])
+    other = np.array([np.flatnonzero(genre != mood[u])[0] for u in users])
+    p_in = world.click_probability(World.user_id(users), World.track_id(in_mood))
+    world.behaviour = replace(world.behaviour, session_focus=0.0)
+    p_static = world.click_probability(World.user_id(users), World.track_id(in_mood))
+    assert (p_in > p_static).all()  # the same tracks, clicked more in the mood than by taste alone
+    assert np.isfinite(world.click_probability(World.user_id(users), World.track_id(other))).all()
