@@ -96,6 +96,9 @@ def taste_version(registry: Registry, source: int, directory: Path, world: World
     tastes = np.vstack([np.zeros((1, dim)), sign * world.a["user_vec"][user_rows]]).astype(np.float32)
     np.save(directory / "item_embeddings.npy", items)
     np.save(directory / "user_embeddings.npy", tastes)
+    # A static version: the users are their true tastes, not a query tower's output over their plays.
+    for history_file in ("query_tower.npz", "user_history.npy"):
+        (directory / history_file).unlink(missing_ok=True)
     return directory
 
 

@@ -72,6 +72,21 @@ def _check_shapes(artifact: ModelArtifact, version: int) -> None:
                          f"the version has {len(artifact.item_ids)}")  # fmt: skip
 
 
+def _check_tower(tower: QueryTower, artifact: ModelArtifact, version: int) -> None:
+    """Refuse a history-aware version whose query tower does not fit its tables (a version whose
+    embeddings were replaced by hand and its ``query_tower.npz`` left behind, a half-written copy)."""
+    dim = tower.user_embedding.shape[1]
+    checks = {
+        "query_tower.npz user rows": (len(tower.user_embedding), len(artifact.user_ids), "users.parquet rows"),
+        "query_tower.npz item rows": (len(tower.history_items), len(artifact.item_ids), "items.parquet rows"),
+        "query_tower.npz dimensions + 1": (dim + 1, artifact.item_embeddings.shape[1], "item_embeddings.npy columns"),
+        "query_tower.npz history kernel": (tower.history_kernel.shape, (dim, dim), "the tower's dimensions"),
+    }
+    for what, (found, expected, against) in checks.items():
+        if found != expected:
+            raise ValueError(f"model version {version}: {what} = {found}, {against} = {expected}")
+
+
 @dataclass(frozen=True)
 class Recommendation:
     track_ids: list[str]
@@ -109,6 +124,7 @@ class Ranker:
         self.ann = AnnIndex.load(artifact.path, entry) if use_index else None
         self.tower = QueryTower.load(artifact.path)
         if self.tower is not None:
+            _check_tower(self.tower, artifact, version)
             self._features = np.load(artifact.path / "user_features.npy").astype(np.float32)
             self._history = np.load(artifact.path / "user_history.npy").astype(np.int64)
             for name, table in (("user_features.npy", self._features), ("user_history.npy", self._history)):

@@ -59,3 +59,18 @@ def test_an_unknown_user_gets_the_popular_tracks_flagged(ranker: Ranker) -> None
     rec = ranker.recommend("nobody", 3)
     assert rec.fallback
     assert rec.track_ids == ["t1", "t2", "t3"]
+
+
+def test_a_query_tower_that_does_not_fit_the_version_is_refused(tmp_path) -> None:
+    """Embeddings replaced by hand with the tower's weights left behind: refused at load, naming the
+    files, not a matmul error at the first request."""
+    from recsys_assets_tests.service.versions import with_history
+
+    rng = np.random.default_rng(0)
+    seen = [[], [1, 2], [3], [4, 5, 6]]
+    directory = with_history(write_version(tmp_path / "v", rng.normal(size=(4, 9)), rng.normal(size=(31, 9)), seen), 4)
+    assert Ranker.load(directory, 1).history_length == 4  # as written, it fits
+    np.save(directory / "item_embeddings.npy", rng.normal(size=(31, 17)).astype(np.float32))
+    np.save(directory / "user_embeddings.npy", rng.normal(size=(4, 17)).astype(np.float32))
+    with pytest.raises(ValueError, match=r"query_tower.npz dimensions \+ 1 = 9, item_embeddings.npy columns = 17"):
+        Ranker.load(directory, 1)
