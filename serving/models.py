@@ -18,6 +18,7 @@ from pathlib import Path
 from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.registry import Registry, RegistryError, ServingState
 from recsys_core.scoring import Ranker
+from serving.periodic import PeriodicLoop
 
 log = logging.getLogger(__name__)
 
@@ -74,8 +75,7 @@ class ModelSlots:
         self.load_failures = 0
         self.current = Slots(None, None)
         self._lock = threading.Lock()  # one refresh at a time; requests never take it
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PeriodicLoop("registry poll", self.refresh, on_error=self._poll_failed)
         self.last_error: str | None = None
 
     def _load(self, version: int) -> Ranker:
@@ -126,24 +126,16 @@ class ModelSlots:
                 self.on_swap(variant, old, version, reason)
         return True
 
+    def _poll_failed(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
     @property
     def alive(self) -> bool:
         """Whether the poll loop runs (the service is not ready without it)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.alive
 
     def start(self, poll_seconds: float) -> None:
-        def run() -> None:
-            while not self._stop.wait(poll_seconds):
-                try:
-                    self.refresh()
-                except Exception as exc:  # a background loop survives anything: logged, kept, retried
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.exception("registry poll failed; retrying at the next poll")
-
-        self._thread = threading.Thread(target=run, name="model-slots", daemon=True)
-        self._thread.start()
+        self._loop.start(poll_seconds)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.close()

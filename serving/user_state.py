@@ -16,7 +16,6 @@ many users is stored once; ``benchmarks/user_state.py`` measures the bytes per u
 
 from __future__ import annotations
 
-import logging
 import sys
 import threading
 from collections import OrderedDict
@@ -27,8 +26,7 @@ import polars as pl
 
 from recsys_core.contracts import POSITIVE_EVENT_TYPES
 from recsys_core.warehouse import Warehouse
-
-log = logging.getLogger(__name__)
+from serving.periodic import PeriodicLoop
 
 DEFAULT_PER_USER = 50  # the longest history a version's tower takes, with room: N is 20 by default
 
@@ -108,8 +106,8 @@ class WarehousePoll:
         self.on_failure = on_failure
         self.watermark: int | None = None  # the last batch read
         self.last_error: str | None = None
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._loop = PeriodicLoop("user-state poll of the warehouse", self._poll_and_report,
+                                  on_error=self._poll_failed, immediately=True)  # fmt: skip
 
     def _start_after(self) -> int:
         """The batch before the first one holding an event played after the cutoff."""
@@ -136,31 +134,24 @@ class WarehousePoll:
             self.watermark = batch_id
         return added
 
+    def _poll_and_report(self) -> None:
+        added = self.poll()
+        self.last_error = None
+        if self.on_poll is not None:
+            self.on_poll(added)
+
+    def _poll_failed(self, exc: Exception) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+        if self.on_failure is not None:
+            self.on_failure()
+
     @property
     def alive(self) -> bool:
         """Whether the poll loop runs (the service is not ready without it)."""
-        return self._thread is not None and self._thread.is_alive()
+        return self._loop.alive
 
     def start(self, poll_seconds: float) -> None:
-        def run() -> None:
-            while True:
-                try:
-                    added = self.poll()
-                    self.last_error = None
-                    if self.on_poll is not None:
-                        self.on_poll(added)
-                except Exception as exc:  # a background loop survives anything: logged, counted, retried
-                    self.last_error = f"{type(exc).__name__}: {exc}"
-                    log.warning("user-state poll of the warehouse failed, retrying: %s", self.last_error, exc_info=True)
-                    if self.on_failure is not None:
-                        self.on_failure()
-                if self._stop.wait(poll_seconds):
-                    return
-
-        self._thread = threading.Thread(target=run, name="user-state-poll", daemon=True)
-        self._thread.start()
+        self._loop.start(poll_seconds)
 
     def close(self) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        self._loop.close()
