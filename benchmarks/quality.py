@@ -71,6 +71,40 @@ def interactions_from(args, workdir: Path):
     return interactions, tracks, click_model, raw.height
 
 
+def served_ctr(trained, split, eval_set, click_model) -> float:
+    """Simulated CTR@10 of the lists the service would serve at the end of the simulated holdout.
+
+    The version is exported and ranked by the one scorer (``recsys_core.scoring.Ranker``), as
+    ``/recommend`` does, with each user's holdout plays as the plays the service has seen since the
+    cutoff (``/feedback`` and the warehouse poll feed them to ``serving/user_state.py``): a
+    history-aware version moves its query with them, a static one cannot. The click model's
+    short-term taste is the mood of each user's latest session, which those plays are the start of.
+    """
+    import numpy as np
+    import polars as pl
+
+    from recsys_assets.ml.export import export_model
+    from recsys_core.scoring import Ranker
+
+    recent = (
+        split.holdout.sort("played_at", descending=True)
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("track_id").unique(maintain_order=True))
+    )
+    plays = dict(zip(recent["user_id"].to_list(), recent["track_id"].to_list(), strict=True))
+    users, tracks, counts = [], [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        ranker = Ranker(export_model(trained, split.train, {}, Path(tmp) / "v1", k=10), 1)
+        for user in map(str, eval_set.users):
+            served = ranker.recommend(user, 10, recent=plays.get(user, ())).track_ids
+            users += [user] * len(served)
+            tracks += served
+            counts.append(len(served))
+    probability = np.asarray(click_model(np.array(users, dtype=object), np.array(tracks, dtype=object)))
+    starts = np.cumsum([0, *counts[:-1]])
+    return float((np.add.reduceat(probability, starts) / np.maximum(counts, 1)).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     source = parser.add_mutually_exclusive_group(required=True)
@@ -90,6 +124,7 @@ def main() -> None:
     parser.add_argument("--no-logq", action="store_true", help="turn off the logQ correction")
     parser.add_argument("--no-user-features", action="store_true", help="id embeddings only in the query tower")
     parser.add_argument("--history", type=int, help="override history_length (the query tower's last N tracks)")
+    parser.add_argument("--decay", type=float, help="override history_decay (recency weighting of the history)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -140,7 +175,7 @@ def main() -> None:
                 "batch_size": args.batch, "temperature": args.temperature, "refit": args.refit, "l2": args.l2,
                 "logq_correction": False if args.no_logq else None,
                 "use_user_features": False if args.no_user_features else None,
-                "history_length": args.history,
+                "history_length": args.history, "history_decay": args.decay,
             }.items()
             if v is not None
         }  # fmt: skip
@@ -163,10 +198,13 @@ def main() -> None:
         result = evaluate(score, eval_set, click_model=click_model)
         summary["models"]["two_tower"] = {
             **result.metrics,
+            **({"sim_ctr@10_as_served": served_ctr(trained, split, eval_set, click_model)} if click_model else {}),
             "train_seconds": wall,
             "examples_per_second": trained.examples_per_second,
             "popularity_prior": trained.popularity_prior,
             "best_epoch": trained.best_epoch,
+            # What the defaults are chosen on (never the holdout): the early-stopping epoch's score.
+            "val_recall@20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
             "pairs": trained.pairs,
             "params": params.__dict__,
         }

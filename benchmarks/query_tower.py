@@ -32,6 +32,7 @@ def main() -> None:
     parser.add_argument("--users", type=int, default=100_000)
     parser.add_argument("--items", type=int, default=10_000)
     parser.add_argument("--features", type=int, default=27)
+    parser.add_argument("--decay", type=float, default=1.0, help="history_decay (1: the plain mean)")
     args = parser.parse_args()
     single_threaded_blas()  # as the service runs it
     rng = np.random.default_rng(0)
@@ -40,6 +41,7 @@ def main() -> None:
         history_items=rng.standard_normal((args.items, args.dim), dtype=np.float32),
         history_kernel=rng.standard_normal((args.dim, args.dim), dtype=np.float32),
         features_kernel=rng.standard_normal((args.features, args.dim), dtype=np.float32),
+        history_decay=args.decay,
     )
     calls = 20_000
     users = rng.integers(1, args.users, calls)
@@ -55,7 +57,7 @@ def main() -> None:
         rounds.append((time.perf_counter() - start) / calls * 1000)
     summary = {
         "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
-        "dim": args.dim, "history": args.history,
+        "dim": args.dim, "history": args.history, "decay": args.decay,
         "median_of_rounds_ms": float(np.median(rounds)),
         "p50_ms": float(np.percentile(samples, 50)) / 1e6, "p99_ms": float(np.percentile(samples, 99)) / 1e6,
     }  # fmt: skip

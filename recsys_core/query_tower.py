@@ -3,12 +3,14 @@ recent listening, with the weights the training exported (``query_tower.npz`` in
 
 The TensorFlow tower (``recsys_assets.ml.two_tower``) computes
 
-    user_embedding[user] + user_features · W_features + mean(item_embedding[history]) · W_history
+    user_embedding[user] + user_features · W_features + pool(item_embedding[history]) · W_history
 
-with history row 0 (padding, unknown tracks) left out of the mean, then appends the popularity
-prior's constant 1. This is the same arithmetic in float32 numpy (a test checks it against the
-SavedModel to 1e-5), so the serving plane needs no TensorFlow: at 64 dimensions and 50 history items
-it is one gather, one mean and two small matrix-vector products (``benchmarks/query_tower.py``).
+where ``pool`` is the recency-weighted mean: the k-th most recent known track weighs ``decay**k``
+(``history_decay``; 1 is the plain mean), history row 0 (padding, unknown tracks) left out and not
+counted as a position; then it appends the popularity prior's constant 1. This is the same
+arithmetic in float32 numpy (a test checks it against the SavedModel to 1e-5), so the serving plane
+needs no TensorFlow: at 64 dimensions and 50 history items it is one gather, one weighted mean and
+two small matrix-vector products (``benchmarks/query_tower.py``).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ class QueryTower:
     history_items: np.ndarray  # items × d: the item-id embedding shared with the candidate tower
     history_kernel: np.ndarray  # d × d
     features_kernel: np.ndarray | None = None  # features × d (None: the tower took no features)
+    history_decay: float = 1.0  # the weight of the k-th most recent track is decay**k (1: the plain mean)
 
     @classmethod
     def load(cls, directory: Path) -> QueryTower | None:
@@ -41,11 +44,14 @@ class QueryTower:
                 weights["history_items"].astype(np.float32),
                 weights["history_kernel"].astype(np.float32),
                 None if kernel is None else kernel.astype(np.float32),
+                # Versions written before the recency weighting pooled with the plain mean.
+                float(weights["history_decay"]) if "history_decay" in weights.files else 1.0,
             )
 
     def save(self, directory: Path) -> None:
         arrays = {"user_embedding": self.user_embedding, "history_items": self.history_items,
-                  "history_kernel": self.history_kernel}  # fmt: skip
+                  "history_kernel": self.history_kernel,
+                  "history_decay": np.float32(self.history_decay)}  # fmt: skip
         if self.features_kernel is not None:
             arrays["features_kernel"] = self.features_kernel
         np.savez(Path(directory) / WEIGHTS_FILE, **arrays)
@@ -65,11 +71,21 @@ class QueryTower:
         if self.features_kernel is not None and features is not None:
             x += features.astype(np.float32, copy=False) @ self.features_kernel
         if histories.shape[1]:
-            mask = (histories > 0).astype(np.float32)
-            counts = np.maximum(mask.sum(axis=1, keepdims=True), 1.0)
-            pooled = np.einsum("un,und->ud", mask, self.history_items[np.maximum(histories, 0)]) / counts
+            weights = self.history_weights(histories)
+            total = np.maximum(weights.sum(axis=1, keepdims=True), 1.0)  # ≥ 1 unless the history is empty
+            pooled = np.einsum("un,und->ud", weights, self.history_items[np.maximum(histories, 0)]) / total
             x += pooled @ self.history_kernel
         return np.hstack([x, np.ones((len(x), 1), dtype=np.float32)])
+
+    def history_weights(self, histories: np.ndarray) -> np.ndarray:
+        """The pooling weights of ``histories`` (users × N, most recent first): ``decay**k`` for the
+        k-th known track (rows > 0, counted from 0), 0 for padding and unknown tracks."""
+        mask = histories > 0
+        if self.history_decay == 1.0:
+            return mask.astype(np.float32)
+        position = np.cumsum(mask, axis=1) - 1
+        powers = np.float32(self.history_decay) ** np.arange(histories.shape[1], dtype=np.float32)
+        return np.where(mask, powers[np.maximum(position, 0)], np.float32(0.0))
 
     def embed_all(self, features: np.ndarray | None, histories: np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Every user's embedding from their exported features and history (what a version's users are

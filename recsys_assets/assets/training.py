@@ -46,6 +46,13 @@ class TwoTowerConfig(dg.Config):
         description="The query tower's history: the user's last N distinct positive tracks before each example "
         "(0: id and features only). 20 was picked on the validation split (docs/benchmarks.md).",
     )
+    history_decay: float = Field(
+        default=_DEFAULTS.history_decay,
+        gt=0.0,
+        le=1.0,
+        description="Recency weighting of the history's mean: the k-th most recent track weighs decay**k "
+        "(1: the plain mean). Picked on the validation split (docs/benchmarks.md).",
+    )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
 
     def params(self) -> TwoTowerParams:

@@ -72,6 +72,7 @@ def export_model(
         "items": len(vocab.items) - 1,
         "query_genres": vocab.query_genres,
         "history_length": int(trained.params.history_length),
+        "history_decay": float(trained.params.history_decay),
         "index_k": k,
     }
     if len(vocab.items) - 1 >= ann_min_items:
@@ -91,6 +92,7 @@ def _query_tower_weights(trained) -> QueryTower:
         history_items=core.item_embedding.embeddings.numpy(),
         history_kernel=core.history_projection.kernel.numpy(),
         features_kernel=core.features.kernel.numpy() if core.use_features else None,
+        history_decay=float(trained.params.history_decay),
     )
 
 

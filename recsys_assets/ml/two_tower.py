@@ -3,7 +3,7 @@
 - Query tower: user id embedding and the user's features (genre shares of their training-window
   positives, activity, like share) → a dense projection; with ``history_length`` N > 0, also the
   user's last N distinct positive tracks before the example (:mod:`recsys_assets.ml.history`), their
-  item embeddings (shared with the candidate tower) averaged and projected.
+  item embeddings (shared with the candidate tower) averaged with recency weights and projected.
 - Candidate tower: track id, artist and genre embeddings → a dense projection.
 - ``tfrs.tasks.Retrieval`` with in-batch negatives, a logQ correction for the popularity of in-batch
   candidates, and sample weights from the interactions.
@@ -62,6 +62,9 @@ class TwoTowerParams:
     # 20: the best validation recall@20 of 0, 20 and 50 under both protocols on ml-latest-small
     # (docs/benchmarks.md, "Model quality"); chosen on the validation split, never on the holdout.
     history_length: int = 20
+    # How the history is pooled: the k-th most recent track weighs history_decay**k (1: the plain
+    # mean). Chosen like history_length, on the validation split (docs/benchmarks.md).
+    history_decay: float = 1.0
     seed: int = 42
 
 
@@ -143,14 +146,19 @@ def query_features(interactions: pl.DataFrame, users: np.ndarray, genres: list[s
 # --- the towers ------------------------------------------------------------------------------------
 
 
-def pooled_history(embedded, rows):
-    """The mean of a history's item embeddings (``embedded``: batch × N × d), row 0 (padding and
-    unknown tracks) left out; zeros for an empty history. The numpy twin, which serving runs, is
-    :meth:`recsys_core.query_tower.QueryTower.embed_many`."""
+def pooled_history(embedded, rows, decay: float = 1.0):
+    """The recency-weighted mean of a history's item embeddings (``embedded``: batch × N × d, most
+    recent first): the k-th known track weighs ``decay**k``; row 0 (padding and unknown tracks) is
+    left out and not counted as a position; zeros for an empty history. ``decay`` 1 is the plain
+    mean. The numpy twin, which serving runs, is :meth:`recsys_core.query_tower.QueryTower.embed_many`."""
     import tensorflow as tf
 
-    mask = tf.cast(rows > 0, embedded.dtype)[..., None]
-    return tf.reduce_sum(embedded * mask, axis=1) / tf.maximum(tf.reduce_sum(mask, axis=1), 1.0)
+    weights = tf.cast(rows > 0, embedded.dtype)
+    if decay != 1.0:
+        position = tf.cumsum(weights, axis=1, exclusive=True)  # known tracks before this one
+        weights = weights * tf.pow(tf.constant(decay, embedded.dtype), position)
+    total = tf.maximum(tf.reduce_sum(weights, axis=1, keepdims=True), 1.0)
+    return tf.reduce_sum(embedded * weights[..., None], axis=1) / total
 
 
 def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
@@ -199,7 +207,7 @@ def _towers(vocab: Vocabulary, n_features: int, params: TwoTowerParams):
                 x = x + self.features(inputs["user_features"])
             if self.use_history:
                 x = x + self.history_projection(
-                    pooled_history(self.item_embedding(inputs["history"]), inputs["history"])
+                    pooled_history(self.item_embedding(inputs["history"]), inputs["history"], params.history_decay)
                 )
             return x
 

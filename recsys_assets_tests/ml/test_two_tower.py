@@ -224,7 +224,7 @@ def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(t
     embeddings the version carries (computed from each user's history at the cutoff)."""
     _, interactions, tracks = tiny_world
     split = global_temporal_split(interactions)
-    params = replace(FAST, max_epochs=2, refit="none", history_length=5)
+    params = replace(FAST, max_epochs=2, refit="none", history_length=5, history_decay=0.7)
     model = train_two_tower(split.train, tracks, None, params)
     assert model.user_history.shape == (len(model.vocab.users), 5)
     assert (model.user_history[1:] > 0).any()
@@ -249,11 +249,13 @@ def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(t
     from recsys_core.query_tower import QueryTower
 
     numpy_tower = QueryTower.load(tmp_path / "v1")
+    assert numpy_tower.history_decay == pytest.approx(0.7)
     rng = np.random.default_rng(3)
     users = rng.integers(0, len(model.vocab.users), 32)
     histories = rng.integers(0, len(model.vocab.items), (32, 5))
     histories[::4, 2:] = 0  # short histories
     histories[1] = 0  # an empty one
+    histories[2, 1] = 0  # a track the version does not know, between two it knows: no weight, no position
     features = rng.random((32, model.user_features.shape[1]), dtype=np.float32)
     ids = np.where(histories > 0, model.vocab.items[histories].astype(str), "")
     expected = tower(user_id=tf.constant(model.vocab.users[users].astype(str)), user_features=tf.constant(features),

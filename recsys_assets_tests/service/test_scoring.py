@@ -74,3 +74,34 @@ def test_a_query_tower_that_does_not_fit_the_version_is_refused(tmp_path) -> Non
     np.save(directory / "user_embeddings.npy", rng.normal(size=(4, 17)).astype(np.float32))
     with pytest.raises(ValueError, match=r"query_tower.npz dimensions \+ 1 = 9, item_embeddings.npy columns = 17"):
         Ranker.load(directory, 1)
+
+
+def test_the_query_tower_pools_the_history_by_recency(tmp_path) -> None:
+    """The k-th most recent known track weighs decay**k; padding and unknown tracks (row 0) neither
+    weigh nor take a position; the decay survives the npz; a version without one pools the plain mean."""
+    from recsys_core.query_tower import QueryTower
+
+    rng = np.random.default_rng(1)
+    dim = 3
+    tower = QueryTower(
+        user_embedding=np.zeros((2, dim), dtype=np.float32),
+        history_items=rng.normal(size=(6, dim)).astype(np.float32),
+        history_kernel=np.eye(dim, dtype=np.float32),
+        history_decay=0.5,
+    )
+    history = np.array([[4, 0, 2, 5, 0]])  # most recent first; a gap (an unknown track) and padding
+    np.testing.assert_array_equal(tower.history_weights(history), [[1.0, 0.0, 0.5, 0.25, 0.0]])
+    items = tower.history_items
+    expected = (items[4] + 0.5 * items[2] + 0.25 * items[5]) / 1.75
+    np.testing.assert_allclose(tower.embed_many(np.array([1]), None, history)[0, :dim], expected, rtol=1e-6)
+    np.testing.assert_allclose(tower.embed(1, None, history[0])[:dim], expected, rtol=1e-6)
+    np.testing.assert_array_equal(tower.embed(1, None, np.array([0, 0]))[:dim], np.zeros(dim))  # nothing heard
+
+    tower.save(tmp_path)
+    assert QueryTower.load(tmp_path).history_decay == 0.5
+    weights = dict(np.load(tmp_path / "query_tower.npz"))
+    del weights["history_decay"]
+    np.savez(tmp_path / "query_tower.npz", **weights)  # as a version written before the recency weighting
+    plain = QueryTower.load(tmp_path)
+    assert plain.history_decay == 1.0
+    np.testing.assert_allclose(plain.embed(1, None, history[0])[:dim], (items[4] + items[2] + items[5]) / 3, rtol=1e-6)
