@@ -7,7 +7,9 @@ sources:
 - the likes and plays this worker receives on ``/feedback``: the next answer to that user uses them;
 - the organic events that land in the warehouse (:class:`WarehousePoll`): every batch landed since the
   champion's cutoff, in batch order, as the extraction reads them. Feedback received by another replica
-  lands there too, so replicas converge within one poll interval.
+  lands there too, so replicas converge within one poll interval. A champion whose cutoff is older
+  than where the poll started (the first one, loaded after the service started; a rollback) gets the
+  batches in between read once, behind the newer plays.
 
 Memory is bounded: at most ``per_user`` tracks a user (distinct, most recent first) and ``max_users``
 users, the least recently updated evicted first (counted). Track ids are interned, so a track heard by
@@ -52,13 +54,17 @@ class RecentPlays:
     def get(self, user_id: str) -> tuple[str, ...]:
         return self._users.get(user_id, ())
 
-    def add(self, user_id: str, track_ids: Iterable[str]) -> None:
-        """Plays of one user, oldest first."""
+    def add(self, user_id: str, track_ids: Iterable[str], older: bool = False) -> None:
+        """Plays of one user, oldest first; ``older``: plays from before every play held (a backfill),
+        which go behind them."""
         with self._lock:
-            tracks = list(self._users.get(user_id, ()))
+            held = list(self._users.get(user_id, ()))
+            tracks = [] if older else held
             for track in track_ids:
-                if track not in tracks:
+                if track not in tracks and track not in held:
                     tracks.insert(0, sys.intern(track))
+            if older:
+                tracks = held + tracks
             self._users[user_id] = tuple(tracks[: self.per_user])
             self._users.move_to_end(user_id)
             evicted = 0
@@ -70,12 +76,12 @@ class RecentPlays:
             if self.on_evict is not None:
                 self.on_evict(evicted)
 
-    def add_events(self, events: pl.DataFrame) -> int:
+    def add_events(self, events: pl.DataFrame, older: bool = False) -> int:
         """Positive events (``user_id``, ``track_id``, ``event_type``, ``played_at``); returns how many."""
         positives = events.filter(pl.col("event_type").is_in(POSITIVE_EVENT_TYPES)).sort("played_at")
         by_user = positives.group_by("user_id", maintain_order=True).agg("track_id")
         for user_id, tracks in by_user.iter_rows():
-            self.add(user_id, tracks)
+            self.add(user_id, tracks, older=older)
         return positives.height
 
 
@@ -105,13 +111,14 @@ class WarehousePoll:
         self.on_poll = on_poll
         self.on_failure = on_failure
         self.watermark: int | None = None  # the last batch read
+        self._floor = 0  # the batch before the first one read
+        self._anchored_at: datetime | None = None  # the cutoff the floor was computed for
         self.last_error: str | None = None
         self._loop = PeriodicLoop("user-state poll of the warehouse", self._poll_and_report,
                                   on_error=self._poll_failed, immediately=True)  # fmt: skip
 
-    def _start_after(self) -> int:
-        """The batch before the first one holding an event played after the cutoff."""
-        cutoff = self.cutoff()
+    def _start_after(self, cutoff: datetime | None) -> int:
+        """The batch before the first one holding an event played after ``cutoff``."""
         if cutoff is None:
             return int(self.warehouse.scalar("SELECT COALESCE(MAX(batch_id), 0) FROM ingest_batches"))
         first = self.warehouse.scalar("SELECT MIN(batch_id) FROM listening_events WHERE played_at > ?", [cutoff])
@@ -120,19 +127,35 @@ class WarehousePoll:
         return int(first) - 1
 
     def poll(self) -> int:
-        """Read every batch landed since the last poll; returns the positive events added."""
-        if self.watermark is None:
-            self.watermark = self._start_after()
+        """Read every batch landed since the last poll; returns the positive events added.
+
+        When the served version's cutoff moves to before where the poll started (the first champion
+        arrives after the service started, a rollback to an older version), the batches in between are
+        read once and held behind the newer plays, so the version sees every play since its cutoff.
+        """
+        cutoff = self.cutoff()
         added = 0
+        if self.watermark is None:
+            self.watermark = self._floor = self._start_after(cutoff)
+            self._anchored_at = cutoff
+        elif cutoff != self._anchored_at:
+            start = self._start_after(cutoff) if cutoff is not None else self._floor
+            if start < self._floor:
+                added += self.plays.add_events(self._read(start + 1, self._floor), older=True)
+                self._floor = start
+            self._anchored_at = cutoff  # only once read: a failed backfill is retried at the next poll
         for batch_id in self.warehouse.batches_after(self.watermark)["batch_id"].to_list():
-            events = self.warehouse.fetch(
-                "SELECT user_id, track_id, event_type, played_at FROM listening_events "
-                f"WHERE batch_id = ? AND event_type IN ({', '.join('?' * len(POSITIVE_EVENT_TYPES))})",
-                [batch_id, *POSITIVE_EVENT_TYPES],
-            )
-            added += self.plays.add_events(events)
+            added += self.plays.add_events(self._read(batch_id, batch_id))
             self.watermark = batch_id
         return added
+
+    def _read(self, first_batch: int, last_batch: int) -> pl.DataFrame:
+        """The positive events of batches ``first_batch..last_batch`` (inclusive)."""
+        return self.warehouse.fetch(
+            "SELECT user_id, track_id, event_type, played_at FROM listening_events WHERE batch_id BETWEEN ? AND ? "
+            f"AND event_type IN ({', '.join('?' * len(POSITIVE_EVENT_TYPES))})",
+            [first_batch, last_batch, *POSITIVE_EVENT_TYPES],
+        )
 
     def _poll_and_report(self) -> None:
         added = self.poll()

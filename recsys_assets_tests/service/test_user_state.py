@@ -86,3 +86,32 @@ def test_a_failing_poll_is_retried_and_a_stopped_loop_says_so(tmp_path: Path) ->
     finally:
         poll.close()
     assert not poll.alive
+
+
+def test_a_champion_older_than_the_poll_gets_the_plays_in_between_behind_the_newer_ones(tmp_path: Path) -> None:
+    """The service started before its first champion (no cutoff: it polls from the latest batch); the
+    champion's cutoff is older: the batches between the two are read once, held behind newer plays."""
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    warehouse.init_schema()
+    day = timedelta(days=1)
+    warehouse.land_events(events("old", [("u1", "t0", "play", CUTOFF - day)]), source="app", origin="test")
+    warehouse.land_events(events("gap", [("u1", "t1", "play", CUTOFF + day), ("u1", "t2", "like", CUTOFF + 2 * day),
+                                         ("u2", "t3", "play", CUTOFF + day)]), source="app", origin="test")  # fmt: skip
+    champion: list[datetime | None] = [None]
+    plays = RecentPlays(max_users=100, per_user=3)
+    poll = WarehousePoll(warehouse, plays, cutoff=lambda: champion[0])
+    assert poll.poll() == 0  # no champion yet: from the latest batch on
+    newer = [("u1", "t3", "play", CUTOFF + 3 * day), ("u1", "t1", "play", CUTOFF + 4 * day)]
+    warehouse.land_events(events("new", newer), source="app", origin="test")
+    assert poll.poll() == 2
+    assert plays.get("u1") == ("t1", "t3")
+
+    champion[0] = CUTOFF  # the first champion loads
+    assert poll.poll() == 3  # the batch in between, once
+    assert plays.get("u1") == ("t1", "t3", "t2")  # behind the newer plays; t1 held already; N per user
+    assert plays.get("u2") == ("t3",)
+    assert poll.poll() == 0
+    champion[0] = CUTOFF + 10 * day  # a newer champion: nothing to read again
+    assert poll.poll() == 0
+    champion[0] = CUTOFF  # and a rollback to the first: read already
+    assert poll.poll() == 0
