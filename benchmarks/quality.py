@@ -71,14 +71,16 @@ def interactions_from(args, workdir: Path):
     return interactions, tracks, click_model, raw.height
 
 
-def served_ctr(trained, split, eval_set, click_model) -> float:
+def served_ctr(trained, split, eval_set, click_model) -> dict[str, float]:
     """Simulated CTR@10 of the lists the service would serve at the end of the simulated holdout.
 
     The version is exported and ranked by the one scorer (``recsys_core.scoring.Ranker``), as
     ``/recommend`` does, with each user's holdout plays as the plays the service has seen since the
     cutoff (``/feedback`` and the warehouse poll feed them to ``serving/user_state.py``): a
-    history-aware version moves its query with them, a static one cannot. The click model's
-    short-term taste is the mood of each user's latest session, which those plays are the start of.
+    history-aware version moves its query with them and leaves them out of the list, a static one
+    does neither. The click model's short-term taste is the mood of each user's latest session, which
+    those plays end with. ``sim_ctr@10_as_served``: the lists as served; ``…_unheard``: the top 10
+    without the plays since the cutoff for either kind of version, so that only the ranking differs.
     """
     import numpy as np
     import polars as pl
@@ -92,17 +94,24 @@ def served_ctr(trained, split, eval_set, click_model) -> float:
         .agg(pl.col("track_id").unique(maintain_order=True))
     )
     plays = dict(zip(recent["user_id"].to_list(), recent["track_id"].to_list(), strict=True))
-    users, tracks, counts = [], [], []
+    lists: dict[str, tuple[list[str], list[str], list[int]]] = {"as_served": ([], [], []), "unheard": ([], [], [])}
     with tempfile.TemporaryDirectory() as tmp:
         ranker = Ranker(export_model(trained, split.train, {}, Path(tmp) / "v1", k=10), 1)
         for user in map(str, eval_set.users):
-            served = ranker.recommend(user, 10, recent=plays.get(user, ())).track_ids
-            users += [user] * len(served)
-            tracks += served
-            counts.append(len(served))
-    probability = np.asarray(click_model(np.array(users, dtype=object), np.array(tracks, dtype=object)))
-    starts = np.cumsum([0, *counts[:-1]])
-    return float((np.add.reduceat(probability, starts) / np.maximum(counts, 1)).mean())
+            heard = plays.get(user, [])
+            served = ranker.recommend(user, 10 + len(heard), recent=heard).track_ids
+            unheard = [t for t in served if t not in set(heard)][:10]
+            for name, tracks in (("as_served", served[:10]), ("unheard", unheard)):
+                users, items, counts = lists[name]
+                users += [user] * len(tracks)
+                items += tracks
+                counts.append(len(tracks))
+    out = {}
+    for name, (users, items, counts) in lists.items():
+        probability = np.asarray(click_model(np.array(users, dtype=object), np.array(items, dtype=object)))
+        starts = np.cumsum([0, *counts[:-1]])
+        out[f"sim_ctr@10_{name}"] = float((np.add.reduceat(probability, starts) / np.maximum(counts, 1)).mean())
+    return out
 
 
 def main() -> None:
@@ -125,6 +134,7 @@ def main() -> None:
     parser.add_argument("--no-user-features", action="store_true", help="id embeddings only in the query tower")
     parser.add_argument("--history", type=int, help="override history_length (the query tower's last N tracks)")
     parser.add_argument("--decay", type=float, help="override history_decay (recency weighting of the history)")
+    parser.add_argument("--history-attributes", type=int, choices=(0, 1), help="override history_attributes")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
 
@@ -176,6 +186,7 @@ def main() -> None:
                 "logq_correction": False if args.no_logq else None,
                 "use_user_features": False if args.no_user_features else None,
                 "history_length": args.history, "history_decay": args.decay,
+                "history_attributes": None if args.history_attributes is None else bool(args.history_attributes),
             }.items()
             if v is not None
         }  # fmt: skip
@@ -198,7 +209,7 @@ def main() -> None:
         result = evaluate(score, eval_set, click_model=click_model)
         summary["models"]["two_tower"] = {
             **result.metrics,
-            **({"sim_ctr@10_as_served": served_ctr(trained, split, eval_set, click_model)} if click_model else {}),
+            **(served_ctr(trained, split, eval_set, click_model) if click_model else {}),
             "train_seconds": wall,
             "examples_per_second": trained.examples_per_second,
             "popularity_prior": trained.popularity_prior,

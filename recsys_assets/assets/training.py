@@ -53,6 +53,12 @@ class TwoTowerConfig(dg.Config):
         description="Recency weighting of the history's mean: the k-th most recent track weighs decay**k "
         "(1: the plain mean). Picked on the validation split (docs/benchmarks.md).",
     )
+    history_attributes: bool = Field(
+        default=_DEFAULTS.history_attributes,
+        description="Pool the history's tracks by their whole candidate vector (id + artist + genre embeddings) "
+        "instead of their id embedding alone (docs/benchmarks.md: better on the global protocol's validation, "
+        "worse on the per-user one's).",
+    )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
 
     def params(self) -> TwoTowerParams:

@@ -86,10 +86,17 @@ def export_model(
 
 def _query_tower_weights(trained) -> QueryTower:
     """The history-aware query tower's weights, for :mod:`recsys_core.query_tower` (numpy)."""
+    from recsys_assets.ml.two_tower import attribute_rows
+
     core = trained.model.query_tower
+    items = core.item_embedding.embeddings.numpy()
+    if trained.params.history_attributes:  # the candidate tower's whole track vector: id + artist + genre
+        artist_of, genre_of = attribute_rows(trained.item_frame, trained.vocab)
+        artists, genres = core.artist_embedding.embeddings.numpy(), core.genre_embedding.embeddings.numpy()
+        items = items + artists[artist_of] + genres[genre_of]
     return QueryTower(
         user_embedding=core.user_embedding.embeddings.numpy(),
-        history_items=core.item_embedding.embeddings.numpy(),
+        history_items=items,
         history_kernel=core.history_projection.kernel.numpy(),
         features_kernel=core.features.kernel.numpy() if core.use_features else None,
         history_decay=float(trained.params.history_decay),

@@ -224,7 +224,7 @@ def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(t
     embeddings the version carries (computed from each user's history at the cutoff)."""
     _, interactions, tracks = tiny_world
     split = global_temporal_split(interactions)
-    params = replace(FAST, max_epochs=2, refit="none", history_length=5, history_decay=0.7)
+    params = replace(FAST, max_epochs=2, refit="none", history_length=5, history_decay=0.7, history_attributes=True)
     model = train_two_tower(split.train, tracks, None, params)
     assert model.user_history.shape == (len(model.vocab.users), 5)
     assert (model.user_history[1:] > 0).any()
