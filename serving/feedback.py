@@ -299,10 +299,10 @@ class FeedbackWriter:
     def _watch_lander(self) -> None:
         """Restart a lander that died while this process lives; report the backlog it last measured."""
         if self._lander is not None and self._lander.poll() is not None:
-            if self.on_lander_restart is not None:
-                self.on_lander_restart()
-            log.error("the feedback lander exited (%s): restarted", self._lander.returncode)
+            log.error("the feedback lander exited (%s): restarting it", self._lander.returncode)
             self._start_lander()
+            if self.on_lander_restart is not None:  # counted once the new one runs
+                self.on_lander_restart()
         if self.on_backlog is not None:
             with contextlib.suppress(FileNotFoundError):  # its first flush is not done yet
                 self.on_backlog(json.loads(self._status_path.read_text())["backlog"])
