@@ -1,8 +1,8 @@
 """A background loop of the service: a daemon thread that calls one function at an interval and
 survives anything it raises, with the liveness ``/readyz`` reads.
 
-The registry poll (``serving/models.py``) and the user state's warehouse poll
-(``serving/user_state.py``) run on it. Hand-written: the standard library's ``threading.Timer`` runs
+The registry poll (``serving/models.py``), the user state's warehouse poll and its follower of the
+other workers' logs (``serving/user_state.py``) run on it. Hand-written: the standard library's ``threading.Timer`` runs
 once, and a scheduler library would add a dependency to the lean serving environment for twenty lines.
 """
 

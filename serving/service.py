@@ -70,7 +70,7 @@ from serving.schemas import (
     TrackId,
     UserId,
 )
-from serving.user_state import RecentPlays, WarehousePoll
+from serving.user_state import RecentPlays, SiblingFeedback, WarehousePoll
 
 log = logging.getLogger("recsys.serving")
 
@@ -125,7 +125,8 @@ USER_STATE_EVICTIONS = prometheus_client.Counter(
     name="recsys_user_state_evictions", documentation="Users dropped from the user state (its size cap)"
 )
 USER_STATE_POLL_FAILURES = prometheus_client.Counter(
-    name="recsys_user_state_poll_failures", documentation="Warehouse polls of the user state that failed (retried)"
+    name="recsys_user_state_poll_failures",
+    documentation="Reads of the user state's sources (the warehouse, the other workers' logs) that failed (retried)",
 )
 MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
@@ -185,6 +186,10 @@ class Recommender:
         self.feedback_writer.start()
         # The users' plays since the champion's cutoff: /feedback's and the warehouse's (serving/user_state.py).
         self.recent = RecentPlays(knobs.history_max_users, on_evict=USER_STATE_EVICTIONS.inc)
+        # What the other workers of this service acknowledged, from their write-ahead logs (a fraction of a second).
+        self.siblings = SiblingFeedback(self.feedback_writer.spill_dir, self.recent,
+                                        on_failure=USER_STATE_POLL_FAILURES.inc)  # fmt: skip
+        self.siblings.start()
         self.user_poll = None
         if warehouse is not None:
             self.user_poll = WarehousePoll(
@@ -209,14 +214,20 @@ class Recommender:
         return datetime.fromisoformat(cutoff) if cutoff else None
 
     def __is_ready__(self) -> bool:
-        """``/readyz``: not ready once a background loop (registry poll, feedback landing, user-state
-        poll) has stopped."""
-        return self.slots.alive and self.feedback_writer.alive and (self.user_poll is None or self.user_poll.alive)
+        """``/readyz``: not ready once a background loop (registry poll, feedback landing, the user
+        state's warehouse poll and sibling follower) has stopped."""
+        return (
+            self.slots.alive
+            and self.feedback_writer.alive
+            and self.siblings.alive
+            and (self.user_poll is None or self.user_poll.alive)
+        )
 
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         fastpath.bind("/recommend", None)
         self.slots.close()
+        self.siblings.close()
         if self.user_poll is not None:
             self.user_poll.close()
         self.feedback_writer.close()

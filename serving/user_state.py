@@ -5,6 +5,9 @@ holds them as of the training cutoff. :class:`RecentPlays` holds what came after
 sources:
 
 - the likes and plays this worker receives on ``/feedback``: the next answer to that user uses them;
+- those the service's other workers on the machine receive (:class:`SiblingFeedback`, which follows
+  their write-ahead logs in the shared spill directory every :data:`FOLLOW_SECONDS`): the user's next
+  request is answered by any worker, and each follows what the others acknowledged;
 - the organic events that land in the warehouse (:class:`WarehousePoll`): every batch landed since the
   champion's cutoff, in batch order, as the extraction reads them. Feedback received by another replica
   lands there too, so replicas converge within one poll interval. A champion whose cutoff is older
@@ -18,11 +21,14 @@ many users is stored once; ``benchmarks/user_state.py`` measures the bytes per u
 
 from __future__ import annotations
 
+import json
+import os
 import sys
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from datetime import datetime
+from pathlib import Path
 
 import polars as pl
 
@@ -31,6 +37,7 @@ from recsys_core.warehouse import Warehouse
 from serving.periodic import PeriodicLoop
 
 DEFAULT_PER_USER = 50  # the longest history a version's tower takes, with room: N is 20 by default
+FOLLOW_SECONDS = 0.25  # how often a worker reads what its siblings logged
 
 
 class RecentPlays:
@@ -175,6 +182,73 @@ class WarehousePoll:
 
     def start(self, poll_seconds: float) -> None:
         self._loop.start(poll_seconds)
+
+    def close(self) -> None:
+        self._loop.close()
+
+
+class SiblingFeedback:
+    """Follows the write-ahead logs of the service's other workers into a :class:`RecentPlays`.
+
+    The workers of one service share the spill directory, where each logs the feedback it acknowledges
+    (``serving/feedback.py``: ``feedback-wal-<pid>-<ns>.jsonl``) before landing it. Every
+    ``seconds``, each sibling's segment is read from where the last read stopped, complete lines only
+    (a torn last line was never acknowledged); impressions are skipped, positive events added. So a like
+    changes the user's next answer on every worker of the machine within a fraction of a second, not a
+    warehouse poll later. Best effort by design: a segment landed and deleted between two reads reaches
+    the state through the warehouse poll instead (adding a held track again changes nothing).
+    """
+
+    def __init__(self, spill_dir: Path, plays: RecentPlays, on_failure: Callable[[], None] | None = None):
+        self.spill_dir = Path(spill_dir)
+        self.plays = plays
+        self.on_failure = on_failure
+        self._own = f"feedback-wal-{os.getpid()}-"  # this worker's own feedback is added as it comes
+        self._offsets: dict[Path, int] = {}
+        self._loop = PeriodicLoop("following the other workers' feedback", self.poll, on_error=self._failed)
+
+    def _failed(self, _exc: Exception) -> None:
+        if self.on_failure is not None:
+            self.on_failure()
+
+    def poll(self) -> int:
+        """Read what the siblings logged since the last read; returns the positive events added."""
+        added = 0
+        offsets = {}
+        for path in sorted(self.spill_dir.glob("feedback-wal-*.jsonl")):
+            if path.name.startswith(self._own):
+                continue
+            offset = self._offsets.get(path, 0)
+            try:
+                with path.open("rb") as segment:
+                    segment.seek(offset)
+                    chunk = segment.read()
+            except FileNotFoundError:  # landed and deleted meanwhile
+                continue
+            complete = chunk.rfind(b"\n") + 1
+            offsets[path] = offset + complete
+            by_user: dict[str, list[str]] = {}
+            for line in chunk[:complete].splitlines():
+                if line.startswith(b'["i"'):  # a list's impressions, most of the log
+                    continue
+                try:
+                    row = json.loads(line)  # an event_row: id, user, track, artist, time, …, event type (7)
+                except ValueError:  # not an acknowledged event (the lander sets such a segment aside)
+                    continue
+                if row[7] in POSITIVE_EVENT_TYPES:
+                    by_user.setdefault(row[1], []).append(row[2])
+            for user_id, tracks in by_user.items():
+                self.plays.add(user_id, tracks)
+                added += len(tracks)
+        self._offsets = offsets  # files gone are forgotten
+        return added
+
+    @property
+    def alive(self) -> bool:
+        return self._loop.alive
+
+    def start(self, seconds: float = FOLLOW_SECONDS) -> None:
+        self._loop.start(seconds)
 
     def close(self) -> None:
         self._loop.close()

@@ -3,6 +3,7 @@ cutoff, and its poll of a real warehouse (DuckDB) by landed batch."""
 
 from __future__ import annotations
 
+import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -115,3 +116,34 @@ def test_a_champion_older_than_the_poll_gets_the_plays_in_between_behind_the_new
     assert poll.poll() == 0
     champion[0] = CUTOFF  # and a rollback to the first: read already
     assert poll.poll() == 0
+
+
+def test_a_worker_follows_what_its_siblings_logged_complete_lines_only(tmp_path: Path) -> None:
+    """The other workers' write-ahead segments (serving/feedback.py's format), read from where the last
+    read stopped: positives added, impressions and skips not, a torn last line only once complete, this
+    worker's own segment never (its feedback is added as it comes), a deleted segment forgotten."""
+    from serving.feedback import _row_to_json
+    from serving.user_state import SiblingFeedback
+
+    def line(user: str, track: str, kind: str) -> str:
+        return _row_to_json(event_row(event_id=f"{user}-{track}", user_id=user, track_id=track, artist_id=None,
+                                      event_type=kind, model_version=1, variant="champion")) + "\n"  # fmt: skip
+
+    plays = RecentPlays(max_users=100)
+    follower = SiblingFeedback(tmp_path, plays)
+    assert follower.poll() == 0  # no segment yet
+    sibling = tmp_path / "feedback-wal-999999-1.jsonl"
+    impressions = '["i", "r1", "u1", "2026-11-01T00:00:00+00:00", [["t9", "a", 1, "champion"]]]\n'
+    torn = line("u2", "t5", "like")
+    sibling.write_text(line("u1", "t1", "like") + impressions + line("u1", "t2", "skip") + line("u1", "t3", "play")
+                       + torn[:10])  # fmt: skip
+    (tmp_path / f"feedback-wal-{os.getpid()}-1.jsonl").write_text(line("u3", "t4", "like"))  # this worker's own
+    assert follower.poll() == 2
+    assert (plays.get("u1"), plays.get("u2"), plays.get("u3")) == (("t3", "t1"), (), ())
+    with sibling.open("a") as segment:
+        segment.write(torn[10:])
+    assert follower.poll() == 1  # the rest of the line, not what was read before
+    assert plays.get("u2") == ("t5",)
+    sibling.unlink()  # landed by its lander
+    assert follower.poll() == 0
+    assert not follower._offsets

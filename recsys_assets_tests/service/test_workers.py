@@ -36,14 +36,30 @@ def workers_of(leader: int) -> list[psutil.Process]:
     return found
 
 
+def like_reaches_every_worker(url: str) -> float:
+    """A brand-new listener likes a track through one worker; seconds until every answer, whichever
+    worker gives it (a new connection each: the kernel picks the worker), is personalised from it."""
+    assert httpx.post(f"{url}/feedback", json={"user_id": "new-listener", "track_id": "t1", "event_type": "like"},
+                      timeout=5).status_code == 202  # fmt: skip
+
+    def every_answer_personalised() -> bool:
+        answers = [httpx.post(f"{url}/recommend", json={"user_id": "new-listener", "k": 5}, timeout=5).json()
+                   for _ in range(16)]  # fmt: skip
+        return all(answer["personalised_from_history"] for answer in answers)
+
+    return until(every_answer_personalised, 10, "both workers to follow the like")
+
+
 def test_killing_one_of_two_workers_under_load_fails_only_its_requests_in_flight(serving_home, tmp_path: Path):
     home = tmp_path / "home"  # a copy: its own warehouse and feedback log
     shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
     settings = load_settings({"RECSYS_HOME": str(home)})
     port = free_port()
     spec = bento_spec(dataclasses.replace(settings, ports={**settings.ports, "bento": port}))
+    # The warehouse poll once, at the start: what the workers share below, they share by their logs.
     stack = Stack(tmp_path / "run", cwd=REPO_ROOT, env={**serving_home.env, **settings.child_env({}),
-                                                         "RECSYS_SERVING_WORKERS": "2"})  # fmt: skip
+                                                         "RECSYS_SERVING_WORKERS": "2",
+                                                         "RECSYS_HISTORY_POLL_SECONDS": "3600"})  # fmt: skip
     stack.start([spec], timeout=180)
     url = f"http://127.0.0.1:{port}"
     outcomes: list[tuple[float, bool]] = []  # (when, answered 200)
@@ -64,6 +80,7 @@ def test_killing_one_of_two_workers_under_load_fails_only_its_requests_in_flight
 
     try:
         until(lambda: len(workers_of(stack.records[0].pid)) == 2, 60, "two workers")
+        followed = like_reaches_every_worker(url)
         threads.extend(threading.Thread(target=load, args=(n,)) for n in range(CLIENTS))
         for thread in threads:
             thread.start()
@@ -84,7 +101,7 @@ def test_killing_one_of_two_workers_under_load_fails_only_its_requests_in_flight
     window = (max(failed) - min(failed)) if failed else 0.0
     print(
         f"\n{len(outcomes)} requests, {len(failed)} failed over {window:.3f} s; /readyz {ready} right after; "
-        f"worker back after {respawned:.1f} s"
+        f"worker back after {respawned:.1f} s; a like followed by both workers after {followed:.2f} s"
     )
     assert ready == 200  # the other worker answers
     assert len(failed) <= CLIENTS  # at most the requests the dead worker held
