@@ -26,7 +26,9 @@ WEIGHTS_FILE = "query_tower.npz"
 @dataclass(frozen=True)
 class QueryTower:
     user_embedding: np.ndarray  # users × d (row 0: the out-of-vocabulary user)
-    history_items: np.ndarray  # items × d: the item-id embedding shared with the candidate tower
+    # items × d: each track's vector in the history, the candidate tower's id embedding (plus its artist
+    # and genre embeddings for a version trained with history_attributes)
+    history_items: np.ndarray
     history_kernel: np.ndarray  # d × d
     features_kernel: np.ndarray | None = None  # features × d (None: the tower took no features)
     history_decay: float = 1.0  # the weight of the k-th most recent track is decay**k (1: the plain mean)
