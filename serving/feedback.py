@@ -492,6 +492,26 @@ def _row_to_json(row: tuple) -> str:
     return json.dumps([v.isoformat() if isinstance(v, datetime) else v for v in row])
 
 
+IMPRESSIONS_PREFIX = b'["i"'  # how a list's impressions line starts (see the module docstring)
+_USER, _TRACK, _TYPE = (list(LISTENING_EVENTS_SCHEMA).index(c) for c in ("user_id", "track_id", "event_type"))
+
+
+def logged_plays(lines: bytes) -> tuple[list[tuple[str, str, str]], int]:
+    """The (user, track, event type) of each event in complete log lines, impressions skipped (for
+    a reader that follows a log without landing it), and how many lines were not valid JSON."""
+    events, invalid = [], 0
+    for line in lines.splitlines():
+        if line.startswith(IMPRESSIONS_PREFIX):
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError:
+            invalid += 1
+            continue
+        events.append((row[_USER], row[_TRACK], row[_TYPE]))
+    return events, invalid
+
+
 def _rows_from_json(line: str) -> list[tuple]:
     """A log line back as the tuples :func:`event_row` makes: one event, or one list's impressions."""
     row = json.loads(line)

@@ -2,8 +2,9 @@
 survives anything it raises, with the liveness ``/readyz`` reads.
 
 The registry poll (``serving/models.py``), the user state's warehouse poll and its follower of the
-other workers' logs (``serving/user_state.py``) run on it. Hand-written: the standard library's ``threading.Timer`` runs
-once, and a scheduler library would add a dependency to the lean serving environment for twenty lines.
+other workers' logs (``serving/user_state.py``) run on it. Hand-written: the standard library's
+``threading.Timer`` runs once, and a scheduler library would add a dependency to the lean serving
+environment for twenty lines.
 """
 
 from __future__ import annotations

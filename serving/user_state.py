@@ -21,7 +21,7 @@ many users is stored once; ``benchmarks/user_state.py`` measures the bytes per u
 
 from __future__ import annotations
 
-import json
+import logging
 import os
 import sys
 import threading
@@ -34,7 +34,10 @@ import polars as pl
 
 from recsys_core.contracts import POSITIVE_EVENT_TYPES
 from recsys_core.warehouse import Warehouse
+from serving.feedback import logged_plays
 from serving.periodic import PeriodicLoop
+
+log = logging.getLogger(__name__)
 
 DEFAULT_PER_USER = 50  # the longest history a version's tower takes, with room: N is 20 by default
 FOLLOW_SECONDS = 0.25  # how often a worker reads what its siblings logged
@@ -227,16 +230,13 @@ class SiblingFeedback:
                 continue
             complete = chunk.rfind(b"\n") + 1
             offsets[path] = offset + complete
+            events, invalid = logged_plays(chunk[:complete])
+            if invalid:  # not acknowledged events: the lander sets such a segment aside when it lands it
+                log.warning("%d lines of %s are not events: skipped", invalid, path.name)
             by_user: dict[str, list[str]] = {}
-            for line in chunk[:complete].splitlines():
-                if line.startswith(b'["i"'):  # a list's impressions, most of the log
-                    continue
-                try:
-                    row = json.loads(line)  # an event_row: id, user, track, artist, time, …, event type (7)
-                except ValueError:  # not an acknowledged event (the lander sets such a segment aside)
-                    continue
-                if row[7] in POSITIVE_EVENT_TYPES:
-                    by_user.setdefault(row[1], []).append(row[2])
+            for user_id, track_id, event_type in events:
+                if event_type in POSITIVE_EVENT_TYPES:
+                    by_user.setdefault(user_id, []).append(track_id)
             for user_id, tracks in by_user.items():
                 self.plays.add(user_id, tracks)
                 added += len(tracks)
