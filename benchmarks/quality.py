@@ -71,6 +71,19 @@ def interactions_from(args, workdir: Path):
     return interactions, tracks, click_model, raw.height
 
 
+def plays_since_cutoff(split) -> dict[str, list[str]]:
+    """Each user's distinct holdout tracks, most recent first: what the service would have seen of
+    them since the cutoff."""
+    import polars as pl
+
+    recent = (
+        split.holdout.sort("played_at", descending=True)
+        .group_by("user_id", maintain_order=True)
+        .agg(pl.col("track_id").unique(maintain_order=True))
+    )
+    return dict(zip(recent["user_id"].to_list(), recent["track_id"].to_list(), strict=True))
+
+
 def served_ctr(trained, split, eval_set, click_model) -> dict[str, float]:
     """Simulated CTR@10 of the lists the service would serve at the end of the simulated holdout.
 
@@ -83,24 +96,19 @@ def served_ctr(trained, split, eval_set, click_model) -> dict[str, float]:
     without the plays since the cutoff for either kind of version, so that only the ranking differs.
     """
     import numpy as np
-    import polars as pl
 
     from recsys_assets.ml.export import export_model
     from recsys_core.scoring import Ranker
 
-    recent = (
-        split.holdout.sort("played_at", descending=True)
-        .group_by("user_id", maintain_order=True)
-        .agg(pl.col("track_id").unique(maintain_order=True))
-    )
-    plays = dict(zip(recent["user_id"].to_list(), recent["track_id"].to_list(), strict=True))
+    plays = plays_since_cutoff(split)
     lists: dict[str, tuple[list[str], list[str], list[int]]] = {"as_served": ([], [], []), "unheard": ([], [], [])}
     with tempfile.TemporaryDirectory() as tmp:
         ranker = Ranker(export_model(trained, split.train, {}, Path(tmp) / "v1", k=10), 1)
         for user in map(str, eval_set.users):
             heard = plays.get(user, [])
             served = ranker.recommend(user, 10 + len(heard), recent=heard).track_ids
-            unheard = [t for t in served if t not in set(heard)][:10]
+            heard_set = set(heard)
+            unheard = [t for t in served if t not in heard_set][:10]
             for name, tracks in (("as_served", served[:10]), ("unheard", unheard)):
                 users, items, counts = lists[name]
                 users += [user] * len(tracks)

@@ -28,7 +28,6 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import numpy as np
-import polars as pl
 
 import recsys_assets  # noqa: F401  (environment first)
 
@@ -60,12 +59,7 @@ def main() -> None:
         trained = train_two_tower(split.train, tracks, (val.train, val.holdout),
                                   TwoTowerParams(history_length=args.history))  # fmt: skip
         ranker = Ranker(export_model(trained, split.train, {}, Path(tmp) / "v1", k=10), 1)
-        heard_since = (
-            split.holdout.sort("played_at", descending=True)
-            .group_by("user_id", maintain_order=True)
-            .agg(pl.col("track_id").unique(maintain_order=True))
-        )
-        plays = dict(zip(heard_since["user_id"].to_list(), heard_since["track_id"].to_list(), strict=True))
+        plays = quality.plays_since_cutoff(split)
         mood = world.a["user_mood"]
         top_share, heard_share, ctr, oracle = [], [], [], []
         for user in map(str, eval_set.users):
