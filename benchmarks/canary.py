@@ -17,6 +17,13 @@ items; a challenger truly better by δ has every item's click probability multip
 simulator's click model). In interleaving, each list holds 5 items from each model (team draft with
 non-overlapping lists); the position effect is balanced by the draft's coin flips and left out.
 
+With ``--models CHAMPION.npz CHALLENGER.npz`` (``benchmarks/session_mood.py --save-ctr``), the users'
+click propensities are two real models' instead: each evaluated user of a simulated world clicks
+each item of a variant's list with the simulated CTR@10 of the list that model serves them (the
+simulator's click model, after their plays since the cutoff); the other propensities and the
+activity are drawn as above. Reported: how the canaries end (``--power`` of them per method) and the
+median impressions to the decision: can the canary see the difference between the two models?
+
 Reported per method: the A/A false-decision rate (the same model in both variants: the share of
 canaries that end on a *significant* promotion or rollback), and for true effects of ±3%, ±5% and
 ±10% relative CTR the share of correct significant decisions and the median impressions (all traffic,
@@ -32,6 +39,7 @@ import os
 import platform
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -49,17 +57,29 @@ class World:
     rejection: np.ndarray
     completion: np.ndarray
     hash: np.ndarray  # the user's canary bucket in [0, 1)
+    challenger_ctr: np.ndarray | None = None  # per user, with --models (else ctr × (1 + lift))
 
 
-def world(rng: np.random.Generator, users: int) -> World:
+def world(rng: np.random.Generator, users: int, models: tuple[np.ndarray, np.ndarray] | None = None) -> World:
+    """Random heterogeneous users, or with ``models`` (champion's and challenger's CTR per user), those."""
+    if models is not None:
+        users = len(models[0])
     activity = rng.lognormal(0.0, 1.2, users)
     return World(
         activity=np.cumsum(activity / activity.sum()),
-        ctr=rng.beta(1.2, 2.8, users),
+        ctr=rng.beta(1.2, 2.8, users) if models is None else models[0],
         rejection=rng.beta(1.0, 19.0, users),
         completion=rng.beta(6.0, 4.0, users),
         hash=rng.random(users),
+        challenger_ctr=None if models is None else models[1],
     )
+
+
+def model_ctrs(champion: Path, challenger: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The per-user CTRs of two ``session_mood.py --save-ctr`` files, on the users both evaluated."""
+    with np.load(champion) as a, np.load(challenger) as b:
+        _, ia, ib = np.intersect1d(a["users"], b["users"], return_indices=True)
+        return a["ctr"][ia], b["ctr"][ib]
 
 
 # --- the previous test, verbatim in substance (recsys_assets/ml/canary.py before this change) ---------
@@ -94,8 +114,11 @@ def old_decision(a: dict, b: dict, min_impressions: int, max_impressions: int, a
 # --- one simulated canary -------------------------------------------------------------------------
 
 
-def _responses(rng, w: World, users: np.ndarray, n_items: int, lift: float) -> dict[str, np.ndarray]:
-    p = np.minimum(w.ctr[users] * (1 + lift), 1.0)
+def _responses(rng, w: World, users: np.ndarray, n_items: int, lift: float, challenger: bool = False):
+    if challenger and w.challenger_ctr is not None:
+        p = w.challenger_ctr[users]
+    else:
+        p = np.minimum(w.ctr[users] * (1 + (lift if challenger else 0.0)), 1.0)
     clicks = rng.binomial(n_items, p)
     return {
         "impressions": np.full(len(users), n_items, dtype=np.int64),
@@ -117,8 +140,8 @@ def _arm(acc: dict[str, np.ndarray], who: np.ndarray) -> Arm:
 def simulate(method: str, lift: float, rng: np.random.Generator, args) -> tuple[str, int, int]:
     """Run one canary to its decision; return (decision, challenger impressions by then, impressions of
     all traffic by then)."""
-    w = world(rng, args.users)
-    n = args.users
+    w = world(rng, args.users, args.model_ctrs)
+    n = len(w.ctr)
     steps = (0.3,) if method == "old" else tuple(args.steps)
     rules = CanaryRules(steps=steps, min_impressions=args.min_impressions, max_impressions=args.max_impressions,
                         tau=args.tau)  # fmt: skip
@@ -136,9 +159,9 @@ def simulate(method: str, lift: float, rng: np.random.Generator, args) -> tuple[
             # The other users get the champion's list, outside the test.
             canary = users[in_canary]
             _add(champion_acc, canary, _responses(rng, w, canary, K // 2, 0.0))
-            _add(challenger_acc, canary, _responses(rng, w, canary, K // 2, lift))
+            _add(challenger_acc, canary, _responses(rng, w, canary, K // 2, lift, challenger=True))
         else:
-            _add(challenger_acc, users[in_canary], _responses(rng, w, users[in_canary], K, lift))
+            _add(challenger_acc, users[in_canary], _responses(rng, w, users[in_canary], K, lift, challenger=True))
             _add(champion_acc, users[~in_canary], _responses(rng, w, users[~in_canary], K, 0.0))
         total_impressions += chunk * K
         a_total = sum(acc[0]["impressions"].sum() for acc in per_step)
@@ -172,6 +195,28 @@ def simulate(method: str, lift: float, rng: np.random.Generator, args) -> tuple[
                 continue
         if action != "wait":
             return action, int(b_total), total_impressions
+
+
+def run_models(args) -> dict:
+    """``--models``: how the canaries between the two real models end."""
+    results: dict[str, dict] = {}
+    champion, challenger = args.model_ctrs
+    print(f"{len(champion)} users; mean CTR@10 champion {champion.mean():.4f}, challenger {challenger.mean():.4f}")
+    for method in args.methods:
+        rng = np.random.default_rng([args.seed, MODES_SEED[method]])
+        outcomes = [simulate(method, 0.0, rng, args) for _ in range(args.power)]
+        ends = {a: sum(1 for action, *_ in outcomes if action == a) / len(outcomes) for a, *_ in outcomes}
+        promoted = [(exposed, traffic) for action, exposed, traffic in outcomes if action == "promote"]
+        results[method] = {
+            "canaries": len(outcomes),
+            "ends": ends,
+            "impressions_to_promotion": int(np.median([p[0] for p in promoted])) if promoted else None,
+            "traffic_impressions_to_promotion": int(np.median([p[1] for p in promoted])) if promoted else None,
+        }
+        print(f"{method:<13} {ends}; median challenger impressions to promotion "
+              f"{results[method]['impressions_to_promotion']}", flush=True)  # fmt: skip
+    return {"champion_ctr": float(champion.mean()), "challenger_ctr": float(challenger.mean()),
+            "users": len(champion), "methods": results}  # fmt: skip
 
 
 def run(args) -> dict:
@@ -220,11 +265,14 @@ def main() -> None:
     parser.add_argument("--tau", type=float, default=CanaryRules.tau)
     parser.add_argument("--methods", nargs="+", default=["old", AB, INTERLEAVING])
     parser.add_argument("--seed", type=int, default=7)
+    parser.add_argument("--models", type=Path, nargs=2, metavar=("CHAMPION", "CHALLENGER"),
+                        help="per-user CTRs of two models (benchmarks/session_mood.py --save-ctr)")  # fmt: skip
     args = parser.parse_args()
+    args.model_ctrs = model_ctrs(*args.models) if args.models else None
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}")
     print(f"{args.users} users, looks every {args.min_impressions} impressions on the smaller variant up to "
           f"{args.max_impressions}; steps {args.steps} (old: 30%)", flush=True)  # fmt: skip
-    results = run(args)
+    results = run_models(args) if args.models else run(args)
     print(json.dumps(results))
 
 

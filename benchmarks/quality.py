@@ -221,6 +221,8 @@ def main() -> None:
             "train_seconds": wall,
             "examples_per_second": trained.examples_per_second,
             "popularity_prior": trained.popularity_prior,
+            "session_weight": trained.session_weight,
+            "session_scores": trained.session_scores,
             "best_epoch": trained.best_epoch,
             # What the defaults are chosen on (never the holdout): the early-stopping epoch's score.
             "val_recall@20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),

@@ -11,6 +11,14 @@ counted as a position; then it appends the popularity prior's constant 1. This i
 arithmetic in float32 numpy (a test checks it against the SavedModel to 1e-5), so the serving plane
 needs no TensorFlow: at 64 dimensions and 50 history items it is one gather, one weighted mean and
 two small matrix-vector products (``benchmarks/query_tower.py``).
+
+Then the **session term** (:meth:`QueryTower.with_session`): the query of a user who has played
+something since the version's cutoff moves towards those plays, by ``session_weight`` times its own
+norm, along the mean direction of the last ``session_length`` of them (the unit candidate vectors
+of their tracks). Trained on in-batch softmax over pairs, the tower learns each user's long-term
+taste from the history, not what they are listening to right now (docs/benchmarks.md, "Simulated
+CTR@10"); the weight is picked at training on a next-play validation (``0`` where following the
+last plays does not predict the next one). It is a step of the scorer, not of the SavedModel.
 """
 
 from __future__ import annotations
@@ -32,6 +40,8 @@ class QueryTower:
     history_kernel: np.ndarray  # d × d
     features_kernel: np.ndarray | None = None  # features × d (None: the tower took no features)
     history_decay: float = 1.0  # the weight of the k-th most recent track is decay**k (1: the plain mean)
+    session_weight: float = 0.0  # the session term's weight (0: off; versions before it had none)
+    session_length: int = 0  # the session term's last plays
 
     @classmethod
     def load(cls, directory: Path) -> QueryTower | None:
@@ -48,12 +58,16 @@ class QueryTower:
                 None if kernel is None else kernel.astype(np.float32),
                 # Versions written before the recency weighting pooled with the plain mean.
                 float(weights["history_decay"]) if "history_decay" in weights.files else 1.0,
+                float(weights["session_weight"]) if "session_weight" in weights.files else 0.0,
+                int(weights["session_length"]) if "session_length" in weights.files else 0,
             )
 
     def save(self, directory: Path) -> None:
         arrays = {"user_embedding": self.user_embedding, "history_items": self.history_items,
                   "history_kernel": self.history_kernel,
-                  "history_decay": np.float32(self.history_decay)}  # fmt: skip
+                  "history_decay": np.float32(self.history_decay),
+                  "session_weight": np.float32(self.session_weight),
+                  "session_length": np.int32(self.session_length)}  # fmt: skip
         if self.features_kernel is not None:
             arrays["features_kernel"] = self.features_kernel
         np.savez(Path(directory) / WEIGHTS_FILE, **arrays)
@@ -89,6 +103,30 @@ class QueryTower:
         powers = np.float32(self.history_decay) ** np.arange(histories.shape[1], dtype=np.float32)
         return np.where(mask, powers[np.maximum(position, 0)], np.float32(0.0))
 
+    def with_session(self, query: np.ndarray, played: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """``query`` (d + 1, the prior's 1 last) with the session term of ``played`` (item rows since the
+        cutoff, most recent first; rows ≤ 0 ignored); ``directions``: :func:`unit_directions` of the
+        version's item embeddings. One row of :meth:`with_session_many`."""
+        rows = np.asarray(played)
+        return self.with_session_many(query[None, :], rows[rows > 0][None, :], directions)[0]
+
+    def with_session_many(self, queries: np.ndarray, played: np.ndarray, directions: np.ndarray) -> np.ndarray:
+        """``queries`` (users × d+1) moved towards their sessions: ``+ session_weight · ‖x‖ · mean`` of the
+        unit candidate vectors of the first ``session_length`` known rows of ``played`` (users × n, most
+        recent first, 0-padded), ``x`` the query without the prior's 1. Rows with nothing played, or a
+        weight of 0: unchanged."""
+        if not self.session_weight or not self.session_length or not played.shape[1]:
+            return queries
+        head = played[:, : self.session_length]  # the known rows come first: rows are compacted left
+        mask = (head > 0).astype(np.float32)
+        mean = np.einsum("un,und->ud", mask, directions[np.maximum(head, 0)]) / np.maximum(
+            mask.sum(axis=1, keepdims=True), 1.0
+        )
+        out = queries.copy()
+        x = out[:, :-1]
+        x += np.float32(self.session_weight) * np.linalg.norm(x, axis=1, keepdims=True) * mean
+        return out
+
     def embed_all(self, features: np.ndarray | None, histories: np.ndarray, chunk: int = 8192) -> np.ndarray:
         """Every user's embedding from their exported features and history (what a version's users are
         served with until they play something new), ``chunk`` users at a time to bound the memory."""
@@ -98,3 +136,19 @@ class QueryTower:
             rows = np.arange(start, min(start + chunk, n))
             out[rows] = self.embed_many(rows, None if features is None else features[rows], histories[rows])
         return out
+
+
+def unit_directions(item_embeddings: np.ndarray) -> np.ndarray:
+    """Each item's candidate vector without the prior's column, scaled to unit length (zeros stay
+    zeros): what :meth:`QueryTower.with_session` averages."""
+    vectors = np.asarray(item_embeddings, dtype=np.float32)[:, :-1]
+    norms = np.linalg.norm(vectors, axis=1, keepdims=True)
+    return np.ascontiguousarray(vectors / np.where(norms > 0, norms, 1.0))
+
+
+def merged_history(played: np.ndarray, exported: np.ndarray, n: int) -> np.ndarray:
+    """A user's history for the tower: ``played`` (known item rows since the cutoff, most recent first)
+    before the ``exported`` history at the cutoff (a track already in it keeps its place: the history
+    orders tracks by first play, as the training did), ``n`` rows at most."""
+    exported = exported[exported > 0]
+    return np.concatenate([played[~np.isin(played, exported)], exported])[:n]

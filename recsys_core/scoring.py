@@ -11,7 +11,8 @@ With a history-aware version (``query_tower.npz``), the user vectors are the num
 (:mod:`recsys_core.query_tower`) over each user's exported features and history at the training
 cutoff, computed once at load; a request that brings the user's plays since then (``recent``: the
 service's user state) gets its query from the same tower over those plays and the exported history,
-and those plays are filtered out like the training's. The offline evaluation scores the same vectors:
+moved towards those plays by the version's session term, and those plays are filtered out like the
+training's. The offline evaluation scores the same vectors:
 what it measures is what a user without new plays is served.
 
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
@@ -34,7 +35,7 @@ import polars as pl
 
 from recsys_core.ann import DEFAULT_MIN_ITEMS, INDEX_FILE, AnnIndex
 from recsys_core.model_version import ModelArtifact
-from recsys_core.query_tower import QueryTower
+from recsys_core.query_tower import QueryTower, merged_history, unit_directions
 
 # A user who heard more tracks than this is ranked exactly even when an index is there: the index
 # would have to over-fetch them all.
@@ -123,6 +124,7 @@ class Ranker:
             raise ValueError(f"model version {version}: its manifest names an ANN index, {INDEX_FILE} is missing")
         self.ann = AnnIndex.load(artifact.path, entry) if use_index else None
         self.tower = QueryTower.load(artifact.path)
+        self._directions: np.ndarray | None = None  # the session term's (with_session), when the version has one
         if self.tower is not None:
             _check_tower(self.tower, artifact, version)
             self._features = np.load(artifact.path / "user_features.npy").astype(np.float32)
@@ -134,6 +136,7 @@ class Ranker:
             self.users = self.tower.embed_all(self._features if self.tower.features_kernel is not None else None,
                                               self._history)  # fmt: skip
             self._item_rows = {t: i for i, t in enumerate(self.item_ids) if i}
+            self._directions = unit_directions(artifact.item_embeddings) if self.tower.session_weight else None
 
     @classmethod
     def load(cls, path: Path, version: int, ann_min_items: int = DEFAULT_MIN_ITEMS) -> Ranker:
@@ -153,7 +156,8 @@ class Ranker:
 
         ``recent``: the user's positive tracks since the version's cutoff, most recent first. Those
         the version knows go before the exported history (a track already in it keeps its place: the
-        history orders tracks by first play, as the training did), N at most, through the tower.
+        history orders tracks by first play, as the training did), N at most, through the tower; then
+        the query moves towards them by the version's session term (``QueryTower.with_session``).
         """
         row = self.artifact.user_row(user_id)
         played = _NO_ROWS
@@ -162,11 +166,12 @@ class Ranker:
             played = played[played > 0]
         if not len(played):
             return (self.users[row] if row else None), played
-        exported = self._history[row]
-        exported = exported[exported > 0]
-        history = np.concatenate([played[~np.isin(played, exported)], exported])[: self.history_length]
+        history = merged_history(played, self._history[row], self.history_length)
         features = self._features[row] if self.tower.features_kernel is not None else None
-        return self.tower.embed(row, features, history), played
+        query = self.tower.embed(row, features, history)
+        if self._directions is not None:
+            query = self.tower.with_session(query, played, self._directions)
+        return query, played
 
     def top_rows(self, user_id: str, k: int, recent: Sequence[str] = ()) -> tuple[np.ndarray, np.ndarray, bool]:
         """Item rows and scores of the top ``k`` for ``user_id``; popularity for users it cannot

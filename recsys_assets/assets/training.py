@@ -59,6 +59,17 @@ class TwoTowerConfig(dg.Config):
         "instead of their id embedding alone (docs/benchmarks.md: better on the global protocol's validation, "
         "worse on the per-user one's).",
     )
+    mask_history_negatives: bool = Field(
+        default=_DEFAULTS.mask_history_negatives,
+        description="Leave an example's own history tracks out of its in-batch negatives (they are never its "
+        "target, so as negatives they teach the tower to move away from what was just played).",
+    )
+    session_length: int = Field(
+        default=_DEFAULTS.session_length,
+        ge=0,
+        description="The session term: the query moves towards the user's last N plays since the cutoff, by a "
+        "weight picked on a next-play validation (0: no session term).",
+    )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
 
     def params(self) -> TwoTowerParams:
@@ -167,6 +178,7 @@ def two_tower_model(
                 "train_seconds": trained.train_seconds,
                 "examples_per_second": trained.examples_per_second,
                 "best_epoch": trained.best_epoch,
+                "session_weight": trained.session_weight,
             },
             history=trained.history,
             tags={f"recsys.{k}": str(v) for k, v in lineage.items()},
@@ -197,6 +209,9 @@ def two_tower_model(
             "train_interactions": dg.MetadataValue.int(lineage["train_interactions"]),
             "train_pairs": dg.MetadataValue.int(trained.pairs),
             "best_epoch": dg.MetadataValue.int(trained.best_epoch),
+            # The session term's weight and the next-play validation it was picked on.
+            "session_weight": dg.MetadataValue.float(trained.session_weight),
+            "session_validation": markdown_table(pl.DataFrame(trained.session_scores), limit=10),
             "train_seconds": dg.MetadataValue.float(round(trained.train_seconds, 2)),
             "examples_per_second": dg.MetadataValue.float(round(trained.examples_per_second, 1)),
             "data_hash": dg.MetadataValue.text(lineage["data_hash"]),

@@ -14,7 +14,6 @@ import polars as pl
 from recsys_core import ann
 from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.model_version import FORMAT_VERSION, ModelArtifact
-from recsys_core.query_tower import QueryTower
 
 
 def export_model(
@@ -61,7 +60,7 @@ def export_model(
     np.save(tmp / "user_features.npy", trained.user_features)
     if trained.user_history is not None:  # item rows, most recent first: the users' state at the cutoff
         np.save(tmp / "user_history.npy", trained.user_history)
-        _query_tower_weights(trained).save(tmp)
+        trained.query_tower().save(tmp)
     np.savez(tmp / "seen.npz", indptr=indptr.astype(np.int64), indices=item_rows[order].astype(np.int32))
     _export_savedmodels(trained, tmp, k)
     full = {
@@ -73,6 +72,8 @@ def export_model(
         "query_genres": vocab.query_genres,
         "history_length": int(trained.params.history_length),
         "history_decay": float(trained.params.history_decay),
+        "session_weight": float(trained.session_weight),
+        "session_length": int(trained.params.session_length if trained.session_weight else 0),
         "index_k": k,
     }
     if len(vocab.items) - 1 >= ann_min_items:
@@ -82,25 +83,6 @@ def export_model(
         raise FileExistsError(f"{path} already exists: a model version is never overwritten")
     os.replace(tmp, path)
     return ModelArtifact.load(path)
-
-
-def _query_tower_weights(trained) -> QueryTower:
-    """The history-aware query tower's weights, for :mod:`recsys_core.query_tower` (numpy)."""
-    from recsys_assets.ml.two_tower import attribute_rows
-
-    core = trained.model.query_tower
-    items = core.item_embedding.embeddings.numpy()
-    if trained.params.history_attributes:  # the candidate tower's whole track vector: id + artist + genre
-        artist_of, genre_of = attribute_rows(trained.item_frame, trained.vocab)
-        artists, genres = core.artist_embedding.embeddings.numpy(), core.genre_embedding.embeddings.numpy()
-        items = items + artists[artist_of] + genres[genre_of]
-    return QueryTower(
-        user_embedding=core.user_embedding.embeddings.numpy(),
-        history_items=items,
-        history_kernel=core.history_projection.kernel.numpy(),
-        features_kernel=core.features.kernel.numpy() if core.use_features else None,
-        history_decay=float(trained.params.history_decay),
-    )
 
 
 def _export_savedmodels(trained, directory: Path, k: int) -> None:

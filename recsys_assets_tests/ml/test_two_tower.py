@@ -219,6 +219,44 @@ def test_the_latest_history_is_each_users_last_tracks_most_recent_first() -> Non
     assert got[0].tolist() == [0, 0]  # the out-of-vocabulary user has no history
 
 
+def test_an_example_s_history_tracks_are_not_its_negatives() -> None:
+    """The score mask leaves out, row by row, the in-batch candidates that are in that row's history
+    (every column holding the track, when the batch holds it twice), never the row's own target."""
+    from recsys_assets.ml.two_tower import history_score_mask
+
+    targets = np.array([5, 7, 5, 9])
+    histories = np.array([[7, 0], [5, 9], [0, 0], [3, 5]])  # 3: a track no example of the batch targets
+    got = history_score_mask(histories, targets, 10).numpy()
+    assert got.tolist() == [
+        [True, False, True, True],  # row 0 heard 7 (column 1)
+        [False, True, False, False],  # row 1 heard 5 (columns 0 and 2) and 9 (column 3)
+        [True, True, True, True],  # row 2 heard nothing
+        [False, True, False, True],  # row 3 heard 5 (columns 0 and 2); 3 is no candidate
+    ]
+
+
+def test_the_next_play_validation_by_hand() -> None:
+    """Per user: the last track new to them in the validation part is the target, the tracks they
+    played there before it (most recent first) what the service would have heard."""
+    from recsys_assets.ml.two_tower import next_plays
+
+    t = datetime(2026, 11, 1, tzinfo=UTC)
+    fit = pl.DataFrame({"user_id": ["a", "b"], "track_id": ["t9", "t1"], "played_at": [t, t], "weight": [1.0, 1.0]})
+    at = [t.replace(day=d) for d in (2, 3, 4, 5, 2, 3, 2)]
+    val = pl.DataFrame(
+        {
+            "user_id": ["a", "a", "a", "a", "b", "b", "c"],
+            "track_id": ["t1", "t2", "t3", "t9", "t2", "t1", "t4"],
+            "played_at": at,
+            "weight": [1.0] * 7,
+        }
+    )
+    got = next_plays(fit, val, np.array(["a", "b", "c"], dtype=object)).sort("user_id")
+    # a: t9 was in a's fit part, so the target is t3, after t2 and t1; b: t1 is not new, t2 has nothing
+    # before it; c: a single play, nothing heard before it.
+    assert got.rows() == [("a", ["t2", "t1"], "t3")]
+
+
 def test_the_history_tower_trains_and_its_savedmodel_reproduces_the_embeddings(tiny_world, tmp_path) -> None:
     """history_length > 0: the exported query tower takes the history's track ids and gives the
     embeddings the version carries (computed from each user's history at the cutoff)."""
@@ -283,11 +321,30 @@ def test_the_one_scorer_ranks_from_the_plays_since_the_cutoff(trained, tmp_path)
     assert not np.allclose(ranker.query(user, liked)[0], ranker.users[artifact.user_row(user)])
     assert not after.fallback
     assert not after.personalised_from_history
+    # The session term: the query is the tower's over the merged history, moved towards the plays.
+    from recsys_core.query_tower import merged_history, unit_directions
 
-    # A track already in the exported history keeps its place (first play): the query does not move.
     row = artifact.user_row(user)
-    old = str(artifact.item_ids[ranker._history[row][ranker._history[row] > 0][-1]])
-    np.testing.assert_allclose(ranker.query(user, (old,))[0], ranker.users[row], rtol=1e-5, atol=1e-6)
+    played = np.array([ranker._item_rows[t] for t in liked])
+    tower = ranker.tower
+    assert tower.session_weight == model.session_weight
+    assert [s["session_weight"] for s in model.session_scores] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+    expected = tower.with_session(
+        tower.embed(row, ranker._features[row], merged_history(played, ranker._history[row], ranker.history_length)),
+        played,
+        unit_directions(artifact.item_embeddings),
+    )
+    np.testing.assert_allclose(ranker.query(user, liked)[0], expected, rtol=1e-6)
+
+    # A track already in the exported history keeps its place (first play): the tower's query does not
+    # move; only the session term does (the user is playing it now).
+    old_row = ranker._history[row][ranker._history[row] > 0][-1]
+    old = str(artifact.item_ids[old_row])
+    np.testing.assert_allclose(
+        ranker.query(user, (old,))[0],
+        tower.with_session(ranker.users[row], np.array([old_row]), unit_directions(artifact.item_embeddings)),
+        rtol=1e-5, atol=1e-6,
+    )  # fmt: skip
 
     # A user the version does not know: popularity until they play a track it knows, then personalised.
     assert ranker.recommend("new-user", 10).fallback

@@ -105,3 +105,38 @@ def test_the_query_tower_pools_the_history_by_recency(tmp_path) -> None:
     plain = QueryTower.load(tmp_path)
     assert plain.history_decay == 1.0
     np.testing.assert_allclose(plain.embed(1, None, history[0])[:dim], (items[4] + items[2] + items[5]) / 3, rtol=1e-6)
+
+
+def test_the_session_term_moves_the_query_towards_the_last_plays(tmp_path) -> None:
+    """query + weight · ‖x‖ · the mean unit candidate vector of the last `session_length` known plays;
+    unknown rows and padding are skipped; no plays or a zero weight leave the query alone; the weight
+    survives the npz, and a version written before the session term has none."""
+    from recsys_core.query_tower import QueryTower, unit_directions
+
+    dim = 2
+    items = np.array([[0, 0, 0], [3, 4, 9], [0, 2, 9], [1, 0, 9], [5, 5, 9]], dtype=np.float32)  # last: the prior
+    directions = unit_directions(items)
+    np.testing.assert_allclose(directions[:4], [[0, 0], [0.6, 0.8], [0, 1], [1, 0]], rtol=1e-6)
+    tower = QueryTower(
+        user_embedding=np.zeros((2, dim), dtype=np.float32),
+        history_items=np.zeros((5, dim), dtype=np.float32),
+        history_kernel=np.eye(dim, dtype=np.float32),
+        session_weight=0.5,
+        session_length=2,
+    )
+    query = np.array([3.0, 4.0, 1.0], dtype=np.float32)  # ‖x‖ = 5
+    moved = tower.with_session(query, np.array([2, 0, 1, 3]), directions)  # the last two known: rows 2 and 1
+    np.testing.assert_allclose(moved, [3 + 0.5 * 5 * 0.3, 4 + 0.5 * 5 * 0.9, 1.0], rtol=1e-6)
+    np.testing.assert_allclose(query, [3, 4, 1])  # the caller's query is not written to
+    np.testing.assert_array_equal(tower.with_session(query, np.array([0, 0]), directions), query)
+    np.testing.assert_array_equal(tower.with_session(query, np.array([], dtype=np.int64), directions), query)
+    off = QueryTower(tower.user_embedding, tower.history_items, tower.history_kernel, session_length=2)
+    np.testing.assert_array_equal(off.with_session(query, np.array([2, 1]), directions), query)
+
+    tower.save(tmp_path)
+    loaded = QueryTower.load(tmp_path)
+    assert (loaded.session_weight, loaded.session_length) == (0.5, 2)
+    weights = dict(np.load(tmp_path / "query_tower.npz"))
+    del weights["session_weight"], weights["session_length"]
+    np.savez(tmp_path / "query_tower.npz", **weights)  # as a version written before the session term
+    assert QueryTower.load(tmp_path).session_weight == 0.0
