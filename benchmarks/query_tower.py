@@ -1,7 +1,7 @@
 """Benchmark: the numpy query tower's cost per request (``recsys_core.query_tower``), the price of a
 user embedding computed from the user's history at request time instead of read from the version.
 
-    .venv/bin/python benchmarks/query_tower.py [--dim 64 --history 50 --decay 0.9 --session 1 --users 100000 --items 10000]
+    .venv/bin/python benchmarks/query_tower.py [--dim 64 --history 50 --decay 0.9 --session 1 --users 100000]
 
 Random weights cost exactly what trained ones do. Median and p99 of single calls (one request: one
 user: the tower, then the session term over the last five plays unless ``--session 0``), five rounds

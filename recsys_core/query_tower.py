@@ -23,6 +23,7 @@ last plays does not predict the next one). It is a step of the scorer, not of th
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -104,27 +105,18 @@ class QueryTower:
         return np.where(mask, powers[np.maximum(position, 0)], np.float32(0.0))
 
     def with_session(self, query: np.ndarray, played: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        """``query`` (d + 1, the prior's 1 last) with the session term of ``played`` (item rows since the
-        cutoff, most recent first; rows ≤ 0 ignored); ``directions``: :func:`unit_directions` of the
-        version's item embeddings. One row of :meth:`with_session_many`."""
+        """``query`` (d + 1, the prior's 1 last) moved towards the session: ``+ session_weight · ‖x‖ ·`` the
+        mean of the unit candidate vectors (``directions``: :func:`unit_directions` of the version's
+        item embeddings) of the first ``session_length`` known rows of ``played`` (item rows since the
+        cutoff, most recent first; rows ≤ 0 skipped), ``x`` the query without the prior's 1. Nothing
+        played, or a weight of 0: the query itself. A few microseconds: it runs per request."""
         rows = np.asarray(played)
-        return self.with_session_many(query[None, :], rows[rows > 0][None, :], directions)[0]
-
-    def with_session_many(self, queries: np.ndarray, played: np.ndarray, directions: np.ndarray) -> np.ndarray:
-        """``queries`` (users × d+1) moved towards their sessions: ``+ session_weight · ‖x‖ · mean`` of the
-        unit candidate vectors of the first ``session_length`` known rows of ``played`` (users × n, most
-        recent first, 0-padded), ``x`` the query without the prior's 1. Rows with nothing played, or a
-        weight of 0: unchanged."""
-        if not self.session_weight or not self.session_length or not played.shape[1]:
-            return queries
-        head = played[:, : self.session_length]  # the known rows come first: rows are compacted left
-        mask = (head > 0).astype(np.float32)
-        mean = np.einsum("un,und->ud", mask, directions[np.maximum(head, 0)]) / np.maximum(
-            mask.sum(axis=1, keepdims=True), 1.0
-        )
-        out = queries.copy()
-        x = out[:, :-1]
-        x += np.float32(self.session_weight) * np.linalg.norm(x, axis=1, keepdims=True) * mean
+        rows = rows[rows > 0][: self.session_length]
+        if not self.session_weight or not len(rows):
+            return query
+        out = np.array(query, dtype=np.float32)  # a copy: the caller's query is not written to
+        x = out[:-1]
+        x += np.float32(self.session_weight * math.sqrt(float(x @ x)) / len(rows)) * directions[rows].sum(axis=0)
         return out
 
     def embed_all(self, features: np.ndarray | None, histories: np.ndarray, chunk: int = 8192) -> np.ndarray:

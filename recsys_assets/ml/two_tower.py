@@ -498,14 +498,11 @@ def _pick_session(
         histories[i, : len(merged)] = merged
     features = state["user_features"][users] if tower.features_kernel is not None else None
     queries = tower.embed_many(users, features, histories)
-    heads = np.zeros((len(users), params.session_length), dtype=np.int64)
-    for i, p in enumerate(played):
-        heads[i, : min(len(p), params.session_length)] = p[: params.session_length]
     seen = _seen_rows(fit_part, vocab)
     scores = []
     for weight in SESSION_WEIGHTS:
         moved = replace(tower, session_weight=weight, session_length=params.session_length)
-        q = moved.with_session_many(queries, heads, directions)
+        q = np.stack([moved.with_session(query, p, directions) for query, p in zip(queries, played, strict=True)])
         gains = []
         for start in range(0, len(users), 256):
             part = slice(start, start + 256)
