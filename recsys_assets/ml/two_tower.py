@@ -451,13 +451,13 @@ def numpy_query_tower(model, params: TwoTowerParams, items: pl.DataFrame, vocab:
     )
 
 
-def next_plays(fit_part: pl.DataFrame, val_part: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
-    """The next-play validation of the session term: for each of ``users`` with a track new to them in
-    ``val_part`` after at least one other track there, ``target`` (the last such track) and ``recent``
-    (the distinct tracks they played in ``val_part`` before it, most recent first): what the service
-    would have heard from them since the cutoff, and what they played next."""
+def next_plays(fit_pairs: pl.DataFrame, val_part: pl.DataFrame, users: np.ndarray) -> pl.DataFrame:
+    """The next-play validation of the session term: for each of ``users`` with a track new to them
+    (not in ``fit_pairs``) in ``val_part`` after at least one other track there, ``target`` (the last
+    such track) and ``recent`` (the distinct tracks they played in ``val_part`` before it, most recent
+    first): what the service would have heard from them since the cutoff, and what they played next."""
     heard = training_pairs(val_part.filter(pl.col("user_id").is_in(users.astype(str).tolist())))
-    new = heard.join(fit_part.select("user_id", "track_id").unique(), on=["user_id", "track_id"], how="anti")
+    new = heard.join(fit_pairs.select("user_id", "track_id").unique(), on=["user_id", "track_id"], how="anti")
     targets = new.sort("user_id", "first_at", "track_id").group_by("user_id", maintain_order=True).last()
     return (
         heard.join(targets.select("user_id", pl.col("first_at").alias("target_at")), on="user_id")
@@ -470,14 +470,14 @@ def next_plays(fit_part: pl.DataFrame, val_part: pl.DataFrame, users: np.ndarray
 
 
 def _pick_session(
-    model, vocab, items, state, fit_part, val_part, validation: EvalSet, params, prior: float
+    model, vocab, items, state, fit_pairs, val_part, validation: EvalSet, params, prior: float
 ) -> tuple[float, list[dict]]:
     """The session term's weight (``SESSION_WEIGHTS``) with the best next-play NDCG@20 on the validation
     split: each user's query as the scorer builds it after their earlier validation plays, the target
     ranked among the tracks they had not heard (their training tracks and those plays left out)."""
     from recsys_core.query_tower import merged_history, unit_directions
 
-    cases = next_plays(fit_part, val_part, validation.users)
+    cases = next_plays(fit_pairs, val_part, validation.users)
     played = [Vocabulary.index(pl.Series(r, dtype=pl.String), vocab.items) for r in cases["recent"]]
     targets = Vocabulary.index(cases["target"], vocab.items)
     keep = np.array([bool((p > 0).any()) for p in played], dtype=bool) & (targets > 0)
@@ -487,8 +487,7 @@ def _pick_session(
     targets = targets[keep]
     played = [p[p > 0] for p, k in zip(played, keep, strict=True) if k]
     user_emb, item_emb = _embeddings(model, vocab, items, state)
-    _, candidates = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(
-        training_pairs(fit_part), vocab))  # fmt: skip
+    _, candidates = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(fit_pairs, vocab))
     directions = unit_directions(candidates)
     tower = numpy_query_tower(model, params, items, vocab)
     n = params.history_length
@@ -498,7 +497,7 @@ def _pick_session(
         histories[i, : len(merged)] = merged
     features = state["user_features"][users] if tower.features_kernel is not None else None
     queries = tower.embed_many(users, features, histories)
-    seen = _seen_rows(fit_part, vocab)
+    seen = _seen_rows(fit_pairs, vocab)
     scores = []
     for weight in SESSION_WEIGHTS:
         moved = replace(tower, session_weight=weight, session_length=params.session_length)
@@ -770,7 +769,7 @@ def train_two_tower(
             log.info("popularity prior on the validation split: %s -> alpha %s", prior_scores, prior)
         if params.history_length and params.session_length and len(validation.users):
             session_weight, session_scores = _pick_session(
-                model, vocab, items, fit_state, fit_part, val_part, validation, params, prior
+                model, vocab, items, fit_state, fit_pairs, val_part, validation, params, prior
             )
         if params.refit == "warm":
             runs.append(_fit(model, pairs, items, vocab, state, params, params.refit_epochs, None, progress, "refit"))
