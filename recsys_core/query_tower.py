@@ -109,7 +109,7 @@ class QueryTower:
         mean of the unit candidate vectors (``directions``: :func:`unit_directions` of the version's
         item embeddings) of the first ``session_length`` known rows of ``played`` (item rows since the
         cutoff, most recent first; rows ≤ 0 skipped), ``x`` the query without the prior's 1. Nothing
-        played, or a weight of 0: the query itself. A few microseconds: it runs per request."""
+        played, or a weight of 0: the query itself. About 0.01 ms: it runs per request."""
         rows = np.asarray(played)
         rows = rows[rows > 0][: self.session_length]
         if not self.session_weight or not len(rows):
