@@ -508,7 +508,7 @@ def _pick_session(
             s = q[part] @ candidates.T
             s[:, 0] = -np.inf
             for i, (u, p) in enumerate(zip(users[part], played[part], strict=True)):
-                s[i, seen.get(int(u), _NONE)] = -np.inf
+                s[i, seen.get(int(u), _NO_ROWS)] = -np.inf
                 s[i, p] = -np.inf
             target = s[np.arange(len(s)), targets[part]]
             rank = (s > target[:, None]).sum(axis=1)
@@ -519,7 +519,7 @@ def _pick_session(
     return best["session_weight"], [{**s, "users": len(users)} for s in scores]
 
 
-_NONE = np.empty(0, dtype=np.int64)
+_NO_ROWS = np.empty(0, dtype=np.int64)
 
 
 def _seen_rows(pairs: pl.DataFrame, vocab: Vocabulary) -> dict[int, np.ndarray]:
