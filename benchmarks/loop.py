@@ -105,9 +105,9 @@ def main() -> None:
     parser.add_argument("--keep", help="keep RECSYS_HOME in this directory")
     args = parser.parse_args()
 
-    from recsys_assets.data.simulation import simulate_history, stream_tick, world_dir
-    from recsys_assets.data.simulator import World
-    from recsys_assets.stack.supervisor import free_port
+    from recsys_sim.simulation import simulate_history, stream_tick, world_dir
+    from recsys_sim.simulator import World
+    from recsys_cli.stack.supervisor import free_port
     from recsys_assets.triggers import new_positive_events
     from recsys_core.registry import CHAMPION, Registry
     from recsys_core.settings import load_settings

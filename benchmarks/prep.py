@@ -41,8 +41,8 @@ def generate(events: int, directory: Path, seed: int = 11) -> Path:
     import numpy as np
     import polars as pl
 
-    from recsys_assets.data.simulation import expected_events_per_day
-    from recsys_assets.data.simulator import World
+    from recsys_sim.simulation import expected_events_per_day
+    from recsys_sim.simulator import World
     from recsys_core.contracts import RAW_EVENTS_SCHEMA, conform
 
     target = directory / f"raw-{events}"

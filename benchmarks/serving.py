@@ -207,8 +207,8 @@ def main() -> None:
     if shutil.which("wrk") is None:
         raise SystemExit("wrk is not installed: apt-get install -y wrk")
 
-    from recsys_assets.stack.services import bento_spec
-    from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port
+    from recsys_cli.stack.services import bento_spec
+    from recsys_cli.stack.supervisor import ServiceSpec, Stack, free_port
     from recsys_core.control import ControlPlane
     from recsys_core.settings import load_settings
 

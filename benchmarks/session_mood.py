@@ -4,7 +4,7 @@ docs/benchmarks.md, "Simulated CTR@10").
     .venv/bin/python benchmarks/session_mood.py --simulate 5000:15000:7 [--history 20] [--seed 7] \
         [--set session_length=0] [--save-ctr ctr.npz]
 
-A simulated world (``recsys_assets.data.simulator``; every session has a mood, the genre of its first
+A simulated world (``recsys_sim.simulator``; every session has a mood, the genre of its first
 play, and the click model rewards the mood of the user's latest session), the product's split, the
 two-tower model trained with the given ``history_length`` (and ``--set`` overrides of its other
 parameters: ``session_length=0`` turns the session term off, ``mask_history_negatives=0`` the history
@@ -69,8 +69,8 @@ def main() -> None:
 
     import quality
 
-    from recsys_assets.data.simulation import world_dir
-    from recsys_assets.data.simulator import World
+    from recsys_sim.simulation import world_dir
+    from recsys_sim.simulator import World
     from recsys_assets.ml.export import export_model
     from recsys_assets.ml.metrics import build_eval_set
     from recsys_assets.ml.split import temporal_split, validation_split

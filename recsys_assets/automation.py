@@ -28,3 +28,11 @@ def on_cadence(cron: str, label: str) -> dg.AutomationCondition:
         & ~dg.AutomationCondition.any_deps_missing()
         & ~dg.AutomationCondition.in_progress()
     ).with_label(label)
+
+
+def sensor_interval_seconds() -> int:
+    """How often the sensors look (``RECSYS_SENSOR_INTERVAL_SECONDS``). A definition-time value: only the
+    ``@dg.definitions`` functions call this, when the definitions load, never at import."""
+    from recsys_core.settings import load_settings
+
+    return load_settings().automation.sensor_interval_seconds

@@ -3,10 +3,14 @@
 from __future__ import annotations
 
 from datetime import timedelta
+from pathlib import Path
 
 import dagster as dg
 
-# Asset groups, lowercase, one per stage of the pipeline.
+# The checkout (an editable install): the Bento's build context and the Kubernetes templates.
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Asset groups, lowercase, one per stage of the pipeline (and per folder of defs/).
 INGESTION = "ingestion"
 PREPARATION = "preparation"
 FEATURES = "features"

@@ -2,8 +2,10 @@
 
 Each resource is configured from environment variables through ``dg.EnvVar`` when they are set, and
 otherwise from :func:`recsys_core.settings.load_settings`'s embedded defaults, so the code location
-works on a bare machine. A resource hands out a plain client (``get_…()``) that the library modules
-use; they never see Dagster.
+works on a bare machine. They are built when the definitions load (``defs/resources.py``), never at
+import. A resource hands out a plain client (``get_…()``) or plain values that the library modules
+use; they never see Dagster. Every threshold that a Dagster object needs is a field of one of them,
+so it shows in the UI and a run's config can override it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import dagster as dg
 from pydantic import Field
 
 from recsys_assets.data.store import PreparedStore
+from recsys_assets.ml.canary import CanaryRules
 from recsys_core.control import ControlPlane
 from recsys_core.registry import Registry
 from recsys_core.settings import Settings, storage_path
@@ -130,6 +133,13 @@ class ServingResource(dg.ConfigurableResource):
         default=None, description="Bearer token of /admin; default: RECSYS_ADMIN_TOKEN or $RECSYS_HOME/admin_token."
     )
     home: str = Field(description="RECSYS_HOME (where the default token lives).")
+    model_poll_seconds: float = Field(
+        default=5.0, description="RECSYS_MODEL_POLL_SECONDS: how often every replica re-reads the registry."
+    )
+    ann_min_items: int = Field(
+        default=100_000,
+        description="RECSYS_ANN_MIN_ITEMS: versions of catalogues this large carry an ANN index, which serving uses.",
+    )
 
     def get_client(self) -> ServingClient:
         from recsys_core.settings import admin_token
@@ -143,6 +153,79 @@ class PrometheusResource(dg.ConfigurableResource):
     url: str | None = Field(
         default=None, description="PROMETHEUS_URL, e.g. http://127.0.0.1:9090; unset: no Prometheus."
     )
+
+
+class RetrainPolicyResource(dg.ConfigurableResource):
+    """When the retrain sensor starts a retrain, and how the warehouse sensor paces extraction."""
+
+    new_data_fraction: float = Field(
+        default=0.2,
+        description="RECSYS_RETRAIN_NEW_DATA_FRACTION: retrain when new positive events reach this "
+        "share of the champion's training rows.",
+    )
+    retrain_cron: str = Field(
+        default="0 3 1 * *", description="RECSYS_RETRAIN_CRON: the monthly retrain's ticks (UTC)."
+    )
+    backoff_seconds: int = Field(
+        default=3600, description="RECSYS_RETRAIN_BACKOFF_SECONDS: first wait after a rejected candidate (doubles)."
+    )
+    crash_backoff_seconds: int = Field(
+        default=300, description="RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS: first wait after a failed retrain (doubles)."
+    )
+    kpi_ctr_drop: float = Field(
+        default=0.8,
+        description="RECSYS_KPI_CTR_DROP: without Prometheus, the champion's CTR below this share of "
+        "its 7-day level is an alert.",
+    )
+    drift_share: float = Field(
+        default=0.5, description="RECSYS_DRIFT_SHARE: share of drifted columns that means the data drifted."
+    )
+    drift_window_days: float = Field(
+        default=7.0, description="RECSYS_DRIFT_WINDOW_DAYS: length of the two windows the drift report compares."
+    )
+    extract_min_interval_seconds: int = Field(
+        default=300, description="RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one new ingest partition this often."
+    )
+
+
+class CanaryPolicyResource(dg.ConfigurableResource):
+    """How a challenger is rolled out and judged: its traffic steps, the sequential test and the guardrails."""
+
+    steps: list[float] = Field(
+        default=[0.05, 0.2, 0.5], description="RECSYS_CANARY_STEPS: the challenger's traffic shares, step by step."
+    )
+    mode: str = Field(default="ab", description="RECSYS_CANARY_MODE: ab (split users) or interleaving.")
+    min_impressions: int = Field(
+        default=5000, description="RECSYS_CANARY_MIN_IMPRESSIONS: challenger impressions per look and per step."
+    )
+    max_impressions: int = Field(
+        default=400_000, description="RECSYS_CANARY_MAX_IMPRESSIONS: no significant difference by then: promote."
+    )
+    alpha: float = Field(default=0.05, description="RECSYS_CANARY_ALPHA: the false-decision rate, all metrics.")
+    tau: float = Field(default=0.05, description="RECSYS_CANARY_TAU: scale of the lifts the sequential test expects.")
+    latency_margin: float = Field(
+        default=0.5, description="RECSYS_CANARY_LATENCY_MARGIN: p99 may exceed the champion's by this share…"
+    )
+    latency_slack_ms: float = Field(default=5.0, description="RECSYS_CANARY_LATENCY_SLACK_MS: … plus this.")
+    error_margin: float = Field(
+        default=0.01, description="RECSYS_CANARY_ERROR_MARGIN: error rate may exceed the champion's by this."
+    )
+    min_requests: int = Field(
+        default=100, description="RECSYS_CANARY_MIN_REQUESTS: per variant, before the guardrails judge."
+    )
+
+    def get_rules(self) -> CanaryRules:
+        return CanaryRules(
+            steps=tuple(self.steps),
+            min_impressions=self.min_impressions,
+            max_impressions=self.max_impressions,
+            alpha=self.alpha,
+            tau=self.tau,
+            latency_margin=self.latency_margin,
+            latency_slack_seconds=self.latency_slack_ms / 1000,
+            error_margin=self.error_margin,
+            min_requests=self.min_requests,
+        )
 
 
 class RecsysHomeResource(dg.ConfigurableResource):
@@ -175,25 +258,60 @@ class RecsysHomeResource(dg.ConfigurableResource):
 
 
 def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
-    """The resources of the code location, for ``settings``."""
+    """The resources of the code location, for ``settings``.
 
-    def _env_or(name: str, default: str) -> str | dg.EnvVar:
-        """``dg.EnvVar(name)`` when the variable was set (the UI then shows where a value came from)."""
-        return dg.EnvVar(name) if name in settings.explicit else default
+    A value whose variable was set in the environment is passed as ``dg.EnvVar`` (the UI then shows
+    where it came from); the others are the settings' defaults.
+    """
 
+    def env_or(name: str, default):
+        if name not in settings.explicit:
+            return default
+        return dg.EnvVar.int(name) if isinstance(default, int) and not isinstance(default, bool) else dg.EnvVar(name)
+
+    auto = settings.automation
     return {
-        "warehouse": WarehouseResource(uri=_env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
+        "warehouse": WarehouseResource(uri=env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
         **({"io_manager": dg.FilesystemIOManager(base_dir=settings.dagster_io_uri)} if settings.dagster_io_uri else {}),
         "recsys_home": RecsysHomeResource(
-            home=_env_or("RECSYS_HOME", str(settings.home)),
+            home=env_or("RECSYS_HOME", str(settings.home)),
             storage=settings.storage_uri,
         ),
-        "serving": ServingResource(url=_env_or("RECSYS_SERVING_URL", settings.serving_url), home=str(settings.home)),
-        "prometheus": PrometheusResource(url=_env_or("PROMETHEUS_URL", settings.prometheus_url or "") or None),
+        "serving": ServingResource(
+            url=env_or("RECSYS_SERVING_URL", settings.serving_url),
+            home=str(settings.home),
+            model_poll_seconds=settings.serving.model_poll_seconds,
+            ann_min_items=env_or("RECSYS_ANN_MIN_ITEMS", settings.ann_min_items),
+        ),
+        "prometheus": PrometheusResource(url=env_or("PROMETHEUS_URL", settings.prometheus_url or "") or None),
         "mlflow": MLflowResource(
-            tracking_uri=_env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
+            tracking_uri=env_or("MLFLOW_TRACKING_URI", settings.mlflow_tracking_uri),
             artifact_root=settings.mlflow_artifact_root,
             cache_dir=str(settings.home / "models" / "registry"),
+        ),
+        "retrain_policy": RetrainPolicyResource(
+            new_data_fraction=auto.new_data_fraction,
+            retrain_cron=env_or("RECSYS_RETRAIN_CRON", auto.retrain_cron),
+            backoff_seconds=env_or("RECSYS_RETRAIN_BACKOFF_SECONDS", auto.backoff_seconds),
+            crash_backoff_seconds=env_or("RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS", auto.crash_backoff_seconds),
+            kpi_ctr_drop=auto.kpi_ctr_drop,
+            drift_share=auto.drift_share,
+            drift_window_days=auto.drift_window_days,
+            extract_min_interval_seconds=env_or(
+                "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", auto.extract_min_interval_seconds
+            ),
+        ),
+        "canary_policy": CanaryPolicyResource(
+            steps=list(auto.canary_steps),
+            mode=auto.canary_mode,
+            min_impressions=env_or("RECSYS_CANARY_MIN_IMPRESSIONS", auto.canary_min_impressions),
+            max_impressions=env_or("RECSYS_CANARY_MAX_IMPRESSIONS", auto.canary_max_impressions),
+            alpha=auto.canary_alpha,
+            tau=auto.canary_tau,
+            latency_margin=auto.canary_latency_margin,
+            latency_slack_ms=auto.canary_latency_slack_ms,
+            error_margin=auto.canary_error_margin,
+            min_requests=env_or("RECSYS_CANARY_MIN_REQUESTS", auto.canary_min_requests),
         ),
     }

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import recsys_assets  # noqa: F401  (the one place TF_USE_LEGACY_KERAS is set, before any TensorFlow import)
-from recsys_assets.stack.services import ensure_home
+from recsys_cli.stack.services import ensure_home
 from recsys_core.settings import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

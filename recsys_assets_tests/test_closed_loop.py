@@ -25,11 +25,11 @@ import numpy as np
 import psutil
 import pytest
 
-from recsys_assets.data.simulation import simulate_history, world_dir
-from recsys_assets.data.simulator import Drift, World
-from recsys_assets.demo import StreamDriver, TrafficDriver
+from recsys_sim.simulation import simulate_history, world_dir
+from recsys_sim.simulator import Drift, World
+from recsys_cli.demo import StreamDriver, TrafficDriver
 from recsys_assets.sensors import RUN_KEY_TAG, drift_run_key
-from recsys_assets.stack.supervisor import free_port
+from recsys_cli.stack.supervisor import free_port
 from recsys_assets_tests.conftest import BIN
 from recsys_core.control import ControlPlane
 from recsys_core.model_version import ModelArtifact

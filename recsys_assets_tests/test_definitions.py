@@ -73,7 +73,7 @@ def test_workspace_points_at_the_code_location() -> None:
 @pytest.mark.parametrize("selection", ["no_such_asset", "tag:nothing=here"])
 def test_materialize_exits_non_zero_on_an_empty_selection(recsys_env, selection: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "recsys_assets.cli", "materialize", selection],
+        [sys.executable, "-m", "recsys_cli.cli", "materialize", selection],
         capture_output=True,
         text=True,
         timeout=300,

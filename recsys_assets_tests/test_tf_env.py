@@ -35,7 +35,7 @@ def test_importing_tensorflow_first_is_refused_with_a_clear_message() -> None:
     assert "import recsys_assets first" in result.stderr
 
 
-@pytest.mark.parametrize("module", ["recsys_assets.cli", "recsys_assets.definitions"])
+@pytest.mark.parametrize("module", ["recsys_cli.cli", "recsys_assets.definitions"])
 def test_entry_points_pass_through_the_package(module: str) -> None:
     result = _run(f"import {module}, os; print(os.environ['TF_USE_LEGACY_KERAS'])")
     assert result.returncode == 0, result.stderr

@@ -194,7 +194,10 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
     env = os.environ if env is None else env
     home = Path(env.get("RECSYS_HOME") or ".recsys").expanduser().absolute()
     known = {"RECSYS_HOME", "DAGSTER_HOME", "RECSYS_WAREHOUSE_URI", "MLFLOW_TRACKING_URI", "RECSYS_SERVING_URL",
-             "PROMETHEUS_URL"}  # fmt: skip
+             "PROMETHEUS_URL", "RECSYS_ANN_MIN_ITEMS", "RECSYS_RETRAIN_BACKOFF_SECONDS",
+             "RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS", "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS",
+             "RECSYS_CANARY_MIN_IMPRESSIONS", "RECSYS_CANARY_MAX_IMPRESSIONS", "RECSYS_CANARY_MIN_REQUESTS",
+             "RECSYS_RETRAIN_CRON"}  # fmt: skip
     ports = {service: _port(env, service) for service in DEFAULT_PORTS}
     host = env.get("RECSYS_HOST", "127.0.0.1")
     return Settings(

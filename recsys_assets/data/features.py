@@ -7,6 +7,7 @@ polars' streaming engine and memory stays bounded as events grow.
 from __future__ import annotations
 
 import re
+from datetime import datetime
 
 import polars as pl
 
@@ -72,6 +73,19 @@ def track_features(clean: pl.LazyFrame) -> pl.LazyFrame:
     )
 
 
+def is_positive() -> pl.Expr:
+    """The rule of a training positive: a non-skip play or a like, by a user not flagged as a bot."""
+    return pl.col("event_type").is_in(POSITIVE_EVENT_TYPES) & ~pl.col("suspected_bot")
+
+
+def positive_events_after(clean: pl.LazyFrame, since: datetime | None) -> int:
+    """Clean events that are training positives, played after ``since`` (all of them for ``None``)."""
+    positives = clean.filter(is_positive())
+    if since is not None:
+        positives = positives.filter(pl.col("played_at") > since)
+    return int(positives.select(pl.len()).collect(engine="streaming").item())
+
+
 def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
     """Positive interactions, one per (user, track, instant), with weights.
 
@@ -88,7 +102,7 @@ def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
         .otherwise(pl.col("completion").fill_null(1.0).clip(0.0, 1.0))
     )
     return (
-        clean.filter(pl.col("event_type").is_in(POSITIVE_EVENT_TYPES) & ~pl.col("suspected_bot"))
+        clean.filter(is_positive())
         .select(
             "user_id",
             "track_id",

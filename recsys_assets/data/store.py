@@ -6,10 +6,10 @@ interface, so listing, reading and writing are one code path. Parquet is written
 path's file object, and read by polars' own object-store reader (its native S3 support: projection
 and predicate pushdown, ranged reads) with the credentials and endpoint of the ``AWS_*`` variables.
 
-An incremental dataset is a directory of files named after the range of landed batches they hold,
-``batches-<first>-<last>.parquet``. The files are the state: the next extraction starts after the
-highest batch on disk, and a file appears only once it is complete (written aside, then renamed), so
-a crash never leaves half a file and re-running the same batches writes nothing twice.
+A partitioned dataset is a directory of files, one per partition: a range of landed batches,
+``batches-<first>-<last>.parquet`` (the stem is the Dagster partition key). A file appears only once it
+is complete (written aside, then renamed), so a crash never leaves half a file, and materializing a
+partition again replaces its file.
 """
 
 from __future__ import annotations
@@ -40,8 +40,25 @@ class BatchFile:
         return self.path.name.removesuffix(".parquet")
 
 
+def batch_range_key(first: int, last: int) -> str:
+    """The name of the range of landed batches ``first..last``: its file's stem and its partition key."""
+    return f"batches-{first:010d}-{last:010d}"
+
+
+def parse_batch_range_key(key: str) -> tuple[int, int]:
+    """``(first, last)`` of a :func:`batch_range_key`.
+
+    Raises:
+        ValueError: ``key`` is not one.
+    """
+    match = FILE_RE.match(f"{key}.parquet")
+    if not match:
+        raise ValueError(f"{key!r} is not a batch range (batches-<first>-<last>, ten digits each)")
+    return int(match[1]), int(match[2])
+
+
 def batch_file_name(first: int, last: int) -> str:
-    return f"batches-{first:010d}-{last:010d}.parquet"
+    return f"{batch_range_key(first, last)}.parquet"
 
 
 def is_remote(path: Path) -> bool:
@@ -98,6 +115,31 @@ def read_parquet(path: Path) -> pl.DataFrame:
     return scan_parquet(path).collect()
 
 
+def plan_extraction(batches: pl.DataFrame, rows_per_file: int) -> list[tuple[int, int, int]]:
+    """Group consecutive landed batches into files of about ``rows_per_file`` rows.
+
+    Args:
+        batches: the ingest log (``batch_id``, ``landed``) of the batches to extract, in order (polars).
+        rows_per_file: target rows per file; a batch larger than that gets a file of its own.
+
+    Returns:
+        ``(first_batch, last_batch, rows)`` per file.
+    """
+    plan: list[tuple[int, int, int]] = []
+    first = last = None
+    rows = 0
+    for batch_id, landed in batches.select("batch_id", "landed").iter_rows():
+        if first is not None and rows + landed > rows_per_file:
+            plan.append((first, last, rows))
+            first, rows = None, 0
+        first = batch_id if first is None else first
+        last = batch_id
+        rows += landed
+    if first is not None:
+        plan.append((first, last, rows))
+    return plan
+
+
 class PreparedStore:
     """The prepared datasets of one deployment.
 
@@ -138,9 +180,18 @@ class PreparedStore:
         write_parquet_atomic(df, path)
         return path
 
-    def scan(self, name: str) -> pl.LazyFrame:
-        """All the files of an incremental dataset, lazily (raises if there are none)."""
+    def batch_file(self, name: str, key: str) -> BatchFile:
+        """The file of the batch range ``key`` in dataset ``name`` (it may not exist yet)."""
+        first, last = parse_batch_range_key(key)
+        return BatchFile(first, last, self.dataset_dir(name) / batch_file_name(first, last))
+
+    def scan(self, name: str, keys: list[str] | None = None) -> pl.LazyFrame:
+        """The files of an incremental dataset, lazily: all of them, or those of the batch ranges ``keys``
+        (raises if there are none)."""
         files = self.batch_files(name)
+        if keys is not None:
+            wanted = set(keys)
+            files = [f for f in files if f.stem in wanted]
         if not files:
             raise FileNotFoundError(
                 f"the dataset {name} has no files in {self.dataset_dir(name)}: materialize it first"

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import polars as pl
 
@@ -123,6 +123,18 @@ def organic_holdout(split: Split) -> Split:
     if "organic" not in split.holdout.columns:
         return split
     return Split(split.protocol, split.train, split.holdout.filter(pl.col("organic")), split.cutoff)
+
+
+def training_window(split: Split, days: int) -> Split:
+    """The split with its train side cut to the last ``days`` days before its end (0: all of it).
+
+    The holdout is untouched, so a model trained on a window is judged on the same events as one
+    trained on everything.
+    """
+    if days <= 0 or split.train.is_empty():
+        return split
+    start = split.train["played_at"].max() - timedelta(days=days)
+    return Split(split.protocol, split.train.filter(pl.col("played_at") >= start), split.holdout, split.cutoff)
 
 
 def validation_split(train: pl.DataFrame, protocol: str) -> Split:

@@ -10,7 +10,7 @@ import pytest
 
 from recsys_assets import checks
 from recsys_assets.assets import features, ingestion, preparation
-from recsys_assets.data.simulation import simulate_history
+from recsys_sim.simulation import simulate_history
 from recsys_assets.resources import build_resources
 from recsys_core.warehouse import Warehouse
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from recsys_assets.data.simulation import simulate_history
+from recsys_sim.simulation import simulate_history
 from recsys_assets.resources import build_resources
 from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME
 from recsys_core.warehouse import Warehouse

@@ -15,7 +15,7 @@ import pytest
 
 from recsys_assets import sensors
 from recsys_assets.resources import build_resources
-from recsys_assets.stack.supervisor import free_port
+from recsys_cli.stack.supervisor import free_port
 from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings

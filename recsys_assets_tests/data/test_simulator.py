@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_assets.data.simulator import Drift, World, history_bounds
+from recsys_sim.simulator import Drift, World, history_bounds
 from recsys_core.contracts import LISTENING_EVENTS_SCHEMA
 
 END = datetime(2026, 3, 1, tzinfo=UTC)
@@ -114,7 +114,7 @@ def test_bad_drift_specs_are_explained(text: str, message: str) -> None:
 
 def test_simulated_users_react_with_the_tastes_the_stream_saved_last(tmp_path) -> None:
     """A traffic simulator started before a drift must click with the drifted tastes afterwards."""
-    from recsys_assets.data.simulation import LiveWorld
+    from recsys_sim.simulation import LiveWorld
 
     world, _ = simulate(days=7)
     world.save(tmp_path)
@@ -135,7 +135,7 @@ def test_a_session_leans_to_the_genre_of_its_first_play_and_the_click_model_foll
     genre more often than without, and clicks favour the genre of the user's latest session."""
     from dataclasses import replace
 
-    from recsys_assets.data.simulator import Behaviour
+    from recsys_sim.simulator import Behaviour
 
     def same_genre_share(focus: float) -> tuple[World, float]:
         start, end = history_bounds(14, END)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from recsys_assets.stack.services import venv_bin
-from recsys_assets.stack.supervisor import ServiceSpec, Stack, free_port
+from recsys_cli.stack.services import venv_bin
+from recsys_cli.stack.supervisor import ServiceSpec, Stack, free_port
 from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHAMPION, MODEL_NAME

@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_assets.data.kpis import canary_events, canary_strata, histogram_quantile, serving_health_from_metrics
+from recsys_assets.ml.kpis import canary_events, canary_strata, histogram_quantile, serving_health_from_metrics
 from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CanaryState, RegistryError

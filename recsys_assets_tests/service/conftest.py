@@ -5,7 +5,7 @@ main one.
 The registry is a real MLflow store with two real model versions (champion v1, challenger v2),
 written from arrays in the export format (``versions.py``) and registered through the control plane,
 so no training stack is needed. The processes are started with the repository's supervisor
-(``recsys_assets.stack``: psutil and httpx only).
+(``recsys_cli.stack``: psutil and httpx only).
 """
 
 from __future__ import annotations

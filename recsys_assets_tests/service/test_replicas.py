@@ -16,8 +16,8 @@ import httpx
 import polars as pl
 import pytest
 
-from recsys_assets.stack.services import bento_spec
-from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.service.conftest import ADMIN_TOKEN
 from recsys_core.contracts import LISTENING_EVENTS_SCHEMA

@@ -12,8 +12,8 @@ import pytest
 
 from recsys_assets.assets import deployment
 from recsys_assets.resources import build_resources
-from recsys_assets.stack.services import bento_spec
-from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_core.registry import CHALLENGER, CHAMPION
 from recsys_core.settings import load_settings

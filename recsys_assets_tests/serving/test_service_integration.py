@@ -14,8 +14,8 @@ import pandas as pd
 import psutil
 import pytest
 
-from recsys_assets.stack.services import bento_spec
-from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
 from recsys_core.control import ControlPlane

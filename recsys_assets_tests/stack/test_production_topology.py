@@ -26,8 +26,8 @@ import httpx
 import psycopg
 import pytest
 
-from recsys_assets.stack.services import bento_spec
-from recsys_assets.stack.supervisor import Stack, free_port
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import BIN, REPO_ROOT
 from recsys_assets_tests.test_closed_loop import SETTINGS_VARIABLES, wait_for
 from recsys_core.control import ControlPlane

@@ -13,7 +13,7 @@ import httpx
 import psutil
 import pytest
 
-from recsys_assets.stack.supervisor import free_port
+from recsys_cli.stack.supervisor import free_port
 from recsys_assets_tests.conftest import BIN
 from recsys_assets_tests.test_definitions import EXPECTED_ASSETS
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from recsys_assets.stack.supervisor import ServiceSpec, Stack, StackError, free_port, port_in_use
+from recsys_cli.stack.supervisor import ServiceSpec, Stack, StackError, free_port, port_in_use
 
 # A parent that starts a grandchild in the same session, then both sleep: the shape of
 # dagster-webserver and its code server.

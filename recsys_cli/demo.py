@@ -27,11 +27,11 @@ from pathlib import Path
 import httpx
 import numpy as np
 
-from recsys_assets.data.simulation import LiveWorld, stream, world_dir
-from recsys_assets.data.simulator import Drift, World
-from recsys_assets.data.traffic import Behaviour, TrafficReport, run_traffic
 from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
 from recsys_core.warehouse import BatchReport, Warehouse
+from recsys_sim.simulation import LiveWorld, stream, world_dir
+from recsys_sim.simulator import Drift, World
+from recsys_sim.traffic import Behaviour, TrafficReport, run_traffic
 
 log = logging.getLogger(__name__)
 

@@ -1,6 +1,6 @@
 """Monitoring: data drift of recent listening against the champion's training data (Evidently)."""
 
-# No `from __future__ import annotations` here (see assets/training.py).
+# No `from __future__ import annotations` here (see defs/training/assets.py).
 
 from datetime import datetime
 
@@ -11,7 +11,7 @@ from pydantic import Field
 from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, MONITORING
 from recsys_assets.metadata import markdown_table
-from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
+from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource, RetrainPolicyResource
 from recsys_core.registry import CHAMPION
 from recsys_core.settings import load_settings
 
@@ -19,30 +19,27 @@ from recsys_core.settings import load_settings
 class DriftConfig(dg.Config):
     """What the drift report compares."""
 
-    window_days: float = Field(
-        default=load_settings().automation.drift_window_days,
-        description="Length of the reference and of the current window (RECSYS_DRIFT_WINDOW_DAYS).",
+    window_days: float | None = Field(
+        default=None,
+        description="Length of the reference and of the current window; unset: the retrain policy's "
+        "(RECSYS_DRIFT_WINDOW_DAYS).",
     )
     sample_rows: int = Field(default=20_000, description="Rows sampled from each window (bounds the cost).")
-    drift_share: float = Field(
-        default=load_settings().automation.drift_share,
-        description="Share of drifted columns from which the data counts as drifted (RECSYS_DRIFT_SHARE).",
+    drift_share: float | None = Field(
+        default=None,
+        description="Share of drifted columns from which the data counts as drifted; unset: the retrain "
+        "policy's (RECSYS_DRIFT_SHARE).",
     )
     seed: int = Field(default=0, description="Seed of the sampling.")
 
 
-@dg.asset(
-    group_name=MONITORING,
-    deps=["clean_listening_events", "track_features"],
-    kinds={"evidently"},
-    automation_condition=automation.on_cadence(load_settings().automation.drift_cron, "drift_cadence"),
-)
 def drift_report(
     context: dg.AssetExecutionContext,
     config: DriftConfig,
     prepared: PreparedDataResource,
     mlflow: MLflowResource,
     recsys_home: RecsysHomeResource,
+    retrain_policy: RetrainPolicyResource,
 ) -> dg.MaterializeResult:
     """Evidently data-drift report: the latest days of listening against as many events of the
     champion's latest training data.
@@ -62,17 +59,19 @@ def drift_report(
                 "drifted": False,
             }
         )
+    window_days = config.window_days if config.window_days is not None else retrain_policy.drift_window_days
+    threshold = config.drift_share if config.drift_share is not None else retrain_policy.drift_share
     store = prepared.get_store()
     events = store.scan(CLEAN_EVENTS_DATASET)
     tracks = store.scan_table("track_features")
     latest = events.select(pl.col("played_at").max()).collect().item()
     reference_end = datetime.fromisoformat(champion.lineage("max_played_at"))
-    recent = current_window(events, latest, config.window_days).collect(engine="streaming")
+    recent = current_window(events, latest, window_days).collect(engine="streaming")
     older = reference_window(events, reference_end, recent.height).collect(engine="streaming")
     current = drift_frame(recent.lazy(), tracks, config.sample_rows, config.seed + 1)
     reference = drift_frame(older.lazy(), tracks, config.sample_rows, config.seed)
     path = recsys_home.reports_dir / "drift" / f"{context.run.run_id}.html"
-    result = run_drift(reference, current, config.drift_share, path)
+    result = run_drift(reference, current, threshold, path)
     context.log.info(
         f"drift share {result.drift_share:.0%} ({'drifted' if result.drifted else 'no drift'}) in {result.seconds:.1f}s"
     )
@@ -80,7 +79,7 @@ def drift_report(
         metadata={
             "drift_share": dg.MetadataValue.float(result.drift_share),
             "drifted": dg.MetadataValue.bool(result.drifted),
-            "threshold": dg.MetadataValue.float(config.drift_share),
+            "threshold": dg.MetadataValue.float(threshold),
             "columns": markdown_table(result.columns),
             "report": dg.MetadataValue.path(str(path)),
             "reference_window": dg.MetadataValue.text(_span(older)),
@@ -98,3 +97,20 @@ def _span(window: pl.DataFrame) -> str:
         return "no events"
     first, last = window["played_at"].min(), window["played_at"].max()
     return f"{first:%Y-%m-%d %H:%M} → {last:%Y-%m-%d %H:%M} ({window.height:,} events)"
+
+
+@dg.definitions
+def assets() -> dg.Definitions:
+    # The report's cadence is a definition-time value: read when the definitions load, not at import.
+    cron = load_settings().automation.drift_cron
+    return dg.Definitions(
+        assets=[
+            dg.asset(
+                name="drift_report",
+                group_name=MONITORING,
+                deps=["clean_listening_events", "track_features"],
+                kinds={"evidently"},
+                automation_condition=automation.on_cadence(cron, "drift_cadence"),
+            )(drift_report)
+        ]
+    )

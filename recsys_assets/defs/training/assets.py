@@ -13,10 +13,10 @@ from pydantic import Field
 from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
 from recsys_assets.data.store import remove_tree, write_parquet_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
-from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, validation_split
+from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, training_window, validation_split
 from recsys_assets.ml.two_tower import TwoTowerParams
-from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource
-from recsys_core.settings import load_settings
+from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource, ServingResource
+from recsys_assets.runs import dagster_run_active
 
 _DEFAULTS = TwoTowerParams()
 
@@ -71,11 +71,17 @@ class TwoTowerConfig(dg.Config):
         "weight picked on a next-play validation (0: no session term).",
     )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
+    window_days: int = Field(
+        default=0,
+        ge=0,
+        description="Train on the last N days before the holdout's cutoff (0: everything). The holdout is "
+        "the same whatever the window.",
+    )
 
     def params(self) -> TwoTowerParams:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-        fields = TwoTowerParams.__dataclass_fields__
+        fields = TwoTowerParams.__dataclass_fields__  # window_days is the data's, not the model's
         return TwoTowerParams(**{k: v for k, v in self.model_dump().items() if k in fields})
 
 
@@ -94,11 +100,6 @@ def _loss_plot(history: list[dict]):
     return plot_markdown(fig, "training curves")
 
 
-def dagster_run_active(instance: dg.DagsterInstance, run_id: str) -> bool:
-    run = instance.get_run_by_id(run_id)
-    return run is not None and not run.is_finished
-
-
 @dg.asset(
     group_name=TRAINING,
     deps=["training_interactions", "track_features"],
@@ -112,6 +113,7 @@ def two_tower_model(
     prepared: PreparedDataResource,
     mlflow: MLflowResource,
     recsys_home: RecsysHomeResource,
+    serving: ServingResource,
 ) -> dg.Output[dict]:
     """Two-tower retrieval model (TFRS), trained on the temporal train side, exported as one version directory.
 
@@ -130,13 +132,14 @@ def two_tower_model(
     store = prepared.get_store()
     interactions = store.scan_table("training_interactions").collect()
     tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()
-    split = temporal_split(interactions, config.protocol)
+    split = training_window(temporal_split(interactions, config.protocol), config.window_days)
     validation = validation_split(split.train, config.protocol)
     lineage = {
         "protocol": split.protocol,
         "cutoff": split.cutoff.isoformat() if split.cutoff else None,
         "data_hash": data_hash(interactions),
         "interactions": interactions.height,
+        "window_days": config.window_days,
         "max_played_at": interactions["played_at"].max().isoformat(),
         **split.sizes(),
     }
@@ -167,8 +170,7 @@ def two_tower_model(
             "best_epoch": trained.best_epoch,
             "train_seconds": trained.train_seconds,
         }
-        ann_min_items = load_settings().ann_min_items
-        exported = export_model(trained, split.train, manifest, model_dir, ann_min_items=ann_min_items)
+        exported = export_model(trained, split.train, manifest, model_dir, ann_min_items=serving.ann_min_items)
         write_parquet_atomic(split.train, split_dir / "train.parquet")
         write_parquet_atomic(split.holdout, split_dir / "holdout.parquet")
         registry.log_run(
@@ -220,7 +222,7 @@ def two_tower_model(
             # Whether this version carries an ANN index (catalogues of RECSYS_ANN_MIN_ITEMS tracks or more).
             "ann_index": dg.MetadataValue.json(
                 exported.manifest.get("ann")
-                or {"built": False, "items": trained.item_embeddings.shape[0] - 1, "min_items": ann_min_items}
+                or {"built": False, "items": trained.item_embeddings.shape[0] - 1, "min_items": serving.ann_min_items}
             ),  # fmt: skip
         },
     )

@@ -15,26 +15,25 @@ import dagster as dg
 import polars as pl
 from pydantic import Field
 
-from recsys_assets.constants import DEPLOYMENT
-from recsys_assets.data.kpis import (
+from recsys_assets.constants import DEPLOYMENT, REPO_ROOT
+from recsys_assets.data.store import write_atomic
+from recsys_assets.metadata import markdown_table
+from recsys_assets.ml.canary import decide_canary
+from recsys_assets.ml.kpis import (
     canary_events,
     canary_strata,
     serving_health,
 )
-from recsys_assets.data.store import write_atomic
-from recsys_assets.metadata import markdown_table
-from recsys_assets.ml.canary import CanaryRules, decide_canary
 from recsys_assets.resources import (
+    CanaryPolicyResource,
     MLflowResource,
     PrometheusResource,
     RecsysHomeResource,
     ServingResource,
     WarehouseResource,
 )
-from recsys_assets.stack.services import REPO_ROOT
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHALLENGER, CHAMPION, CanaryState
-from recsys_core.settings import load_settings
 
 BENTOFILE = REPO_ROOT / "serving" / "bentofile.yaml"
 K8S_TEMPLATE = REPO_ROOT / "deploy" / "k8s" / "recommender.yaml"
@@ -97,16 +96,15 @@ class DeploymentConfig(dg.Config):
     )
 
 
-def start_canary(registry: ControlPlane, challenger: int, by: str) -> CanaryState:
+def start_canary(registry: ControlPlane, challenger: int, policy: CanaryPolicyResource, by: str) -> CanaryState:
     """The challenger's canary at its first step, unless it has started already (the one place that
     starts a canary: the deployment and the canary analysis both call it)."""
     state = registry.canary_state()
     if state is not None and state.version == challenger:
         return state
-    settings = load_settings().automation
     return registry.set_canary(
-        challenger, step=0, fraction=settings.canary_steps[0], mode=settings.canary_mode,
-        reason=f"canary started ({settings.canary_mode}, steps {', '.join(f'{s:.0%}' for s in settings.canary_steps)})",
+        challenger, step=0, fraction=policy.steps[0], mode=policy.mode,
+        reason=f"canary started ({policy.mode}, steps {', '.join(f'{s:.0%}' for s in policy.steps)})",
         by=by,
     )  # fmt: skip
 
@@ -119,6 +117,7 @@ def model_deployment(
     serving: ServingResource,
     recsys_home: RecsysHomeResource,
     mlflow: MLflowResource,
+    canary_policy: CanaryPolicyResource,
 ) -> dg.Output[dict]:
     """The deployed recommender: the running service reloaded onto the registry's versions, and
     Kubernetes manifests for the Bento's container.
@@ -144,7 +143,7 @@ def model_deployment(
         registry = mlflow.get_control_plane()
         if getattr(registry.by_alias(CHALLENGER), "version", None) == recommender_bento["challenger"]:
             canary = start_canary(
-                registry, recommender_bento["challenger"], by=f"model_deployment (run {context.run_id})"
+                registry, recommender_bento["challenger"], canary_policy, by=f"model_deployment (run {context.run_id})"
             )
     fraction = canary.fraction if canary else 0.0
     client = serving.get_client()
@@ -153,7 +152,7 @@ def model_deployment(
     if client.ready():
         expected = (recommender_bento["champion"], recommender_bento["challenger"])
         # Every worker and replica follows the registry within its poll interval (a reload reaches one).
-        served = client.converge(expected, timeout=2 * load_settings().serving.model_poll_seconds + 10)
+        served = client.converge(expected, timeout=2 * serving.model_poll_seconds + 10)
         serving_now = (served["champion_version"], served["challenger_version"])
         if serving_now != expected:
             # The registry may have moved on since the Bento was built (a canary decided, a version
@@ -214,6 +213,7 @@ def canary_analysis(
     warehouse: WarehouseResource,
     prometheus: PrometheusResource,
     serving: ServingResource,
+    canary_policy: CanaryPolicyResource,
 ) -> dg.MaterializeResult:
     """Canary analysis: the challenger's always-valid user-level tests, serving guardrails, and the
     decision taken on them (promote, roll back, step the traffic up, or wait).
@@ -231,14 +231,13 @@ def canary_analysis(
     client = serving.get_client()
     canary = state.canary
     if canary is None or canary.version != state.challenger:
-        canary = start_canary(registry, state.challenger, by=by)
+        canary = start_canary(registry, state.challenger, canary_policy, by=by)
         if client.ready():
             client.admin("reload")
         started = f"canary of v{canary.version} started at {canary.fraction:.0%} ({canary.mode})"
         context.log.info(started)
         return dg.MaterializeResult(metadata={"action": "start", "decision": dg.MetadataValue.text(started)})
-    settings = load_settings().automation
-    rules = CanaryRules.from_settings(settings)
+    rules = canary_policy.get_rules()
     overrides = {k: v for k, v in (("min_impressions", config.min_impressions),
                                    ("max_impressions", config.max_impressions)) if v is not None}  # fmt: skip
     rules = dataclasses.replace(rules, **overrides)

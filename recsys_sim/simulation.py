@@ -16,8 +16,8 @@ from pathlib import Path
 
 import polars as pl
 
-from recsys_assets.data.simulator import Drift, World, history_bounds
 from recsys_core.warehouse import BatchReport, Warehouse
+from recsys_sim.simulator import Drift, World, history_bounds
 
 log = logging.getLogger(__name__)
 

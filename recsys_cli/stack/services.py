@@ -8,7 +8,7 @@ from pathlib import Path
 
 import httpx
 
-from recsys_assets.stack.supervisor import ServiceSpec
+from recsys_cli.stack.supervisor import ServiceSpec
 from recsys_core.settings import Settings, load_settings
 
 REPO_ROOT = Path(__file__).resolve().parents[2]

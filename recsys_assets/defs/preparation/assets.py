@@ -13,6 +13,7 @@ from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
 from recsys_assets.data.cleaning import CleaningRules, clean_events
 from recsys_assets.data.store import read_parquet, write_json_atomic
+from recsys_assets.defs.ingestion.partitions import ingest_batches
 from recsys_assets.metadata import counts_table, markdown_table, reason_category, time_range
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
 from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
@@ -49,6 +50,9 @@ class CleaningConfig(dg.Config):
 @dg.asset(
     group_name=PREPARATION,
     deps=["listening_events"],
+    partitions_def=ingest_batches,
+    # A changed rule is applied to history by a backfill: one run for all the ranges it re-cleans.
+    backfill_policy=dg.BackfillPolicy.single_run(),
     kinds={"polars", "parquet"},
     tags={"recsys/stage": "preparation"},
     automation_condition=automation.after_inputs_change,
@@ -59,15 +63,14 @@ def clean_listening_events(
     warehouse: WarehouseResource,
     prepared: PreparedDataResource,
 ) -> dg.MaterializeResult:
-    """Clean listening events: de-duplicated, typed, in UTC, clipped, enriched and flagged.
+    """Clean listening events: de-duplicated, typed, in UTC, clipped, enriched and flagged, per partition.
 
-    Each raw file not cleaned yet is cleaned on its own (so a refresh costs in proportion to the new
-    rows); rows that break the contract go to the warehouse's quarantine table with their reason.
+    Each partition's raw file is cleaned on its own and its clean file replaced, so a backfill
+    re-cleans exactly the partitions it names; rows that break the contract go to the warehouse's
+    quarantine table with their reason (the partition's earlier quarantine is replaced).
     """
     store = prepared.get_store()
     wh = warehouse.get_warehouse()
-    done = {f.stem for f in store.batch_files(CLEAN_EVENTS_DATASET)}
-    pending = [f for f in store.batch_files(RAW_EVENTS_DATASET) if f.stem not in done]
     tracks = wh.table("tracks", TRACKS_SCHEMA)
     users = wh.table("users", USERS_SCHEMA)
     now = datetime.now(UTC)
@@ -75,13 +78,11 @@ def clean_listening_events(
     totals = {"rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
     reasons: dict[str, int] = {}
     last_clean = pl.DataFrame()
-    for raw_file in pending:
+    for key in context.partition_keys:
+        raw_file = store.batch_file(RAW_EVENTS_DATASET, key)
         raw = read_parquet(raw_file.path)
         result = clean_events(raw, tracks, users, now=now, origin=str(raw_file.path), rules=rules)
-        batch_ids = raw["batch_id"].unique().sort().to_list()
-        # Quarantine first: the clean file's existence marks the raw file as done, so a crash in
-        # between is repaired by the next run (the quarantine of those batches is replaced).
-        wh.replace_quarantine("cleaning", batch_ids, result.quarantined)
+        wh.replace_quarantine("cleaning", raw["batch_id"].unique().sort().to_list(), result.quarantined)
         store.write_batch_file(CLEAN_EVENTS_DATASET, raw_file.first, raw_file.last, result.clean)
         stats = {
             "rows_in": raw.height,
@@ -89,38 +90,28 @@ def clean_listening_events(
             "duplicates_by_batch": dict(result.duplicates.iter_rows()),
         }
         write_json_atomic(stats, store.sidecar(CLEAN_EVENTS_DATASET, raw_file))
-        for key in totals:
-            totals[key] += stats[key]
+        for k in totals:
+            totals[k] += stats[k]
         if result.quarantined.height:
             for reason, n in result.quarantined.group_by(reason_category()).len().iter_rows():
                 reasons[reason] = reasons.get(reason, 0) + n
         last_clean = result.clean
-        context.log.info(f"cleaned {raw_file.path.name}: {stats}")
+        context.log.info(f"cleaned {key}: {stats}")
 
     metadata: dict[str, object] = {
-        "new_rows_in": dg.MetadataValue.int(totals["rows_in"]),
-        "new_clean": dg.MetadataValue.int(totals["clean"]),
-        "new_quarantined": dg.MetadataValue.int(totals["quarantined"]),
-        "new_duplicates": dg.MetadataValue.int(totals["duplicates"]),
-        "files_cleaned": dg.MetadataValue.int(len(pending)),
+        "dagster/row_count": dg.MetadataValue.int(totals["clean"]),
+        "rows_in": dg.MetadataValue.int(totals["rows_in"]),
+        "quarantined": dg.MetadataValue.int(totals["quarantined"]),
+        "duplicates": dg.MetadataValue.int(totals["duplicates"]),
+        "partitions": dg.MetadataValue.int(len(context.partition_keys)),
         "quarantined_by_reason": counts_table(reasons),
+        "rules": dg.MetadataValue.json(config.model_dump()),
         "path": dg.MetadataValue.path(str(store.dataset_dir(CLEAN_EVENTS_DATASET))),
     }
-    if store.batch_files(CLEAN_EVENTS_DATASET):
-        everything = store.scan(CLEAN_EVENTS_DATASET)
-        summary = everything.select(
-            pl.len().alias("rows"),
-            pl.col("user_id").n_unique().alias("users"),
-            pl.col("track_id").n_unique().alias("tracks"),
-            pl.col("suspected_bot").sum().alias("bot_rows"),
-            (~pl.col("known_track")).sum().alias("unknown_track_rows"),
-        ).collect()
-        metadata["dagster/row_count"] = dg.MetadataValue.int(summary["rows"].item())
-        metadata["users"] = dg.MetadataValue.int(summary["users"].item())
-        metadata["tracks"] = dg.MetadataValue.int(summary["tracks"].item())
-        metadata["suspected_bot_rows"] = dg.MetadataValue.int(summary["bot_rows"].item())
-        metadata["unknown_track_rows"] = dg.MetadataValue.int(summary["unknown_track_rows"].item())
-        metadata.update(time_range(everything))
     if last_clean.height:
+        metadata["users"] = dg.MetadataValue.int(last_clean["user_id"].n_unique())
+        metadata["suspected_bot_rows"] = dg.MetadataValue.int(int(last_clean["suspected_bot"].sum()))
+        metadata["unknown_track_rows"] = dg.MetadataValue.int(int((~last_clean["known_track"]).sum()))
+        metadata.update(time_range(last_clean))
         metadata["preview"] = markdown_table(last_clean.drop("ingested_at"))
     return dg.MaterializeResult(metadata=metadata)

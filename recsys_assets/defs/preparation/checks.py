@@ -1,4 +1,4 @@
-"""Asset checks: the data contract, nulls and duplicates, and the blocking conservation check."""
+"""Asset checks of the clean events, per partition: the contract, nulls and duplicates, and conservation."""
 
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
 # definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
@@ -10,6 +10,7 @@ import polars as pl
 
 from recsys_assets.constants import CLEAN_EVENTS_DATASET
 from recsys_assets.data.cleaning import CLEAN_EXTRA_SCHEMA
+from recsys_assets.defs.ingestion.partitions import ingest_batches
 from recsys_assets.metadata import markdown_table
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
 from recsys_core.contracts import RAW_EVENTS_SCHEMA
@@ -29,9 +30,13 @@ def schema_mismatches(actual: dict[str, pl.DataType], expected: dict[str, pl.Dat
     return problems
 
 
-@dg.asset_check(asset="clean_listening_events", description="Clean events follow the contract's schema.")
-def clean_events_schema(prepared: PreparedDataResource) -> dg.AssetCheckResult:
-    schema = dict(prepared.get_store().scan(CLEAN_EVENTS_DATASET).collect_schema())
+@dg.asset_check(
+    asset="clean_listening_events",
+    partitions_def=ingest_batches,
+    description="Clean events follow the contract's schema (per partition).",
+)
+def clean_events_schema(context: dg.AssetCheckExecutionContext, prepared: PreparedDataResource) -> dg.AssetCheckResult:
+    schema = dict(prepared.get_store().scan(CLEAN_EVENTS_DATASET, context.partition_keys).collect_schema())
     problems = schema_mismatches(schema, CLEAN_SCHEMA)
     return dg.AssetCheckResult(
         passed=not problems,
@@ -41,12 +46,15 @@ def clean_events_schema(prepared: PreparedDataResource) -> dg.AssetCheckResult:
 
 @dg.asset_check(
     asset="clean_listening_events",
-    description="No clean event has a null id, time or type, or a repeated event_id.",
+    partitions_def=ingest_batches,
+    description="No clean event has a null id, time or type, or a repeated event_id (per partition).",
 )
-def clean_events_nulls_and_duplicates(prepared: PreparedDataResource) -> dg.AssetCheckResult:
+def clean_events_nulls_and_duplicates(
+    context: dg.AssetCheckExecutionContext, prepared: PreparedDataResource
+) -> dg.AssetCheckResult:
     counts = (
         prepared.get_store()
-        .scan(CLEAN_EVENTS_DATASET)
+        .scan(CLEAN_EVENTS_DATASET, context.partition_keys)
         .select(
             *[
                 pl.col(c).null_count().alias(f"null_{c}")
@@ -87,25 +95,27 @@ def conservation_table(ingest_log: pl.DataFrame, clean_counts: pl.DataFrame, qua
 
 @dg.asset_check(
     asset="clean_listening_events",
+    partitions_def=ingest_batches,
     blocking=True,
-    description="For every batch: rows in = clean + quarantined + duplicates. Nothing is lost.",
+    description="For every batch of the partition: rows in = clean + quarantined + duplicates. Nothing is lost.",
 )
-def batch_conservation(warehouse: WarehouseResource, prepared: PreparedDataResource) -> dg.AssetCheckResult:
+def batch_conservation(
+    context: dg.AssetCheckExecutionContext, warehouse: WarehouseResource, prepared: PreparedDataResource
+) -> dg.AssetCheckResult:
     store = prepared.get_store()
-    clean_files = store.batch_files(CLEAN_EVENTS_DATASET)
-    last_cleaned = max((f.last for f in clean_files), default=0)
+    clean_files = [store.batch_file(CLEAN_EVENTS_DATASET, key) for key in context.partition_keys]
+    ranges = " OR ".join("batch_id BETWEEN ? AND ?" for _ in clean_files)
+    bounds = [b for f in clean_files for b in (f.first, f.last)]
     wh = warehouse.get_warehouse()
-    ingest_log = wh.fetch(
-        "SELECT batch_id, rows_in, duplicates FROM ingest_batches WHERE batch_id <= ?", [last_cleaned]
-    )
+    ingest_log = wh.fetch(f"SELECT batch_id, rows_in, duplicates FROM ingest_batches WHERE {ranges}", bounds)
     quarantine_counts = wh.fetch(
-        "SELECT batch_id, COUNT(*) AS quarantined FROM quarantine WHERE batch_id <= ? GROUP BY batch_id",
-        [last_cleaned],
+        f"SELECT batch_id, COUNT(*) AS quarantined FROM quarantine WHERE {ranges} GROUP BY batch_id", bounds
     ).cast({"quarantined": pl.Int64})
     clean_counts = (
-        store.scan(CLEAN_EVENTS_DATASET).group_by("batch_id").agg(pl.len().cast(pl.Int64).alias("clean")).collect()
-        if clean_files
-        else pl.DataFrame(schema={"batch_id": pl.Int64, "clean": pl.Int64})
+        store.scan(CLEAN_EVENTS_DATASET, context.partition_keys)
+        .group_by("batch_id")
+        .agg(pl.len().cast(pl.Int64).alias("clean"))
+        .collect()
     )
     dup_rows = []
     for f in clean_files:
@@ -125,6 +135,7 @@ def batch_conservation(warehouse: WarehouseResource, prepared: PreparedDataResou
     return dg.AssetCheckResult(
         passed=broken.is_empty(),
         metadata={
+            "partitions": dg.MetadataValue.text(", ".join(context.partition_keys)),
             "batches_checked": dg.MetadataValue.int(table.height),
             "batches_broken": dg.MetadataValue.int(broken.height),
             **{k: dg.MetadataValue.int(int(v or 0)) for k, v in totals.items()},

@@ -19,11 +19,11 @@ import logging
 from collections.abc import Callable
 from datetime import UTC, datetime
 
-import httpx
 import numpy as np
 import polars as pl
 
 from recsys_assets.ml.canary import INTERLEAVING, Arm, ServingHealth, Stratum
+from recsys_assets.ml.prometheus import PrometheusClient, PrometheusError
 from recsys_core.registry import CanaryState
 from recsys_core.warehouse import Warehouse
 
@@ -31,22 +31,6 @@ log = logging.getLogger(__name__)
 
 CONVERSIONS = ("play",)
 REJECTIONS = ("skip", "dislike")
-
-
-class PrometheusError(RuntimeError):
-    """Prometheus cannot be queried; the message names the URL and the query."""
-
-
-def prometheus_query(url: str, query: str) -> list[dict]:
-    try:
-        response = httpx.get(f"{url.rstrip('/')}/api/v1/query", params={"query": query}, timeout=10)
-        response.raise_for_status()
-        body = response.json()
-    except (httpx.HTTPError, ValueError) as exc:
-        raise PrometheusError(f"Prometheus at {url} did not answer {query!r}: {exc}") from exc
-    if body.get("status") != "success":
-        raise PrometheusError(f"Prometheus at {url} refused {query!r}: {body.get('error')}")
-    return body["data"]["result"]
 
 
 # --- the canary's user-level data and serving health -------------------------------------------
@@ -168,13 +152,14 @@ def serving_health_from_prometheus(
 ) -> dict[str, ServingHealth]:
     """The same from Prometheus, over every replica, since ``since``."""
     window = max(int((datetime.now(UTC) - since).total_seconds()), 60)
+    prometheus = PrometheusClient(url)
     out = {}
     for variant, names in {"champion": ("champion",), "challenger": _challenger_variants(mode)}.items():
         selector = f'variant=~"{"|".join(names)}",model_version="{versions[variant]}"'
         buckets = f"increase(recsys_request_duration_seconds_bucket{{{selector}}}[{window}s])"
-        p99 = prometheus_query(url, f"histogram_quantile(0.99, sum by (le) ({buckets}))")
-        count = prometheus_query(url, f"sum(increase(recsys_request_duration_seconds_count{{{selector}}}[{window}s]))")
-        failed = prometheus_query(url, f"sum(increase(recsys_request_errors_total{{{selector}}}[{window}s]))")
+        p99 = prometheus.query(f"histogram_quantile(0.99, sum by (le) ({buckets}))")
+        count = prometheus.query(f"sum(increase(recsys_request_duration_seconds_count{{{selector}}}[{window}s]))")
+        failed = prometheus.query(f"sum(increase(recsys_request_errors_total{{{selector}}}[{window}s]))")
 
         def value(result: list[dict]) -> float | None:
             v = float(result[0]["value"][1]) if result else None

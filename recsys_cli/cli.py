@@ -17,14 +17,14 @@ from collections.abc import Callable
 import click
 
 import recsys_assets  # noqa: F401  (sets TF_USE_LEGACY_KERAS before anything imports TensorFlow)
-from recsys_assets.stack.services import (
+from recsys_cli.stack.services import (
     REPO_ROOT,
     ensure_home,
     init_dagster_storage,
     init_mlflow_storage,
     stack_services,
 )
-from recsys_assets.stack.supervisor import SUPERVISOR, ServiceSpec, Stack, StackError
+from recsys_cli.stack.supervisor import SUPERVISOR, ServiceSpec, Stack, StackError
 from recsys_core.settings import Settings, load_settings
 
 
@@ -158,7 +158,7 @@ def up(
     sys.exit(wait_until_interrupted(stack))
 
 
-SUPERVISE_ARGV = [sys.executable, "-m", "recsys_assets.cli", "supervise"]
+SUPERVISE_ARGV = [sys.executable, "-m", "recsys_cli.cli", "supervise"]
 
 
 @cli.command(hidden=True)
@@ -250,8 +250,8 @@ def simulate(
     drift_at: float,
 ) -> None:
     """Write a simulated catalogue and listening history into the warehouse."""
-    from recsys_assets.data.simulation import simulate_history
-    from recsys_assets.data.simulator import Drift
+    from recsys_sim.simulation import simulate_history
+    from recsys_sim.simulator import Drift
 
     settings = _settings(ctx)
     ensure_home(settings)
@@ -296,8 +296,8 @@ def simulate(
 @click.pass_context
 def stream(ctx: click.Context, rate: float, interval: float, duration: float | None, drift: str | None) -> None:
     """Keep appending new simulated events to the warehouse (for sensor demos)."""
-    from recsys_assets.data.simulation import stream as run_stream
-    from recsys_assets.data.simulator import Drift
+    from recsys_sim.simulation import stream as run_stream
+    from recsys_sim.simulator import Drift
 
     settings = _settings(ctx)
     stop = {"now": False}
@@ -520,9 +520,9 @@ def traffic(ctx: click.Context, users: int, rps: float, duration: float, k: int,
 
     import numpy as np
 
-    from recsys_assets.data.simulation import LiveWorld, world_dir
-    from recsys_assets.data.simulator import World
-    from recsys_assets.data.traffic import Behaviour, run_traffic
+    from recsys_sim.simulation import LiveWorld, world_dir
+    from recsys_sim.simulator import World
+    from recsys_sim.traffic import Behaviour, run_traffic
 
     settings = _settings(ctx)
     url = url or settings.serving_url
@@ -565,7 +565,7 @@ def traffic(ctx: click.Context, users: int, rps: float, duration: float, k: int,
 @click.pass_context
 def materialize(ctx: click.Context, selection: str) -> None:
     """Materialize SELECTION (Dagster selection syntax, default: everything) in this process."""
-    from recsys_assets.runner import materialize_selection
+    from recsys_cli.runner import materialize_selection
 
     settings = _settings(ctx)
     ensure_home(settings)
@@ -619,9 +619,9 @@ def demo(ctx: click.Context, users: int, tracks: int, days: int, stream_rate: fl
     the platform does by itself. Watch it in the Dagster UI (runs, sensors, asset metadata) and the
     MLflow UI (versions and aliases). Ctrl-C stops everything.
     """
-    from recsys_assets.data.simulation import simulate_history
-    from recsys_assets.data.simulator import Drift
-    from recsys_assets.demo import DEMO_ENVIRONMENT, play_world
+    from recsys_cli.demo import DEMO_ENVIRONMENT, play_world
+    from recsys_sim.simulation import simulate_history
+    from recsys_sim.simulator import Drift
 
     for name, value in DEMO_ENVIRONMENT.items():
         os.environ.setdefault(name, value)

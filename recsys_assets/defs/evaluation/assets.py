@@ -12,12 +12,12 @@ import polars as pl
 from pydantic import Field
 
 from recsys_assets.constants import EVALUATION
-from recsys_assets.data.simulation import world_dir
 from recsys_assets.data.store import read_parquet, write_json_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.gate import DEFAULT_GUARDS, GateRules
 from recsys_assets.resources import MLflowResource, RecsysHomeResource
 from recsys_core.settings import storage_path
+from recsys_sim.simulation import world_dir
 
 CORE_METRICS = ("ndcg@10", "recall@10", "precision@10", "map@10", "hit_rate@10", "ndcg@20", "recall@20",
                 "coverage@10", "novelty@10", "sim_ctr@10")  # fmt: skip
@@ -54,7 +54,7 @@ class GateConfig(dg.Config):
 
 def click_model_for(home: Path):
     """The simulator's click model when the data came from the simulator, else ``None``."""
-    from recsys_assets.data.simulator import World
+    from recsys_sim.simulator import World
 
     directory = world_dir(home)
     if not (directory / "world.json").exists():

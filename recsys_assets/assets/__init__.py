@@ -1,1 +1,0 @@
-"""Assets by stage: ingestion → preparation → features → training → evaluation → registry → deployment → monitoring."""

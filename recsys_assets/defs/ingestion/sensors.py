@@ -1,0 +1,76 @@
+"""The warehouse sensor: newly landed batches become a partition of the raw events, and its run."""
+
+# No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
+# definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
+
+import json
+from datetime import UTC, datetime
+
+import dagster as dg
+import polars as pl
+
+from recsys_assets.automation import sensor_interval_seconds
+from recsys_assets.constants import EXTRACT_ROWS_PER_FILE
+from recsys_assets.data.store import batch_range_key, parse_batch_range_key, plan_extraction
+from recsys_assets.defs.ingestion.partitions import ingest_batches
+from recsys_assets.resources import RetrainPolicyResource, WarehouseResource
+from recsys_assets.runs import ACTIVE
+from recsys_core.warehouse import WarehouseError
+
+EXTRACTION_TRIGGER = "new-batches"
+
+
+def warehouse_sensor_fn(
+    context: dg.SensorEvaluationContext, warehouse: WarehouseResource, retrain_policy: RetrainPolicyResource
+):
+    # The partitions are the state: the next range starts after the highest batch of any partition.
+    keys = context.instance.get_dynamic_partitions(ingest_batches.name)
+    seen = max((parse_batch_range_key(k)[1] for k in keys), default=0)
+    try:
+        wh = warehouse.get_warehouse()
+        wh.init_schema()
+        new_batches = wh.batches_after(seen).filter(pl.col("landed") > 0)
+    except WarehouseError as exc:
+        return dg.SkipReason(f"the warehouse cannot be read: {exc}")
+    if new_batches.is_empty():
+        return dg.SkipReason(f"no new batch since batch {seen}")
+    waiting = f"batches {seen + 1}..{new_batches['batch_id'].max()} wait"
+    active = context.instance.get_runs(
+        filters=dg.RunsFilter(tags={"recsys/trigger": EXTRACTION_TRIGGER}, statuses=ACTIVE), limit=1
+    )
+    if active:
+        return dg.SkipReason(f"{waiting}: the previous extraction (run {active[0].run_id[:8]}) is not done")
+    now = datetime.now(UTC)
+    last_request = json.loads(context.cursor).get("requested_at") if context.cursor else None
+    interval = retrain_policy.extract_min_interval_seconds
+    if last_request and (now - datetime.fromisoformat(last_request)).total_seconds() < interval:
+        return dg.SkipReason(f"{waiting}: at most one new partition every {interval}s")
+    new_keys = [batch_range_key(first, last) for first, last, _ in plan_extraction(new_batches, EXTRACT_ROWS_PER_FILE)]
+    context.update_cursor(json.dumps({"requested_at": now.isoformat()}))
+    return dg.SensorResult(
+        run_requests=[
+            dg.RunRequest(
+                run_key=key,
+                partition_key=key,
+                asset_selection=[dg.AssetKey("listening_events")],
+                tags={"recsys/trigger": EXTRACTION_TRIGGER},
+            )
+            for key in new_keys
+        ],
+        dynamic_partitions_requests=[ingest_batches.build_add_request(new_keys)],
+    )
+
+
+@dg.definitions
+def sensors() -> dg.Definitions:
+    return dg.Definitions(
+        sensors=[
+            dg.sensor(
+                name="warehouse_sensor",
+                minimum_interval_seconds=sensor_interval_seconds(),
+                default_status=dg.DefaultSensorStatus.RUNNING,
+                asset_selection=["listening_events"],
+                description="New batches landed in the warehouse: add their partition and extract it.",
+            )(warehouse_sensor_fn)
+        ]
+    )
