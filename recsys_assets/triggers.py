@@ -215,4 +215,5 @@ def latest_cron_tick(cron: str, now: datetime) -> datetime:
     """The latest tick of ``cron`` (UTC) at or before ``now``. croniter, not a hand-written parser."""
     from croniter import croniter
 
-    return croniter(cron, now).get_prev(datetime)
+    # croniter's previous tick is strictly before its start: start a second later to count ``now`` itself.
+    return croniter(cron, now + timedelta(seconds=1)).get_prev(datetime).replace(fold=0)

@@ -24,7 +24,7 @@ EXPECTED_ASSETS = {
 def _defs() -> dg.Definitions:
     from recsys_assets.definitions import defs
 
-    return defs
+    return defs()
 
 
 def test_definitions_hold_the_pipeline_assets(recsys_env) -> None:
@@ -46,11 +46,68 @@ def test_the_conservation_check_blocks(recsys_env) -> None:
     graph = _defs().resolve_asset_graph()
     names = {key.name for key in graph.asset_check_keys}
     assert {"batch_conservation", "clean_events_schema", "clean_events_nulls_and_duplicates"} <= names
-    from recsys_assets.checks import batch_conservation
+    from recsys_assets.defs.preparation.checks import batch_conservation
 
     (spec,) = batch_conservation.check_specs
     assert spec.asset_key == dg.AssetKey("clean_listening_events")
     assert spec.blocking
+    assert spec.partitions_def is not None and spec.partitions_def.name == "ingest_batches"  # run per partition
+
+
+def test_the_event_data_is_partitioned_per_ingested_batch_range(recsys_env) -> None:
+    graph = _defs().resolve_asset_graph()
+    for name in ("listening_events", "clean_listening_events"):
+        node = graph.get(dg.AssetKey(name))
+        assert isinstance(node.partitions_def, dg.DynamicPartitionsDefinition), name
+        assert node.partitions_def.name == "ingest_batches"
+        assert node.backfill_policy == dg.BackfillPolicy.single_run(), name  # a backfill is one run
+    assert graph.get(dg.AssetKey("training_interactions")).partitions_def is None  # reads every partition
+
+
+def test_settings_are_read_when_the_definitions_load_not_at_import(recsys_env, monkeypatch) -> None:
+    """Every module of the code location is imported first; settings changed afterwards still reach the
+    definitions (the resources, the sensors' interval, the drift report's cadence, the retrain job)."""
+    import importlib
+    import pkgutil
+
+    import recsys_assets.defs
+
+    for module in pkgutil.walk_packages(recsys_assets.defs.__path__, "recsys_assets.defs."):
+        importlib.import_module(module.name)
+    from recsys_assets.definitions import defs
+
+    monkeypatch.setenv("RECSYS_SENSOR_INTERVAL_SECONDS", "7")
+    monkeypatch.setenv("RECSYS_RETRAIN_NEW_DATA_FRACTION", "0.35")
+    monkeypatch.setenv("RECSYS_CANARY_STEPS", "0.1,0.3")
+    monkeypatch.setenv("RECSYS_DRIFT_CRON", "*/5 * * * *")
+    monkeypatch.setenv("RECSYS_RETRAIN_CRON", "0 4 2 * *")
+    monkeypatch.setenv("RECSYS_RETRAIN_RUN_CONFIG", '{"ops": {"two_tower_model": {"config": {"max_epochs": 3}}}}')
+    loaded = defs()
+    for sensor in ("warehouse_sensor", "retrain_sensor", "canary_sensor", "registry_audit_sensor"):
+        assert loaded.resolve_sensor_def(sensor).minimum_interval_seconds == 7, sensor
+    assert loaded.resources["retrain_policy"].new_data_fraction == 0.35
+    assert loaded.resources["retrain_policy"].retrain_cron == dg.EnvVar("RECSYS_RETRAIN_CRON")
+    assert loaded.resources["canary_policy"].steps == [0.1, 0.3]
+    drift = loaded.resolve_assets_def("drift_report")
+    assert "*/5 * * * *" in str(drift.automation_conditions_by_key[dg.AssetKey("drift_report")])
+    job = loaded.resolve_job_def("retrain")
+    assert job.run_config["ops"]["two_tower_model"]["config"]["max_epochs"] == 3
+
+
+def test_no_definitions_module_reads_settings_at_import() -> None:
+    """load_settings() appears in the code location only inside functions (run when the definitions load)."""
+    import ast
+
+    offenders = []
+    for path in (REPO_ROOT / "recsys_assets").rglob("*.py"):
+        tree = ast.parse(path.read_text())
+        inside = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                  for n in ast.walk(f)}  # fmt: skip
+        for node in ast.walk(tree):
+            if (isinstance(node, ast.Call) and getattr(node.func, "id", getattr(node.func, "attr", None))
+                    == "load_settings" and id(node) not in inside):  # fmt: skip
+                offenders.append(f"{path.relative_to(REPO_ROOT)}:{node.lineno}")
+    assert offenders == []
 
 
 def test_dagster_validates_the_workspace(recsys_env) -> None:

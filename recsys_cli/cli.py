@@ -570,12 +570,13 @@ def materialize(ctx: click.Context, selection: str) -> None:
     settings = _settings(ctx)
     ensure_home(settings)
     try:
-        result = materialize_selection(selection)
+        results = materialize_selection(selection)
     except ValueError as exc:
         raise click.ClickException(str(exc)) from exc
-    if not result.success:
-        raise click.ClickException(f"the run {result.run_id} failed; see the Dagster UI or the log above")
-    click.echo(f"run {result.run_id} succeeded")
+    for result in results:
+        if not result.success:
+            raise click.ClickException(f"the run {result.run_id} failed; see the Dagster UI or the log above")
+        click.echo(f"run {result.run_id} succeeded")
 
 
 @cli.command()

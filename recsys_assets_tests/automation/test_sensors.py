@@ -13,10 +13,11 @@ import httpx
 import polars as pl
 import pytest
 
-from recsys_assets import sensors
+from recsys_assets.defs.deployment.sensors import canary_look_key
 from recsys_assets.resources import build_resources
-from recsys_cli.stack.supervisor import free_port
 from recsys_assets_tests.service.versions import tiny_version
+from recsys_cli.runner import add_landed_partitions
+from recsys_cli.stack.supervisor import free_port
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
@@ -94,167 +95,210 @@ def plays(n: int, start: datetime, prefix: str = "e") -> pl.DataFrame:
     )
 
 
-def tick(sensor, instance, settings, cursor=None):
-    # The environment as it is now (a fixture may have set PROMETHEUS_URL after `settings` was read).
+def tick(name: str, instance, settings, cursor=None):
+    """One evaluation of the sensor ``name`` of the code location, with the environment as it is now
+    (a fixture may have set PROMETHEUS_URL after ``settings`` was read)."""
+    from recsys_assets.definitions import defs
+
+    sensor = defs().resolve_sensor_def(name)
     resources = build_resources(load_settings())
     with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as context:
         result = sensor(context)
         return result, context.cursor
 
 
-def test_new_data_sensor_fires_at_the_threshold_once(recsys_env, instance, tmp_path) -> None:
+def land_and_prepare(instance, warehouse: Warehouse, frame: pl.DataFrame) -> None:
+    """Land ``frame`` and prepare its partition (extract and clean it), as the sensors and automation would."""
+    from recsys_assets.definitions import defs
+
+    warehouse.init_schema()
+    warehouse.land_events(frame, source="test", origin="t")
+    job = defs().resolve_implicit_global_asset_job_def()
+    for key in add_landed_partitions(instance, warehouse):
+        selection = [dg.AssetKey("listening_events"), dg.AssetKey("clean_listening_events")]
+        assert job.execute_in_process(instance=instance, partition_key=key, asset_selection=selection).success
+
+
+def test_new_data_counts_prepared_partitions_and_fires_at_the_threshold_once(recsys_env, instance, tmp_path) -> None:
     register_champion(recsys_env, tmp_path, train_interactions=1000)
     warehouse = Warehouse(recsys_env.warehouse_uri)
     warehouse.init_schema()
-    warehouse.land_events(plays(150, CUTOFF + timedelta(hours=1)), source="test", origin="t")
-    warehouse.land_events(plays(50, CUTOFF - timedelta(days=1), prefix="old"), source="test", origin="t")
+    land_and_prepare(instance, warehouse, plays(150, CUTOFF + timedelta(hours=1)))
+    land_and_prepare(instance, warehouse, plays(50, CUTOFF - timedelta(days=1), prefix="old"))
+    # Landed but not prepared yet: it does not count until its partition is cleaned.
+    warehouse.land_events(plays(500, CUTOFF + timedelta(hours=2), prefix="raw"), source="test", origin="t")
 
-    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
+    result, cursor = tick("retrain_sensor", instance, recsys_env)
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message.startswith("15.0% of 20%: 150 new positive events against 1,000")
 
-    warehouse.land_events(plays(60, CUTOFF + timedelta(days=1), prefix="more"), source="test", origin="t")
-    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    land_and_prepare(instance, warehouse, plays(60, CUTOFF + timedelta(days=1), prefix="more"))
+    result, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(result, dg.RunRequest)
     assert result.run_key == "new-data:champion-v1:attempt-1"
     assert result.tags["recsys/retrain"] == "true"
     assert result.tags["recsys/trigger"] == "new-data"
+    assert result.tags["dagster/priority"] == "2"
     assert result.job_name == "retrain"
+    assert result.tags["recsys/reason"].startswith("71.0% of 20%")  # the raw batch was prepared with it
 
-    again, _ = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    again, _ = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(again, dg.SkipReason)
     assert "waiting for the retrain it requested" in again.skip_message
 
 
-def test_new_data_sensor_backs_off_after_a_failed_retrain_run(recsys_env, instance, tmp_path) -> None:
+def test_the_retrain_sensor_backs_off_after_a_failed_retrain_run(recsys_env, instance, tmp_path) -> None:
     """A retrain that crashed (killed, a broken store) is retried after a wait that doubles, not at once."""
     register_champion(recsys_env, tmp_path, train_interactions=100)
     warehouse = Warehouse(recsys_env.warehouse_uri)
     warehouse.init_schema()
-    warehouse.land_events(plays(50, CUTOFF + timedelta(hours=1)), source="test", origin="t")
-    request, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
+    land_and_prepare(instance, warehouse, plays(50, CUTOFF + timedelta(hours=1)))
+    request, cursor = tick("retrain_sensor", instance, recsys_env)
     assert isinstance(request, dg.RunRequest)
     instance.add_run(dg.DagsterRun(job_name="retrain", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.FAILURE,
                                    tags={"dagster/run_key": request.run_key}))  # fmt: skip
-    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    result, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message.startswith("backing off after 1 failed retrain run(s) until ")
 
 
-def test_new_data_sensor_waits_for_a_canary(recsys_env, instance, tmp_path) -> None:
+def test_the_retrain_sensor_waits_for_a_canary(recsys_env, instance, tmp_path) -> None:
     registry = register_champion(recsys_env, tmp_path, train_interactions=10)
     run_id = registry.start_run("challenger", tags={})
     model_dir = tiny_version(tmp_path / "v2", seed=2)
     uri = registry.log_model(run_id, model_dir)
     registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="test", by="test")
-    result, _ = tick(sensors.new_data_sensor, instance, recsys_env)
+    Warehouse(recsys_env.warehouse_uri).init_schema()
+    result, _ = tick("retrain_sensor", instance, recsys_env)
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message == "challenger v2 is in canary: waiting for its decision"
 
 
-def test_without_a_champion_the_first_model_is_requested_once_there_is_data(recsys_env, instance) -> None:
-    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env)
-    assert result.skip_message == "no champion and no listening data yet"
+def test_without_a_champion_the_first_model_is_requested_once_data_is_prepared(recsys_env, instance) -> None:
+    result, cursor = tick("retrain_sensor", instance, recsys_env)
+    assert result.skip_message == "no champion and no prepared listening data yet"
     warehouse = Warehouse(recsys_env.warehouse_uri)
-    warehouse.land_events(plays(10, CUTOFF), source="test", origin="t")
-    result, cursor = tick(sensors.new_data_sensor, instance, recsys_env, cursor)
+    land_and_prepare(instance, warehouse, plays(10, CUTOFF))
+    result, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert result.run_key == "bootstrap-1"
     assert result.tags["recsys/trigger"] == "bootstrap"
 
 
-def test_warehouse_sensor_requests_an_extraction_per_new_batch(recsys_env, instance) -> None:
+def test_the_monthly_tick_retrains_once(recsys_env, instance, tmp_path, monkeypatch) -> None:
+    register_champion(recsys_env, tmp_path, train_interactions=1000)
+    Warehouse(recsys_env.warehouse_uri).init_schema()
+    monkeypatch.setenv("RECSYS_RETRAIN_CRON", "* * * * *")  # a tick every minute: one has passed since
+    time.sleep(max(0.0, 61 - datetime.now(UTC).second))  # the champion was registered before this minute's tick
+    result, cursor = tick("retrain_sensor", instance, recsys_env)
+    assert isinstance(result, dg.RunRequest)
+    assert result.tags["recsys/trigger"] == "monthly"
+    assert result.run_key.startswith("monthly:")
+    instance.add_run(dg.DagsterRun(job_name="retrain", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.SUCCESS,
+                                   tags={"dagster/run_key": result.run_key}))  # fmt: skip
+    again, _ = tick("retrain_sensor", instance, recsys_env, cursor)
+    assert isinstance(again, dg.SkipReason)  # the same tick is answered once
+
+
+def test_warehouse_sensor_adds_a_partition_per_new_range_of_batches(recsys_env, instance) -> None:
     warehouse = Warehouse(recsys_env.warehouse_uri)
     warehouse.init_schema()
-    result, cursor = tick(sensors.warehouse_sensor, instance, recsys_env)
+    result, cursor = tick("warehouse_sensor", instance, recsys_env)
     assert result.skip_message == "no new batch since batch 0"
-    report = warehouse.land_events(plays(5, CUTOFF), source="test", origin="t")
-    result, cursor = tick(sensors.warehouse_sensor, instance, recsys_env, cursor)
-    assert result.run_key == f"batches-upto-{report.batch_id}"
-    assert result.asset_selection == [dg.AssetKey("listening_events")]
-    result, _ = tick(sensors.warehouse_sensor, instance, recsys_env, cursor)
-    assert isinstance(result, dg.SkipReason)
+    first = warehouse.land_events(plays(5, CUTOFF), source="test", origin="t")
+    second = warehouse.land_events(plays(5, CUTOFF, prefix="f"), source="test", origin="t")
+    result, cursor = tick("warehouse_sensor", instance, recsys_env, cursor)
+    assert isinstance(result, dg.SensorResult)
+    key = f"batches-{first.batch_id:010d}-{second.batch_id:010d}"
+    (request,) = result.run_requests
+    assert (request.run_key, request.partition_key) == (key, key)
+    assert request.asset_selection == [dg.AssetKey("listening_events")]
+    (added,) = result.dynamic_partitions_requests
+    assert (added.partitions_def_name, list(added.partition_keys)) == ("ingest_batches", [key])
+    instance.add_dynamic_partitions("ingest_batches", [key])  # what the daemon does with the request
+    result, _ = tick("warehouse_sensor", instance, recsys_env, cursor)
+    assert result.skip_message == f"no new batch since batch {second.batch_id}"
 
 
-def test_drift_sensor_retrains_once_per_drifted_report(recsys_env, instance) -> None:
-    result, _ = tick(sensors.drift_sensor, instance, recsys_env)
-    assert result.skip_message == "no drift report yet"
+def test_a_drifted_report_retrains_once(recsys_env, instance, tmp_path) -> None:
+    register_champion(recsys_env, tmp_path, train_interactions=1000)
+    Warehouse(recsys_env.warehouse_uri).init_schema()
     instance.report_runless_asset_event(
         dg.AssetMaterialization("drift_report", metadata={"drifted": False, "drift_share": 0.2})
     )
-    result, cursor = tick(sensors.drift_sensor, instance, recsys_env)
-    assert "no drift in report" in result.skip_message
+    result, cursor = tick("retrain_sensor", instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)
     instance.report_runless_asset_event(
         dg.AssetMaterialization("drift_report", metadata={"drifted": True, "drift_share": 0.6})
     )
-    result, cursor = tick(sensors.drift_sensor, instance, recsys_env, cursor)
+    result, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(result, dg.RunRequest)
     assert result.run_key.startswith("drift:")
     assert result.tags["recsys/trigger"] == "drift"
-    result, _ = tick(sensors.drift_sensor, instance, recsys_env, cursor)
-    assert "already handled" in result.skip_message
+    instance.add_run(dg.DagsterRun(job_name="retrain", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.SUCCESS,
+                                   tags={"dagster/run_key": result.run_key}))  # fmt: skip
+    result, _ = tick("retrain_sensor", instance, recsys_env, cursor)
+    assert isinstance(result, dg.SkipReason)  # that report is answered
 
 
 def test_retrain_reasons_take_turns_alert_then_drift_then_new_data(
     recsys_env, instance, tmp_path, firing_prometheus
 ) -> None:
-    """Three reasons wait for the one retrain slot: whichever sensor ticks first must not take it.
-
-    (With new data landing fast, the new-data sensor took every slot a canary decision freed.)
-    """
+    """Three reasons wait for the one retrain slot: the alert first, then drift, then new data."""
     register_champion(recsys_env, tmp_path, train_interactions=100)
     warehouse = Warehouse(recsys_env.warehouse_uri)
     warehouse.init_schema()
-    warehouse.land_events(plays(150, CUTOFF + timedelta(hours=1)), source="test", origin="t")
+    land_and_prepare(instance, warehouse, plays(150, CUTOFF + timedelta(hours=1)))
     instance.report_runless_asset_event(
         dg.AssetMaterialization("drift_report", metadata={"drifted": True, "drift_share": 0.6})
     )
 
     def launched(request: dg.RunRequest) -> None:
         tags = {"dagster/run_key": request.run_key}
-        run_id = request.run_key.replace(":", "-")
-        done = dg.DagsterRunStatus.SUCCESS
-        instance.add_run(dg.DagsterRun(job_name="retrain", run_id=run_id, tags=tags, status=done))
+        run_id = str(uuid.uuid4())
+        instance.add_run(
+            dg.DagsterRun(job_name="retrain", run_id=run_id, tags=tags, status=dg.DagsterRunStatus.SUCCESS)
+        )
 
-    new_data = tick(sensors.new_data_sensor, instance, recsys_env)[0]
-    assert new_data.skip_message == "alert AlwaysFiring asks for a retrain first (the KPI alert sensor requests it)"
-    drift = tick(sensors.drift_sensor, instance, recsys_env)[0]
-    assert drift.skip_message.startswith("drift detected; alert AlwaysFiring asks for a retrain first")
-
-    alert, alert_cursor = tick(sensors.kpi_alert_sensor, instance, recsys_env)
+    alert, cursor = tick("retrain_sensor", instance, recsys_env)
     assert isinstance(alert, dg.RunRequest)
     assert alert.tags["recsys/trigger"] == "kpi-alert"
+    assert alert.tags["dagster/priority"] == "4"
     assert alert.tags["recsys/reason"].startswith("AlwaysFiring firing since 20")
     assert firing_prometheus in alert.tags["recsys/reason"]
     launched(alert)
 
-    new_data = tick(sensors.new_data_sensor, instance, recsys_env)[0]
-    assert "asks for a retrain first (the drift sensor requests it)" in new_data.skip_message
-    drift = tick(sensors.drift_sensor, instance, recsys_env)[0]
+    drift, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(drift, dg.RunRequest)
+    assert drift.tags["recsys/trigger"] == "drift"
     launched(drift)
 
-    assert isinstance(tick(sensors.new_data_sensor, instance, recsys_env)[0], dg.RunRequest)
-    again = tick(sensors.kpi_alert_sensor, instance, recsys_env, alert_cursor)[0]
-    assert again.skip_message.startswith("1 firing alert episode(s) already handled")
+    new_data, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
+    assert isinstance(new_data, dg.RunRequest)
+    assert new_data.tags["recsys/trigger"] == "new-data"
+    launched(new_data)
+    # The alert still fires, but its episode was answered: what is due now is the new data, still (the
+    # champion did not change in this test).
+    rest, _ = tick("retrain_sensor", instance, recsys_env, cursor)
+    assert rest.tags["recsys/trigger"] == "new-data"
 
 
 def test_canary_sensor_starts_the_canary_then_looks_as_traffic_comes_in(recsys_env, instance, tmp_path) -> None:
     """No analysis before the canary starts; then one look per `min_impressions` challenger impressions in
     the current step, with a key per step (each look is safe: the test is always valid)."""
     registry = register_champion(recsys_env, tmp_path, train_interactions=10)
-    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    result, _ = tick("canary_sensor", instance, recsys_env)
     assert result.skip_message == "no challenger in canary"
     run_id = registry.start_run("challenger", tags={})
     uri = registry.log_model(run_id, tmp_path / "version")
     registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="test", by="test")
     assert registry.serving_state().fraction == 0.0  # registered, not yet in canary
 
-    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    result, _ = tick("canary_sensor", instance, recsys_env)
     assert result.run_key == "canary:v2:start"
 
     registry.set_canary(2, step=0, fraction=0.05, mode="ab", reason="test", by="test")
     Warehouse(recsys_env.warehouse_uri).init_schema()
-    result, _ = tick(sensors.canary_sensor, instance, recsys_env)
+    result, _ = tick("canary_sensor", instance, recsys_env)
     assert isinstance(result, dg.SkipReason)
     assert result.skip_message.startswith("challenger v2 at 5% (step 0): 0 of 5,000 impressions")
 
@@ -264,4 +308,4 @@ def test_canary_sensor_starts_the_canary_then_looks_as_traffic_comes_in(recsys_e
     [(0, None), (4999, None), (5000, "canary:v3:s1:1"), (12000, "canary:v3:s1:2")],
 )
 def test_canary_look_keys(impressions: int, key: str | None) -> None:
-    assert sensors.canary_look_key(3, 1, impressions, 5000) == key
+    assert canary_look_key(3, 1, impressions, 5000) == key

@@ -7,7 +7,15 @@ from datetime import UTC, datetime, timedelta
 import polars as pl
 import pytest
 
-from recsys_assets.triggers import NewDataProgress, RetrainState, feedback_ctr_episode, firing_episodes
+from recsys_assets.ml.prometheus import AlertEpisode, firing_episodes
+from recsys_assets.triggers import (
+    NewDataProgress,
+    RetrainFacts,
+    RetrainState,
+    decide_retrain,
+    feedback_ctr_episode,
+    latest_cron_tick,
+)
 from recsys_core.warehouse import Warehouse
 
 NOW = datetime(2026, 6, 1, 12, 30, tzinfo=UTC)
@@ -91,3 +99,60 @@ def test_feedback_ctr_drop_without_prometheus(tmp_path, recent_clicks: int, aler
     quiet, why = feedback_ctr_episode(wh, version=4, drop=0.8, now=NOW)
     assert quiet is None
     assert "0 champion impressions in the last hour" in why
+
+
+ALERT = AlertEpisode("RecsysCTRBelowWeeklyLevel", "t1")
+DUE = NewDataProgress(3000, 10000, 0.2)
+NOT_DUE = NewDataProgress(100, 10000, 0.2)
+
+
+@pytest.mark.parametrize(
+    ("facts", "trigger", "run_key", "why"),
+    [
+        # Every reason at once: the alert goes first, then drift, new data, the calendar.
+        (RetrainFacts(champion=3, alert=ALERT, drift_report=7, drift_share=0.6, new_data=DUE, monthly_tick="m"),
+         "kpi-alert", f"alert:{ALERT.key}", "RecsysCTRBelowWeeklyLevel firing"),
+        (RetrainFacts(champion=3, drift_report=7, drift_share=0.6, new_data=DUE, monthly_tick="m"),
+         "drift", "drift:7", "drift share 60% in report 7"),
+        (RetrainFacts(champion=3, new_data=DUE, monthly_tick="m"),
+         "new-data", "new-data:champion-v3:attempt-5", "30.0%"),
+        (RetrainFacts(champion=3, new_data=NOT_DUE, monthly_tick="m"), "monthly", "monthly:m", "monthly retrain due"),
+        (RetrainFacts(prepared_rows=120), "bootstrap", "bootstrap-5", "no champion yet; 120 positive events"),
+        # Nothing due, or something holds every reason back.
+        (RetrainFacts(champion=3, new_data=NOT_DUE), None, None, "1.0% of 20%"),
+        (RetrainFacts(), None, None, "no champion and no prepared listening data yet"),
+        (RetrainFacts(running="abcdef123", champion=3, alert=ALERT), None, None, "a retrain is running (run abcdef12)"),
+        (RetrainFacts(champion=3, challenger=4, alert=ALERT), None, None, "challenger v4 is in canary"),
+        # A backoff holds new data, the calendar and the first model; not an alert or drift.
+        (RetrainFacts(champion=3, backoff="backing off", new_data=DUE, monthly_tick="m"), None, None, "backing off"),
+        (RetrainFacts(backoff="backing off", prepared_rows=9), None, None, "backing off"),
+        (RetrainFacts(champion=3, backoff="backing off", drift_report=7), "drift", "drift:7", "drift share"),
+        (RetrainFacts(champion=3, backoff="backing off", alert=ALERT), "kpi-alert", f"alert:{ALERT.key}", "firing"),
+    ],
+)  # fmt: skip
+def test_decide_retrain_orders_the_reasons(facts: RetrainFacts, trigger, run_key, why: str) -> None:
+    decision = decide_retrain(facts, attempt=5)
+    assert (decision.trigger, decision.run_key) == (trigger, run_key)
+    assert why in decision.reason
+
+
+def test_more_urgent_retrains_run_first_in_the_queue() -> None:
+    priorities = [decide_retrain(f, 1).priority for f in (
+        RetrainFacts(champion=3, alert=ALERT), RetrainFacts(champion=3, drift_report=1),
+        RetrainFacts(champion=3, new_data=DUE), RetrainFacts(champion=3, monthly_tick="m"),
+        RetrainFacts(prepared_rows=1),
+    )]  # fmt: skip
+    assert priorities == sorted(priorities, reverse=True)
+    assert len(set(priorities)) == 5
+
+
+@pytest.mark.parametrize(
+    ("now", "tick"),
+    [
+        (datetime(2026, 6, 1, 2, 59, tzinfo=UTC), datetime(2026, 5, 1, 3, tzinfo=UTC)),
+        (datetime(2026, 6, 1, 3, 0, tzinfo=UTC), datetime(2026, 6, 1, 3, tzinfo=UTC)),
+        (datetime(2026, 6, 17, tzinfo=UTC), datetime(2026, 6, 1, 3, tzinfo=UTC)),
+    ],
+)
+def test_the_monthly_tick_is_the_latest_at_or_before_now(now: datetime, tick: datetime) -> None:
+    assert latest_cron_tick("0 3 1 * *", now) == tick

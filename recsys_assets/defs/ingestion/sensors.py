@@ -7,12 +7,10 @@ import json
 from datetime import UTC, datetime
 
 import dagster as dg
-import polars as pl
 
 from recsys_assets.automation import sensor_interval_seconds
-from recsys_assets.constants import EXTRACT_ROWS_PER_FILE
-from recsys_assets.data.store import batch_range_key, parse_batch_range_key, plan_extraction
-from recsys_assets.defs.ingestion.partitions import ingest_batches
+from recsys_assets.data.store import parse_batch_range_key
+from recsys_assets.defs.ingestion.partitions import ingest_batches, new_batch_ranges, partitioned_up_to
 from recsys_assets.resources import RetrainPolicyResource, WarehouseResource
 from recsys_assets.runs import ACTIVE
 from recsys_core.warehouse import WarehouseError
@@ -23,18 +21,14 @@ EXTRACTION_TRIGGER = "new-batches"
 def warehouse_sensor_fn(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource, retrain_policy: RetrainPolicyResource
 ):
-    # The partitions are the state: the next range starts after the highest batch of any partition.
-    keys = context.instance.get_dynamic_partitions(ingest_batches.name)
-    seen = max((parse_batch_range_key(k)[1] for k in keys), default=0)
+    seen = partitioned_up_to(context.instance)
     try:
-        wh = warehouse.get_warehouse()
-        wh.init_schema()
-        new_batches = wh.batches_after(seen).filter(pl.col("landed") > 0)
+        new_keys = new_batch_ranges(warehouse.get_warehouse(), seen)
     except WarehouseError as exc:
         return dg.SkipReason(f"the warehouse cannot be read: {exc}")
-    if new_batches.is_empty():
+    if not new_keys:
         return dg.SkipReason(f"no new batch since batch {seen}")
-    waiting = f"batches {seen + 1}..{new_batches['batch_id'].max()} wait"
+    waiting = f"batches {seen + 1}..{parse_batch_range_key(new_keys[-1])[1]} wait"
     active = context.instance.get_runs(
         filters=dg.RunsFilter(tags={"recsys/trigger": EXTRACTION_TRIGGER}, statuses=ACTIVE), limit=1
     )
@@ -45,7 +39,6 @@ def warehouse_sensor_fn(
     interval = retrain_policy.extract_min_interval_seconds
     if last_request and (now - datetime.fromisoformat(last_request)).total_seconds() < interval:
         return dg.SkipReason(f"{waiting}: at most one new partition every {interval}s")
-    new_keys = [batch_range_key(first, last) for first, last, _ in plan_extraction(new_batches, EXTRACT_ROWS_PER_FILE)]
     context.update_cursor(json.dumps({"requested_at": now.isoformat()}))
     return dg.SensorResult(
         run_requests=[
