@@ -33,10 +33,13 @@ demo: $(STAMP)
 	$(BIN)/recsys demo
 
 ## test: the whole suite, integration tests with real processes included: the architecture's import
-## contracts, the serving plane's tests in its own lean environment, then everything else
+## contracts, the code location as `dg` loads it, the serving plane's tests in its own lean environment,
+## then everything else
 test: $(STAMP) $(SERVING_STAMP)
 	./scripts/test-setup.sh
 	$(BIN)/lint-imports
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH dg check defs
+	VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(BIN)):$$PATH dg list defs --columns key,group,kinds
 	$(SERVING_VENV)/bin/python -m pytest recsys_assets_tests/service --durations=10 $(PYTEST_ARGS)
 	$(BIN)/python -m pytest --ignore=recsys_assets_tests/service --durations=20 $(PYTEST_ARGS)
 

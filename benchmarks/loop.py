@@ -4,7 +4,7 @@
 
 1. ``recsys up`` in a throw-away ``RECSYS_HOME`` (Dagster webserver and daemon with their default sensor
    cadence, MLflow, ``bentoml serve``), a simulated history of about a million events, and the first
-   model (the ``new_data_sensor``'s bootstrap retrain) serving as champion.
+   model (the ``retrain_sensor``'s bootstrap retrain) serving as champion.
 2. At T0 one batch of new events lands that takes the new positives just past 20% of the champion's
    training rows.
 3. The daemon does the rest; the benchmark waits until the service answers with a challenger, and
@@ -97,6 +97,15 @@ def step_times(instance, run_id: str) -> tuple[dict[str, float], dict[str, float
     return marks, durations
 
 
+def new_positive_events(warehouse, since: datetime) -> int:
+    """Plays and likes landed in the warehouse after ``since`` (what will be training positives once prepared)."""
+    return int(
+        warehouse.scalar(
+            "SELECT COUNT(*) FROM listening_events WHERE played_at > ? AND event_type IN ('play', 'like')", [since]
+        )
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--users", type=int, default=5000)
@@ -105,13 +114,12 @@ def main() -> None:
     parser.add_argument("--keep", help="keep RECSYS_HOME in this directory")
     args = parser.parse_args()
 
-    from recsys_sim.simulation import simulate_history, stream_tick, world_dir
-    from recsys_sim.simulator import World
     from recsys_cli.stack.supervisor import free_port
-    from recsys_assets.triggers import new_positive_events
     from recsys_core.registry import CHAMPION, Registry
     from recsys_core.settings import load_settings
     from recsys_core.warehouse import Warehouse
+    from recsys_sim.simulation import simulate_history, stream_tick, world_dir
+    from recsys_sim.simulator import World
 
     home = Path(args.keep) if args.keep else Path(tempfile.mkdtemp(prefix="recsys-loop-"))
     ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}

@@ -41,9 +41,9 @@ def generate(events: int, directory: Path, seed: int = 11) -> Path:
     import numpy as np
     import polars as pl
 
+    from recsys_core.contracts import RAW_EVENTS_SCHEMA, conform
     from recsys_sim.simulation import expected_events_per_day
     from recsys_sim.simulator import World
-    from recsys_core.contracts import RAW_EVENTS_SCHEMA, conform
 
     target = directory / f"raw-{events}"
     if (target / "done").exists():

@@ -36,10 +36,10 @@ def interactions_from(args, workdir: Path):
     from recsys_assets.data import features as F
     from recsys_assets.data.cleaning import CleaningRules, clean_events
     from recsys_assets.data.importers import import_file
-    from recsys_sim.simulation import simulate_history, world_dir
-    from recsys_sim.simulator import World
     from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
     from recsys_core.warehouse import Warehouse
+    from recsys_sim.simulation import simulate_history, world_dir
+    from recsys_sim.simulator import World
 
     warehouse = Warehouse(f"duckdb:///{workdir / 'warehouse.duckdb'}")
     click_model = None

@@ -69,13 +69,13 @@ def main() -> None:
 
     import quality
 
-    from recsys_sim.simulation import world_dir
-    from recsys_sim.simulator import World
     from recsys_assets.ml.export import export_model
     from recsys_assets.ml.metrics import build_eval_set
     from recsys_assets.ml.split import temporal_split, validation_split
     from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
     from recsys_core.scoring import Ranker
+    from recsys_sim.simulation import world_dir
+    from recsys_sim.simulator import World
 
     with tempfile.TemporaryDirectory() as tmp:
         source = argparse.Namespace(simulate=args.simulate, seed=args.seed, data=None, format=None)

@@ -33,16 +33,6 @@ class NewDataProgress:
         )
 
 
-def new_positive_events(warehouse: Warehouse, since: datetime) -> int:
-    """Listening events that would become training positives (plays and likes) after ``since``."""
-    warehouse.init_schema()
-    return int(
-        warehouse.scalar(
-            "SELECT COUNT(*) FROM listening_events WHERE played_at > ? AND event_type IN ('play', 'like')", [since]
-        )
-    )
-
-
 @dataclass
 class RetrainState:
     """What the new-data sensor remembers between ticks (its cursor)."""

@@ -25,17 +25,17 @@ import numpy as np
 import psutil
 import pytest
 
-from recsys_sim.simulation import simulate_history, world_dir
-from recsys_sim.simulator import Drift, World
-from recsys_cli.demo import StreamDriver, TrafficDriver
-from recsys_assets.sensors import RUN_KEY_TAG, drift_run_key
-from recsys_cli.stack.supervisor import free_port
+from recsys_assets.runs import RUN_KEY_TAG
 from recsys_assets_tests.conftest import BIN
+from recsys_cli.demo import StreamDriver, TrafficDriver
+from recsys_cli.stack.supervisor import free_port
 from recsys_core.control import ControlPlane
 from recsys_core.model_version import ModelArtifact
 from recsys_core.registry import CHALLENGER, CHAMPION, Registry
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
+from recsys_sim.simulation import simulate_history, world_dir
+from recsys_sim.simulator import Drift, World
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -75,7 +75,7 @@ def drift_retrains(instance: dg.DagsterInstance, after: datetime) -> list[dg.Dag
     computed_after = {r.storage_id for r in reports if r.timestamp >= after.timestamp()}
     return [
         run for run in retrain_runs(instance, "drift", after)
-        if run.tags[RUN_KEY_TAG] in {drift_run_key(report) for report in computed_after}
+        if run.tags[RUN_KEY_TAG] in {f"drift:{report}" for report in computed_after}
     ]  # fmt: skip
 
 

@@ -51,7 +51,8 @@ def test_the_conservation_check_blocks(recsys_env) -> None:
     (spec,) = batch_conservation.check_specs
     assert spec.asset_key == dg.AssetKey("clean_listening_events")
     assert spec.blocking
-    assert spec.partitions_def is not None and spec.partitions_def.name == "ingest_batches"  # run per partition
+    assert spec.partitions_def is not None  # it runs per partition
+    assert spec.partitions_def.name == "ingest_batches"
 
 
 def test_the_event_data_is_partitioned_per_ingested_batch_range(recsys_env) -> None:

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from recsys_sim.traffic import TrafficReport
 from recsys_cli.demo import traffic_summary
+from recsys_sim.traffic import TrafficReport
 
 
 def test_the_minute_summary_adds_up_every_traffic_chunk() -> None:

@@ -58,6 +58,8 @@ def materialize_selection(selection: str = "*", *, raise_on_error: bool = False)
                 )  # fmt: skip
         if rest:
             results.append(
-                job.execute_in_process(instance=instance, asset_selection=rest, raise_on_error=raise_on_error, tags=tags)
+                job.execute_in_process(
+                    instance=instance, asset_selection=rest, raise_on_error=raise_on_error, tags=tags
+                )
             )
     return results

@@ -9,10 +9,11 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from recsys_sim.simulation import simulate_history
 from recsys_assets.resources import build_resources
+from recsys_cli.runner import add_landed_partitions
 from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME
 from recsys_core.warehouse import Warehouse
+from recsys_sim.simulation import simulate_history
 
 pytestmark = [pytest.mark.slow]
 
@@ -21,13 +22,18 @@ FAST_TRAINING = {"embedding_dim": 16, "batch_size": 512, "max_epochs": 4, "patie
 
 
 def run(settings, instance, gate: dict | None = None) -> dg.ExecuteInProcessResult:
+    """Prepare the partitions not prepared yet, then one run of the ``retrain`` job (what the retrain sensor starts)."""
     from recsys_assets.definitions import defs
 
-    job = defs.resolve_implicit_global_asset_job_def()
+    loaded = defs()
+    prepare = loaded.resolve_implicit_global_asset_job_def()
+    for key in add_landed_partitions(instance, Warehouse(settings.warehouse_uri)):
+        selection = [dg.AssetKey("listening_events"), dg.AssetKey("clean_listening_events")]
+        assert prepare.execute_in_process(instance=instance, partition_key=key, asset_selection=selection).success
     config = {"ops": {"two_tower_model": {"config": FAST_TRAINING}}}
     if gate:
         config["ops"]["model_evaluation"] = {"config": gate}
-    return job.execute_in_process(
+    return loaded.resolve_job_def("retrain").execute_in_process(
         instance=instance, run_config=config, resources=build_resources(settings), raise_on_error=False
     )
 

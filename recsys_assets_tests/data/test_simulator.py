@@ -8,8 +8,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_sim.simulator import Drift, World, history_bounds
 from recsys_core.contracts import LISTENING_EVENTS_SCHEMA
+from recsys_sim.simulator import Drift, World, history_bounds
 
 END = datetime(2026, 3, 1, tzinfo=UTC)
 

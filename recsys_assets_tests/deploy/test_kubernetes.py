@@ -117,8 +117,9 @@ def test_on_kubernetes_each_step_of_a_retrain_runs_in_its_own_pod() -> None:
     import subprocess
     import sys
 
-    probe = "from recsys_assets.jobs import retrain_job; print(getattr(retrain_job.executor_def, 'name', None))"
-    for executor, expected in (("k8s", "k8s"), ("default", "None")):  # None: the Definitions' default
+    probe = ("from recsys_assets.definitions import defs; "
+             "print(getattr(defs().resolve_job_def('retrain').executor_def, 'name', None))")  # fmt: skip
+    for executor, expected in (("k8s", "k8s"), ("default", "in_process")):  # in_process: the Definitions' default
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                               env={**os.environ, "RECSYS_EXECUTOR": executor}, cwd=REPO_ROOT)  # fmt: skip
         assert done.stdout.strip().splitlines()[-1] == expected

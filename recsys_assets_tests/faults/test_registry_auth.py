@@ -11,9 +11,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from recsys_assets_tests.service.versions import tiny_version
 from recsys_cli.stack.services import venv_bin
 from recsys_cli.stack.supervisor import ServiceSpec, Stack, free_port
-from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHAMPION, MODEL_NAME
 from recsys_core.settings import load_settings

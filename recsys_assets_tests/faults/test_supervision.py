@@ -16,8 +16,8 @@ import httpx
 import psutil
 import pytest
 
-from recsys_cli.stack.supervisor import ServiceSpec, Stack, free_port, rotate_log
 from recsys_assets_tests.service.test_replicas import until
+from recsys_cli.stack.supervisor import ServiceSpec, Stack, free_port, rotate_log
 
 pytestmark = [pytest.mark.faults]
 
@@ -91,9 +91,9 @@ def test_logs_are_rotated_and_private(tmp_path: Path) -> None:
 def test_a_detached_stack_is_supervised_by_its_own_process_and_down_stops_all(tmp_path: Path) -> None:
     """`recsys up --detach`: a `recsys supervise` process restarts what dies; `recsys down` (here
     `Stack.stop`, what it calls) stops the supervisor first, then everything, restarted ones included."""
+    from recsys_assets_tests.conftest import REPO_ROOT
     from recsys_cli.cli import SUPERVISE_ARGV
     from recsys_cli.stack.supervisor import SUPERVISOR
-    from recsys_assets_tests.conftest import REPO_ROOT
     from recsys_core.settings import load_settings
 
     settings = load_settings({"RECSYS_HOME": str(tmp_path / "home")})

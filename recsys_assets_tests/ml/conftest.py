@@ -9,8 +9,8 @@ import pytest
 
 from recsys_assets.data import features as F
 from recsys_assets.data.cleaning import clean_events
-from recsys_sim.simulator import World, history_bounds
 from recsys_core.contracts import RAW_EVENTS_SCHEMA, conform
+from recsys_sim.simulator import World, history_bounds
 
 END = datetime(2026, 1, 1, tzinfo=UTC)
 

@@ -16,10 +16,10 @@ import httpx
 import polars as pl
 import pytest
 
-from recsys_cli.stack.services import bento_spec
-from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.service.conftest import ADMIN_TOKEN
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_core.contracts import LISTENING_EVENTS_SCHEMA
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings

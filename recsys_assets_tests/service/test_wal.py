@@ -12,10 +12,10 @@ import httpx
 import psutil
 import pytest
 
-from recsys_cli.stack.services import bento_spec
-from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.service.test_replicas import until
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
 from serving.feedback import FeedbackWriter, event_row

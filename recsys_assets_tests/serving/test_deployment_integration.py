@@ -10,11 +10,11 @@ import dagster as dg
 import httpx
 import pytest
 
-from recsys_assets.assets import deployment
+from recsys_assets.defs.deployment import assets as deployment
 from recsys_assets.resources import build_resources
+from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_cli.stack.services import bento_spec
 from recsys_cli.stack.supervisor import Stack, free_port
-from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_core.registry import CHALLENGER, CHAMPION
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
@@ -105,7 +105,7 @@ def test_bento_deploy_and_canary_promotion(serving_home, tmp_path: Path, monkeyp
 def test_a_slow_challenger_is_rolled_back_by_the_latency_guardrail(serving_home, tmp_path: Path, monkeypatch) -> None:
     """The challenger answers 40 ms late (the fault knob): the sensor asks for an analysis at once and the
     analysis rolls it back on the guardrail, before any CTR evidence, with the reason recorded."""
-    from recsys_assets import sensors
+    from recsys_assets.definitions import defs
 
     settings, env = copied_home(
         serving_home, tmp_path, monkeypatch, RECSYS_FAULT_CHALLENGER_DELAY_MS="40", RECSYS_CANARY_MIN_REQUESTS="50"
@@ -120,7 +120,7 @@ def test_a_slow_challenger_is_rolled_back_by_the_latency_guardrail(serving_home,
         with dg.instance_for_test() as instance:
             resources = build_resources(settings)
             with dg.build_sensor_context(instance=instance, resources=resources) as context:
-                request = sensors.canary_sensor(context)
+                request = defs().resolve_sensor_def("canary_sensor")(context)
             assert request.run_key == "canary:v2:guardrail"
             analysis = dg.materialize(
                 [deployment.canary_analysis], instance=instance, resources=resources, selection=["canary_analysis"]

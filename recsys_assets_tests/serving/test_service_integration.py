@@ -14,10 +14,10 @@ import pandas as pd
 import psutil
 import pytest
 
-from recsys_cli.stack.services import bento_spec
-from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import REPO_ROOT
 from recsys_assets_tests.serving.conftest import ADMIN_TOKEN
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_core.control import ControlPlane
 from recsys_core.settings import load_settings
 

@@ -26,10 +26,10 @@ import httpx
 import psycopg
 import pytest
 
-from recsys_cli.stack.services import bento_spec
-from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_assets_tests.conftest import BIN, REPO_ROOT
 from recsys_assets_tests.test_closed_loop import SETTINGS_VARIABLES, wait_for
+from recsys_cli.stack.services import bento_spec
+from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_core.control import ControlPlane
 from recsys_core.registry import CHAMPION
 from recsys_core.settings import load_settings
@@ -143,7 +143,7 @@ def test_the_daemon_retrains_on_postgres_and_object_storage_and_the_service_load
     assert registry.by_alias(CHAMPION).version == 1  # in MLflow's PostgreSQL backend store
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
-        sensor = next(s for s in instance.all_instigator_state() if s.name == "new_data_sensor")
+        sensor = next(s for s in instance.all_instigator_state() if s.name == "retrain_sensor")
         assert instance.get_ticks(sensor.instigator_origin_id, sensor.selector_id)  # the ticks are there too
     warehouse = Warehouse(settings.warehouse_uri)
     assert warehouse.scalar("SELECT COUNT(*) FROM listening_events") > 0

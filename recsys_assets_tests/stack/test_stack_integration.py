@@ -13,9 +13,9 @@ import httpx
 import psutil
 import pytest
 
-from recsys_cli.stack.supervisor import free_port
 from recsys_assets_tests.conftest import BIN
 from recsys_assets_tests.test_definitions import EXPECTED_ASSETS
+from recsys_cli.stack.supervisor import free_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 

@@ -32,8 +32,8 @@ run_monitoring:
   enabled: true
   start_timeout_seconds: 180
   poll_interval_seconds: 30
-# One sensor at a time: the retrain sensors (new data, drift, KPI alert) each check that no retrain
-# is queued or running before they request one; evaluated in parallel, two could both see none.
+# One sensor at a time: two cores, and the sensors' reads (the registry, the warehouse, the prepared
+# partitions) need not compete with the runs.
 sensors:
   use_threads: true
   num_workers: 1
