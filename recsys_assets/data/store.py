@@ -170,11 +170,6 @@ class PreparedStore:
                 files.append(BatchFile(int(match[1]), int(match[2]), path))
         return sorted(files)
 
-    def last_batch(self, name: str) -> int:
-        """The highest landed batch held by the dataset (0 if it is empty)."""
-        files = self.batch_files(name)
-        return max((f.last for f in files), default=0)
-
     def write_batch_file(self, name: str, first: int, last: int, df: pl.DataFrame) -> Path:
         path = self.dataset_dir(name) / batch_file_name(first, last)
         write_parquet_atomic(df, path)
