@@ -36,3 +36,15 @@ def sensor_interval_seconds() -> int:
     from recsys_core.settings import load_settings
 
     return load_settings().automation.sensor_interval_seconds
+
+
+def running_sensor(fn, *, name: str, description: str, **kwargs) -> dg.SensorDefinition:
+    """The sensor ``name`` evaluating ``fn``, running by default, every ``RECSYS_SENSOR_INTERVAL_SECONDS``
+    (so call it from a ``@dg.definitions`` function). ``kwargs`` go to ``dg.sensor`` (a target)."""
+    return dg.sensor(
+        name=name,
+        minimum_interval_seconds=sensor_interval_seconds(),
+        default_status=dg.DefaultSensorStatus.RUNNING,
+        description=description,
+        **kwargs,
+    )(fn)

@@ -121,7 +121,7 @@ class ServingHealth:
 @dataclass(frozen=True)
 class CanaryRules:
     """How the canary decides. The defaults of a deployment come from its settings
-    (``CanaryRules.from_settings(load_settings().automation)``); the statistical constants have defaults here."""
+    (``CanaryPolicyResource.get_rules()`` in the code location); the statistical constants have defaults here."""
 
     steps: tuple[float, ...]
     min_impressions: int
@@ -133,21 +133,6 @@ class CanaryRules:
     latency_slack_seconds: float = 0.005
     error_margin: float = 0.01
     min_requests: int = 100
-
-    @classmethod
-    def from_settings(cls, settings) -> CanaryRules:
-        """The rules of a deployment (``recsys_core.settings.AutomationSettings``)."""
-        return cls(
-            steps=settings.canary_steps,
-            min_impressions=settings.canary_min_impressions,
-            max_impressions=settings.canary_max_impressions,
-            alpha=settings.canary_alpha,
-            tau=settings.canary_tau,
-            latency_margin=settings.canary_latency_margin,
-            latency_slack_seconds=settings.canary_latency_slack_ms / 1000,
-            error_margin=settings.canary_error_margin,
-            min_requests=settings.canary_min_requests,
-        )
 
     def __post_init__(self) -> None:
         if not self.steps or any(not 0 < s <= 1 for s in self.steps) or list(self.steps) != sorted(self.steps):

@@ -12,7 +12,7 @@ from datetime import UTC, datetime, timedelta
 
 import dagster as dg
 
-from recsys_assets.automation import sensor_interval_seconds
+from recsys_assets.automation import running_sensor, sensor_interval_seconds
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, RETRAIN_TAG
 from recsys_assets.data.features import positive_events_after
 from recsys_assets.defs.ingestion.partitions import ingest_batches
@@ -233,15 +233,14 @@ def retraining() -> dg.Definitions:
         description="Retrain the two-tower model on the prepared data and, if the gate passes, canary it.",
         executor_def=_executor(settings.executor),
     )
-    retrain_sensor = dg.sensor(
+    retrain_sensor = running_sensor(
+        retrain_sensor_fn,
         name="retrain_sensor",
         job_name=JOB_NAME,
-        minimum_interval_seconds=interval,
-        default_status=dg.DefaultSensorStatus.RUNNING,
         description="Retrain for the most urgent reason that holds: a KPI alert, drift, new data (a share of the "
         "champion's training rows), the monthly tick, or no model yet. Never while a retrain runs or a canary "
         "is undecided; backs off after rejected candidates and failed runs.",
-    )(retrain_sensor_fn)
+    )
     abandoned_training_sensor = dg.run_failure_sensor(
         name="abandoned_training_sensor",
         monitored_jobs=[retrain_job],

@@ -5,7 +5,7 @@
 
 import dagster as dg
 
-from recsys_assets.automation import sensor_interval_seconds
+from recsys_assets.automation import running_sensor
 from recsys_assets.ml.canary import guardrail_breaches
 from recsys_assets.ml.kpis import serving_health
 from recsys_assets.resources import (
@@ -77,15 +77,11 @@ def canary_sensor_fn(
 
 @dg.definitions
 def sensors() -> dg.Definitions:
-    return dg.Definitions(
-        sensors=[
-            dg.sensor(
-                name="canary_sensor",
-                minimum_interval_seconds=sensor_interval_seconds(),
-                default_status=dg.DefaultSensorStatus.RUNNING,
-                asset_selection=["canary_analysis"],
-                description="While a challenger is in canary: start it, analyse it each time enough new traffic "
-                "has come in, and at once when a serving guardrail is breached.",
-            )(canary_sensor_fn)
-        ]
+    canary_sensor = running_sensor(
+        canary_sensor_fn,
+        name="canary_sensor",
+        asset_selection=["canary_analysis"],
+        description="While a challenger is in canary: start it, analyse it each time enough new traffic has come "
+        "in, and at once when a serving guardrail is breached.",
     )
+    return dg.Definitions(sensors=[canary_sensor])

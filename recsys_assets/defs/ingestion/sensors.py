@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 
 import dagster as dg
 
-from recsys_assets.automation import sensor_interval_seconds
+from recsys_assets.automation import running_sensor
 from recsys_assets.data.store import parse_batch_range_key
 from recsys_assets.defs.ingestion.partitions import ingest_batches, new_batch_ranges, partitioned_up_to
 from recsys_assets.resources import RetrainPolicyResource, WarehouseResource
@@ -56,14 +56,10 @@ def warehouse_sensor_fn(
 
 @dg.definitions
 def sensors() -> dg.Definitions:
-    return dg.Definitions(
-        sensors=[
-            dg.sensor(
-                name="warehouse_sensor",
-                minimum_interval_seconds=sensor_interval_seconds(),
-                default_status=dg.DefaultSensorStatus.RUNNING,
-                asset_selection=["listening_events"],
-                description="New batches landed in the warehouse: add their partition and extract it.",
-            )(warehouse_sensor_fn)
-        ]
+    warehouse_sensor = running_sensor(
+        warehouse_sensor_fn,
+        name="warehouse_sensor",
+        asset_selection=["listening_events"],
+        description="New batches landed in the warehouse: add their partition and extract it.",
     )
+    return dg.Definitions(sensors=[warehouse_sensor])

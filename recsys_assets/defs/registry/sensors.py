@@ -9,7 +9,7 @@ history, ``by: unknown``, and logged.
 
 import dagster as dg
 
-from recsys_assets.automation import sensor_interval_seconds
+from recsys_assets.automation import running_sensor
 from recsys_assets.resources import MLflowResource
 from recsys_core.registry import RegistryError
 
@@ -28,13 +28,9 @@ def registry_audit_fn(context: dg.SensorEvaluationContext, mlflow: MLflowResourc
 
 @dg.definitions
 def sensors() -> dg.Definitions:
-    return dg.Definitions(
-        sensors=[
-            dg.sensor(
-                name="registry_audit_sensor",
-                minimum_interval_seconds=sensor_interval_seconds(),
-                default_status=dg.DefaultSensorStatus.RUNNING,
-                description="Detect and record alias moves that the platform did not make (the MLflow UI, a script).",
-            )(registry_audit_fn)
-        ]
+    audit = running_sensor(
+        registry_audit_fn,
+        name="registry_audit_sensor",
+        description="Detect and record alias moves that the platform did not make (the MLflow UI, a script).",
     )
+    return dg.Definitions(sensors=[audit])
