@@ -160,9 +160,9 @@ def retrain_sensor_fn(
         new_data = NewDataProgress(
             _prepared_positives(instance, prepared, since), trained, retrain_policy.new_data_fraction
         )
-        tick = latest_cron_tick(retrain_policy.retrain_cron, now).isoformat()
-        if champion.created_at.isoformat() < tick and state.monthly_tick != tick:
-            monthly = tick
+        tick = latest_cron_tick(retrain_policy.retrain_cron, now)
+        if champion.created_at < tick and state.monthly_tick != tick.isoformat():
+            monthly = tick.isoformat()
     facts = RetrainFacts(
         running=running.run_id if running else None,
         champion=champion.version if champion else None,
