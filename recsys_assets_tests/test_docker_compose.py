@@ -98,3 +98,15 @@ def test_the_registry_is_behind_authentication(compose: dict) -> None:
     example = (REPO_ROOT / "deploy" / "compose.env.example").read_text()
     assert {"MLFLOW_TRACKING_USERNAME=", "MLFLOW_TRACKING_PASSWORD="} <= {line.split("=")[0] + "=" for line in
                                                                          example.splitlines()}  # fmt: skip
+
+
+def test_the_user_code_image_holds_every_package_the_project_installs() -> None:
+    """`pip install .` in the image installs only the packages copied into it: the code location imports
+    the simulator (the evaluation's simulated CTR), and the image ships the `recsys` command."""
+    import tomllib
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())
+    packages = {p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]}
+    dockerfile = (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    user_code = dockerfile[dockerfile.index("COPY pyproject.toml") :]
+    assert {p for p in packages if f"COPY {p} ./{p}" not in user_code} == set()
