@@ -132,7 +132,8 @@ class RetrainFacts:
         alert: the first firing alert episode not answered yet, and where it was read.
         drift_report: the latest drift report's id when it found drift and is not answered yet.
         drift_share: that report's share of drifted columns.
-        new_data: new positive events in prepared partitions against the champion's training rows.
+        new_data: new positive events in prepared partitions against the champion's training rows
+            (``None`` when the champion's lineage has no training cutoff).
         monthly_tick: the latest monthly tick after the champion was trained, if not answered yet.
         prepared_rows: positive events in the prepared partitions (what a first model would train on).
     """
@@ -198,7 +199,9 @@ def decide_retrain(facts: RetrainFacts, attempt: int) -> RetrainDecision:
         return RetrainDecision(
             "monthly", f"monthly retrain due (tick {facts.monthly_tick})", f"monthly:{facts.monthly_tick}"
         )
-    return RetrainDecision(None, facts.new_data.describe() if facts.new_data else "nothing asks for a retrain")
+    if facts.new_data is None:  # a version registered by hand, without the training data's lineage
+        return RetrainDecision(None, f"champion v{facts.champion} has no training cutoff: new data cannot be counted")
+    return RetrainDecision(None, facts.new_data.describe())
 
 
 def latest_cron_tick(cron: str, now: datetime) -> datetime:

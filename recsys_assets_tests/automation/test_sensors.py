@@ -174,6 +174,16 @@ def test_the_retrain_sensor_waits_for_a_canary(recsys_env, instance, tmp_path) -
     assert result.skip_message == "challenger v2 is in canary: waiting for its decision"
 
 
+def test_a_champion_registered_without_lineage_is_named_not_a_crash(recsys_env, instance, tmp_path) -> None:
+    registry = ControlPlane(recsys_env.mlflow_tracking_uri, recsys_env.mlflow_artifacts_dir, tmp_path / "cache")
+    run_id = registry.start_run("by-hand", tags={})
+    uri = registry.log_model(run_id, tiny_version(tmp_path / "version"))
+    registry.register(model_uri=uri, run_id=run_id, lineage={}, reason="by hand", by="test")
+    Warehouse(recsys_env.warehouse_uri).init_schema()
+    result, _ = tick("retrain_sensor", instance, recsys_env)
+    assert result.skip_message == "champion v1 has no training cutoff: new data cannot be counted"
+
+
 def test_without_a_champion_the_first_model_is_requested_once_data_is_prepared(recsys_env, instance) -> None:
     result, cursor = tick("retrain_sensor", instance, recsys_env)
     assert result.skip_message == "no champion and no prepared listening data yet"

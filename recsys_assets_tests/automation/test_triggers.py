@@ -121,6 +121,8 @@ NOT_DUE = NewDataProgress(100, 10000, 0.2)
         # Nothing due, or something holds every reason back.
         (RetrainFacts(champion=3, new_data=NOT_DUE), None, None, "1.0% of 20%"),
         (RetrainFacts(), None, None, "no champion and no prepared listening data yet"),
+        (RetrainFacts(champion=3), None, None, "champion v3 has no training cutoff: new data cannot be counted"),
+        (RetrainFacts(champion=3, monthly_tick="m"), "monthly", "monthly:m", "monthly retrain due"),
         (RetrainFacts(running="abcdef123", champion=3, alert=ALERT), None, None, "a retrain is running (run abcdef12)"),
         (RetrainFacts(champion=3, challenger=4, alert=ALERT), None, None, "challenger v4 is in canary"),
         # A backoff holds new data, the calendar and the first model; not an alert or drift.

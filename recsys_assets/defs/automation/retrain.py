@@ -155,11 +155,11 @@ def retrain_sensor_fn(
     if champion is None:
         prepared_rows = _prepared_positives(instance, prepared, None)
     else:
-        since = datetime.fromisoformat(champion.lineage("max_played_at"))
-        trained = int(champion.lineage("train_interactions") or 0)
-        new_data = NewDataProgress(
-            _prepared_positives(instance, prepared, since), trained, retrain_policy.new_data_fraction
-        )
+        if cutoff := champion.lineage("max_played_at"):
+            since = datetime.fromisoformat(cutoff)
+            trained = int(champion.lineage("train_interactions") or 0)
+            positives = _prepared_positives(instance, prepared, since)
+            new_data = NewDataProgress(positives, trained, retrain_policy.new_data_fraction)
         tick = latest_cron_tick(retrain_policy.retrain_cron, now)
         if champion.created_at < tick and state.monthly_tick != tick.isoformat():
             monthly = tick.isoformat()
