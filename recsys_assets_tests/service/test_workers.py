@@ -43,9 +43,10 @@ def like_reaches_every_worker(url: str) -> float:
                       timeout=5).status_code == 202  # fmt: skip
 
     def every_answer_personalised() -> bool:
-        answers = [httpx.post(f"{url}/recommend", json={"user_id": "new-listener", "k": 5}, timeout=5).json()
+        answers = [httpx.post(f"{url}/recommend", json={"user_id": "new-listener", "k": 5}, timeout=5)
                    for _ in range(16)]  # fmt: skip
-        return all(answer["personalised_from_history"] for answer in answers)
+        # A worker that is still loading its model answers 503 (not ready): not yet, rather than a KeyError.
+        return all(a.status_code == 200 and a.json()["personalised_from_history"] for a in answers)
 
     return until(every_answer_personalised, 10, "both workers to follow the like")
 
