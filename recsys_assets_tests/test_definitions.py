@@ -138,3 +138,28 @@ def test_materialize_exits_non_zero_on_an_empty_selection(recsys_env, selection:
     )
     assert result.returncode != 0
     assert "matches no materializable asset" in result.stderr
+
+
+def test_materialize_prepares_every_landed_partition_then_the_rest(recsys_env) -> None:
+    """`recsys materialize` on the data: the landed batches become partitions, each is extracted and cleaned
+    once, then the features; a second call finds every partition done and runs only the rest again."""
+    from datetime import UTC, datetime
+
+    from recsys_core.warehouse import Warehouse
+    from recsys_sim.simulation import simulate_history
+
+    simulate_history(Warehouse(recsys_env.warehouse_uri), recsys_env.home, users=40, tracks=150, days=14, seed=4,
+                     end=datetime(2026, 2, 1, tzinfo=UTC))  # fmt: skip
+    selection = "key:listening_events or key:clean_listening_events or key:track_features"
+
+    def materialize() -> list[str]:
+        done = subprocess.run([sys.executable, "-m", "recsys_cli.cli", "materialize", selection],
+                              capture_output=True, text=True, timeout=300)  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        return [line for line in done.stdout.splitlines() if line.startswith("run ")]
+
+    assert len(materialize()) == 2  # one partition (the history is one range), then the features
+    assert len(materialize()) == 1  # the partition is done: the features only
+    clean = list((recsys_env.prepared_dir / "clean_listening_events").glob("batches-*.parquet"))
+    assert [p.name for p in clean] == ["batches-0000000001-0000000001.parquet"]
+    assert (recsys_env.prepared_dir / "track_features.parquet").exists()

@@ -197,12 +197,19 @@ def test_without_a_champion_the_first_model_is_requested_once_data_is_prepared(r
 def test_the_monthly_tick_retrains_once(recsys_env, instance, tmp_path, monkeypatch) -> None:
     register_champion(recsys_env, tmp_path, train_interactions=1000)
     Warehouse(recsys_env.warehouse_uri).init_schema()
-    monkeypatch.setenv("RECSYS_RETRAIN_CRON", "* * * * *")  # a tick every minute: one has passed since
-    time.sleep(max(0.0, 61 - datetime.now(UTC).second))  # the champion was registered before this minute's tick
+    # A tick five seconds from now, then none for a minute (croniter's sixth field is the second).
+    tick_at = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=5)
+    monkeypatch.setenv("RECSYS_RETRAIN_CRON", f"* * * * * {tick_at.second}")
     result, cursor = tick("retrain_sensor", instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)  # the champion is newer than the latest tick
+    deadline = time.monotonic() + 10
+    while datetime.now(UTC) < tick_at:
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result, cursor = tick("retrain_sensor", instance, recsys_env, cursor)
     assert isinstance(result, dg.RunRequest)
     assert result.tags["recsys/trigger"] == "monthly"
-    assert result.run_key.startswith("monthly:")
+    assert result.run_key == f"monthly:{tick_at.isoformat()}"
     instance.add_run(dg.DagsterRun(job_name="retrain", run_id=str(uuid.uuid4()), status=dg.DagsterRunStatus.SUCCESS,
                                    tags={"dagster/run_key": result.run_key}))  # fmt: skip
     again, _ = tick("retrain_sensor", instance, recsys_env, cursor)
