@@ -51,7 +51,9 @@ def time_range(df: pl.DataFrame | pl.LazyFrame, column: str = "played_at") -> di
 
 def reason_category() -> pl.Expr:
     """A quarantine reason without its values: ``ms_played=-5: negative`` → ``ms_played: negative``."""
-    return pl.col("reason").str.replace(r"=.*?: ", ": ").str.replace_all(r"\d[\d,]*", "N")
+    from recsys_assets.data.rules import REASON_NUMBER_PATTERN, REASON_VALUE_PATTERN
+
+    return pl.col("reason").str.replace(REASON_VALUE_PATTERN, "${1}: ").str.replace_all(REASON_NUMBER_PATTERN, "N")
 
 
 def plot_markdown(fig, alt: str = "plot") -> dg.MarkdownMetadataValue:

@@ -16,13 +16,13 @@ So that ``rows in = clean + quarantined + duplicates`` holds for every batch.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import polars as pl
 
-from recsys_core.contracts import EVENT_TYPES, QUARANTINE_SCHEMA, SOURCES
-
-EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
+from recsys_assets.data import rules as R
+from recsys_assets.data.rules import EARLIEST, CleaningRules  # noqa: F401  (the rules' home is data.rules)
+from recsys_core.contracts import QUARANTINE_SCHEMA, RAW_EVENTS_SCHEMA
 
 CLEAN_EXTRA_SCHEMA: dict[str, pl.DataType] = {
     "genre": pl.String(),
@@ -32,26 +32,7 @@ CLEAN_EXTRA_SCHEMA: dict[str, pl.DataType] = {
     "known_track": pl.Boolean(),
     "suspected_bot": pl.Boolean(),
 }
-
-
-@dataclass(frozen=True)
-class CleaningRules:
-    """Thresholds of the cleaning rules (documented in the README).
-
-    Args:
-        max_ms_played: longer plays are absurd (a day by default).
-        future_tolerance: how far in the future a ``played_at`` may be (clock skew).
-        earliest: older events are implausible for a streaming service (2000-01-01); a historical
-            dataset such as MovieLens (ratings from 1996) sets it earlier.
-        bot_plays_per_hour: a user with more plays or skips in one clock hour is flagged as a
-            suspected bot (a play every 20 s for an hour); their events are kept but excluded from
-            training. Only events with a known ``ms_played`` count (a burst of ratings is no bot).
-    """
-
-    max_ms_played: int = 24 * 3600 * 1000
-    future_tolerance: timedelta = timedelta(minutes=10)
-    earliest: datetime = EARLIEST
-    bot_plays_per_hour: int = 180
+CLEAN_SCHEMA = {**RAW_EVENTS_SCHEMA, **CLEAN_EXTRA_SCHEMA}
 
 
 @dataclass(frozen=True)
@@ -68,45 +49,47 @@ class CleanResult:
         }
 
 
-def _shown(col: str, limit: int = 80) -> pl.Expr:
-    text = pl.col(col).cast(pl.String).fill_null("null")
-    return pl.when(text.str.len_chars() > limit).then(text.str.slice(0, limit) + "…").otherwise(text)
+def _shown(col: str) -> pl.Expr:
+    """A value as a reason shows it (``rules.SHOWN_LIMIT``)."""
+    text = pl.col(col).cast(pl.String).fill_null(R.NULL_SHOWN)
+    return (
+        pl.when(text.str.len_chars() > R.SHOWN_LIMIT)
+        .then(text.str.slice(0, R.SHOWN_LIMIT) + R.SHOWN_ELLIPSIS)
+        .otherwise(text)
+    )
+
+
+def _broken(rule: R.ContractRule) -> pl.Expr:
+    col = pl.col(rule.field)
+    match rule.test:
+        case "empty":
+            return col.is_null() | (col == "")
+        case "missing":
+            return col.is_null()
+        case "not_in":
+            return col.is_null() | ~col.is_in(rule.bound)
+        case "present_not_in":
+            return col.is_not_null() & ~col.is_in(rule.bound)
+        case "below":
+            return col < rule.bound
+        case "above":
+            return col > rule.bound
+        case "at_most":
+            return col <= rule.bound
+    raise ValueError(f"unknown test {rule.test!r}")
+
+
+def _reason(rule: R.ContractRule) -> pl.Expr:
+    before, after = rule.reason_parts()
+    if after is None:
+        return pl.lit(before)
+    shown = pl.col(rule.field).dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") if rule.field == "played_at" else _shown(rule.field)
+    return pl.lit(before) + shown + pl.lit(after)
 
 
 def contract_rules(now: datetime, rules: CleaningRules) -> list[tuple[pl.Expr, pl.Expr]]:
-    """The contract's rules, in order: (broken?, message naming the field and the value)."""
-    played_at = pl.col("played_at").dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
-    return [
-        (pl.col("event_id").is_null() | (pl.col("event_id") == ""), pl.lit("event_id is empty")),
-        (pl.col("user_id").is_null() | (pl.col("user_id") == ""), pl.lit("user_id is empty")),
-        (pl.col("track_id").is_null() | (pl.col("track_id") == ""), pl.lit("track_id is empty")),
-        (
-            pl.col("event_type").is_null() | ~pl.col("event_type").is_in(EVENT_TYPES),
-            pl.format(f"event_type={{}}: not one of {', '.join(EVENT_TYPES)}", _shown("event_type")),
-        ),
-        (
-            pl.col("source").is_not_null() & ~pl.col("source").is_in(SOURCES),
-            pl.format(f"source={{}}: not one of {', '.join(SOURCES)}", _shown("source")),
-        ),
-        (pl.col("played_at").is_null(), pl.lit("played_at is empty")),
-        (
-            pl.col("played_at") < rules.earliest,
-            pl.format(f"played_at={{}}: before {rules.earliest:%Y-%m-%d}", played_at),
-        ),
-        (
-            pl.col("played_at") > now + rules.future_tolerance,
-            pl.format(f"played_at={{}}: in the future (now is {now:%Y-%m-%dT%H:%M:%SZ})", played_at),
-        ),
-        (pl.col("ms_played") < 0, pl.format("ms_played={}: negative", _shown("ms_played"))),
-        (
-            pl.col("ms_played") > rules.max_ms_played,
-            pl.format(f"ms_played={{}}: absurd (more than {rules.max_ms_played:,} ms)", _shown("ms_played")),
-        ),
-        (
-            pl.col("track_duration_ms") <= 0,
-            pl.format("track_duration_ms={}: not positive", _shown("track_duration_ms")),
-        ),
-    ]
+    """The contract's rules (``rules.contract_rules``) in polars: (broken?, reason naming the field and the value)."""
+    return [(_broken(rule), _reason(rule)) for rule in R.contract_rules(now, rules)]
 
 
 def _first_broken_rule(checks: list[tuple[pl.Expr, pl.Expr]]) -> pl.Expr:
@@ -182,7 +165,11 @@ def clean_events(
             .otherwise(pl.col("ms_played"))
             .alias("ms_played"),
         )
-        .with_columns((pl.col("ms_played") / pl.col("track_duration_ms")).alias("completion"))
+        .with_columns(
+            pl.when(pl.col("track_duration_ms") > 0)
+            .then(pl.col("ms_played") / pl.col("track_duration_ms"))
+            .alias("completion")
+        )
         .drop("_cat_artist", "_cat_duration")
     )
     # A user is a suspected bot if any clock hour of theirs has too many plays or skips. Only
@@ -196,7 +183,9 @@ def clean_events(
         .unique()
     )
     clean, bad_df, duplicates_df, bots_df = pl.collect_all([enriched, bad, duplicates, bots])
-    clean = clean.with_columns(pl.col("user_id").is_in(bots_df["user_id"].implode()).alias("suspected_bot"))
+    clean = clean.with_columns(pl.col("user_id").is_in(bots_df["user_id"].implode()).alias("suspected_bot")).select(
+        list(CLEAN_SCHEMA)
+    )
     # The messages are formatted on the (few) rejected rows only.
     reason = pl.coalesce([pl.when(pl.col("_rule") == i).then(message) for i, (_, message) in enumerate(checks)])
     quarantined = bad_df.select(
@@ -206,6 +195,6 @@ def clean_events(
         pl.lit(None, pl.Int64).alias("line_number"),
         pl.col("event_id"),
         reason.alias("reason"),
-        pl.struct(pl.all().exclude("_rule", "ingested_at", "batch_id")).struct.json_encode().alias("original"),
+        pl.struct(pl.all().exclude("_rule", *R.ORIGINAL_EXCLUDED)).struct.json_encode().alias("original"),
     ).cast(QUARANTINE_SCHEMA)
     return CleanResult(clean=clean, quarantined=quarantined, duplicates=duplicates_df)

@@ -11,13 +11,43 @@ from datetime import datetime
 
 import polars as pl
 
-from recsys_core.contracts import POSITIVE_EVENT_TYPES
+from recsys_assets.data.rules import LIKE_WEIGHT, POSITIVES
+from recsys_core.contracts import UTC
 
 MAX_GENRES = 24
 GENRE_PREFIX = "genre_share__"
 
-# Weights of the positives: a completed play counts by how much was heard, a like counts double.
-LIKE_WEIGHT = 2.0
+# The tables' contracts, for every engine (counts are Int64: Spark has no unsigned integers).
+TRACK_FEATURES_SCHEMA: dict[str, pl.DataType] = {
+    "track_id": pl.String(),
+    "artist_id": pl.String(),
+    "genre": pl.String(),
+    "plays": pl.Int64(),
+    "skips": pl.Int64(),
+    "likes": pl.Int64(),
+    "listeners": pl.Int64(),
+    "skip_rate": pl.Float64(),
+    "completion_mean": pl.Float64(),
+    "last_played_at": UTC,
+    "known_track": pl.Boolean(),
+    "artist_plays": pl.Int64(),
+    "artist_listeners": pl.Int64(),
+    "popularity": pl.Float64(),
+    "popularity_rank": pl.Float64(),
+}
+INTERACTIONS_SCHEMA: dict[str, pl.DataType] = {
+    "user_id": pl.String(),
+    "track_id": pl.String(),
+    "played_at": UTC,
+    "weight": pl.Float64(),
+    "liked": pl.Boolean(),
+    "organic": pl.Boolean(),
+}
+
+
+def conformed(frame: pl.LazyFrame, schema: dict[str, pl.DataType]) -> pl.LazyFrame:
+    """``frame`` with exactly the columns of ``schema``, in its order and of its types."""
+    return frame.select([pl.col(name).cast(dtype) for name, dtype in schema.items()])
 
 
 def genre_column(genre: str) -> str:
@@ -43,8 +73,9 @@ def track_features(clean: pl.LazyFrame) -> pl.LazyFrame:
     play = pl.col("event_type") == "play"
     skip = pl.col("event_type") == "skip"
     tracks = clean.group_by("track_id").agg(
-        pl.col("artist_id").drop_nulls().first().alias("artist_id"),
-        pl.col("genre").drop_nulls().first().alias("genre"),
+        # The smallest, not the first: a rule must not depend on the order rows arrive in (Spark has none).
+        pl.col("artist_id").min().alias("artist_id"),
+        pl.col("genre").min().alias("genre"),
         play.sum().alias("plays"),
         skip.sum().alias("skips"),
         (pl.col("event_type") == "like").sum().alias("likes"),
@@ -69,13 +100,14 @@ def track_features(clean: pl.LazyFrame) -> pl.LazyFrame:
             (pl.col("plays") / pl.col("plays").sum().clip(lower_bound=1)).alias("popularity"),
             ((pl.col("plays").rank("average") - 1) / (pl.len() - 1).clip(lower_bound=1)).alias("popularity_rank"),
         )
+        .pipe(conformed, TRACK_FEATURES_SCHEMA)
         .sort("track_id")
     )
 
 
 def is_positive() -> pl.Expr:
     """The rule of a training positive: a non-skip play or a like, by a user not flagged as a bot."""
-    return pl.col("event_type").is_in(POSITIVE_EVENT_TYPES) & ~pl.col("suspected_bot")
+    return pl.col("event_type").is_in(POSITIVES) & ~pl.col("suspected_bot")
 
 
 def positive_events_after(clean: pl.LazyFrame, since: datetime | None) -> int:
@@ -113,4 +145,5 @@ def training_interactions(clean: pl.LazyFrame) -> pl.LazyFrame:
         )
         .group_by("user_id", "track_id", "played_at")
         .agg(pl.col("weight").sum(), pl.col("liked").any(), pl.col("organic").all())
+        .pipe(conformed, INTERACTIONS_SCHEMA)
     )

@@ -9,13 +9,10 @@ import dagster as dg
 import polars as pl
 
 from recsys_assets.constants import CLEAN_EVENTS_DATASET
-from recsys_assets.data.cleaning import CLEAN_EXTRA_SCHEMA
+from recsys_assets.data.cleaning import CLEAN_SCHEMA
 from recsys_assets.defs.ingestion.partitions import ingest_batches
 from recsys_assets.metadata import markdown_table
 from recsys_assets.resources import PreparedDataResource, WarehouseResource
-from recsys_core.contracts import RAW_EVENTS_SCHEMA
-
-CLEAN_SCHEMA = {**RAW_EVENTS_SCHEMA, **CLEAN_EXTRA_SCHEMA}
 
 
 def schema_mismatches(actual: dict[str, pl.DataType], expected: dict[str, pl.DataType]) -> list[str]:
