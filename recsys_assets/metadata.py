@@ -9,6 +9,8 @@ from typing import Any
 import dagster as dg
 import polars as pl
 
+from recsys_assets.data.rules import REASON_NUMBER_PATTERN, REASON_VALUE_PATTERN
+
 
 def markdown_table(df: pl.DataFrame, limit: int = 10, float_digits: int = 4) -> dg.MarkdownMetadataValue:
     """The first ``limit`` rows of ``df`` as a Markdown table."""
@@ -51,8 +53,6 @@ def time_range(df: pl.DataFrame | pl.LazyFrame, column: str = "played_at") -> di
 
 def reason_category() -> pl.Expr:
     """A quarantine reason without its values: ``ms_played=-5: negative`` → ``ms_played: negative``."""
-    from recsys_assets.data.rules import REASON_NUMBER_PATTERN, REASON_VALUE_PATTERN
-
     return pl.col("reason").str.replace(REASON_VALUE_PATTERN, "${1}: ").str.replace_all(REASON_NUMBER_PATTERN, "N")
 
 

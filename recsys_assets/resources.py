@@ -10,7 +10,10 @@ so it shows in the UI and a run's config can override it.
 
 from __future__ import annotations
 
+import importlib.util
+import sys
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 from pydantic import Field
@@ -228,6 +231,58 @@ class CanaryPolicyResource(dg.ConfigurableResource):
         )
 
 
+class PreparationEngineResource(dg.ConfigurableResource):
+    """The engine of the preparation: polars in the run's process, or Apache Spark through Dagster Pipes.
+
+    With ``spark``, the assets launch ``recsys_assets/spark_jobs/prepare.py`` with ``spark-submit``
+    (``PipesSubprocessClient``) on ``spark_master``: ``local[*]``, a standalone cluster
+    (``spark://host:7077``) or Kubernetes (``k8s://https://…``, client mode: the run's pod is the
+    driver). The job reports its counts back through Pipes; the asset's metadata and checks are the
+    same for both engines.
+    """
+
+    engine: str = Field(default="polars", description="polars (in the run's process) or spark (through Dagster Pipes)")
+    spark_master: str = Field(default="local[*]", description="local[*], spark://host:7077 or k8s://https://…")
+    spark_conf: dict[str, str] = Field(
+        default_factory=dict,
+        description="More Spark settings (--conf key=value): executor memory and cores, s3a credentials, event log…",
+    )
+
+    @property
+    def on_spark(self) -> bool:
+        return self.engine == "spark"
+
+    @property
+    def spark_home(self) -> str:
+        """The PySpark distribution installed beside this interpreter (found without importing it)."""
+        spec = importlib.util.find_spec("pyspark")
+        if spec is None:
+            raise RuntimeError("RECSYS_PREP_ENGINE=spark needs PySpark: pip install 'recsys-assets[spark]'")
+        return spec.submodule_search_locations[0]
+
+    def submit_command(self, task: str) -> list[str]:
+        """The ``spark-submit`` command line of one task of the preparation job."""
+        submit = f"{self.spark_home}/bin/spark-submit"
+        script = importlib.util.find_spec("recsys_assets.spark_jobs.prepare").origin
+        conf = {"spark.log.level": "WARN", "spark.ui.showConsoleProgress": "false", **self.spark_conf}
+        command = [submit, "--master", self.spark_master, "--name", f"recsys-{task}"]
+        for key, value in conf.items():
+            command += ["--conf", f"{key}={value}"]
+        return [*command, script]
+
+    def run_spark(self, context: dg.AssetExecutionContext, extras: dict[str, Any]) -> dg.MaterializeResult:
+        """Run one task of the Spark job through Pipes; what it reported, as a ``MaterializeResult``.
+
+        Raises:
+            dagster.DagsterPipesExecutionError: the job failed (its stderr is in the run's logs).
+        """
+        env = {"SPARK_HOME": self.spark_home, "PYSPARK_PYTHON": sys.executable, "PYSPARK_DRIVER_PYTHON": sys.executable}
+        client = dg.PipesSubprocessClient(env=env)
+        command = self.submit_command(extras["task"])
+        context.log.info(f"spark-submit on {self.spark_master}: {' '.join(command)}")
+        return client.run(context=context, command=command, extras=extras).get_materialize_result()
+
+
 class RecsysHomeResource(dg.ConfigurableResource):
     """The local root (caches, the simulator's world) and the storage root of the run artifacts
     (reports, a training's split): the same directory by default, or object storage."""
@@ -273,6 +328,11 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
     return {
         "warehouse": WarehouseResource(uri=env_or("RECSYS_WAREHOUSE_URI", settings.warehouse_uri)),
         "prepared": PreparedDataResource(root=str(settings.prepared_dir)),
+        "preparation": PreparationEngineResource(
+            engine=env_or("RECSYS_PREP_ENGINE", settings.preparation.engine),
+            spark_master=env_or("RECSYS_SPARK_MASTER", settings.preparation.spark_master),
+            spark_conf=settings.preparation.spark_conf,
+        ),
         **({"io_manager": dg.FilesystemIOManager(base_dir=settings.dagster_io_uri)} if settings.dagster_io_uri else {}),
         "recsys_home": RecsysHomeResource(
             home=env_or("RECSYS_HOME", str(settings.home)),

@@ -34,6 +34,9 @@ and no Docker.
 | ``PROMETHEUS_URL`` | unset: online KPIs come from the feedback table |
 | ``RECSYS_ANN_MIN_ITEMS`` | 100000: versions of larger catalogues carry and use an ANN index |
 | ``RECSYS_SERVING_WORKERS`` | 2: worker processes of the service (a killed one is no outage) |
+| ``RECSYS_PREP_ENGINE`` | ``polars`` (in the run's process); ``spark``: the preparation through Dagster Pipes |
+| ``RECSYS_SPARK_MASTER`` | ``local[*]``; ``spark://host:7077``, ``k8s://https://…`` |
+| ``RECSYS_SPARK_CONF`` | more Spark settings: ``key=value`` pairs separated by spaces |
 | ``RECSYS_DAGSTER_STORAGE_URI`` | unset (SQLite under ``DAGSTER_HOME``); ``postgresql://…``: dagster-postgres |
 | ``MLFLOW_TRACKING_USERNAME``, ``…_PASSWORD`` | unset: the registry's credentials (MLflow's basic-auth) |
 """
@@ -67,6 +70,7 @@ class Settings:
     ann_min_items: int  # RECSYS_ANN_MIN_ITEMS: from this many tracks on, versions carry an ANN index and use it
     automation: AutomationSettings
     serving: ServingSettings
+    preparation: PreparationSettings
     # The variables that were set in the environment (Dagster's resources show those as EnvVar).
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
     # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: the registry's credentials when the MLflow
@@ -197,7 +201,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
              "PROMETHEUS_URL", "RECSYS_ANN_MIN_ITEMS", "RECSYS_RETRAIN_BACKOFF_SECONDS",
              "RECSYS_RETRAIN_CRASH_BACKOFF_SECONDS", "RECSYS_EXTRACT_MIN_INTERVAL_SECONDS",
              "RECSYS_CANARY_MIN_IMPRESSIONS", "RECSYS_CANARY_MAX_IMPRESSIONS", "RECSYS_CANARY_MIN_REQUESTS",
-             "RECSYS_RETRAIN_CRON"}  # fmt: skip
+             "RECSYS_RETRAIN_CRON", "RECSYS_PREP_ENGINE", "RECSYS_SPARK_MASTER"}  # fmt: skip
     ports = {service: _port(env, service) for service in DEFAULT_PORTS}
     host = env.get("RECSYS_HOST", "127.0.0.1")
     return Settings(
@@ -213,6 +217,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         ann_min_items=_positive_int(env, "RECSYS_ANN_MIN_ITEMS", DEFAULT_MIN_ITEMS),
         automation=_automation(env),
         serving=_serving(env),
+        preparation=_preparation(env),
         explicit=frozenset(name for name in known if env.get(name)),
         mlflow_credentials=_credentials(env),
         dagster_storage_uri=_dagster_storage_uri(env.get("RECSYS_DAGSTER_STORAGE_URI")),
@@ -305,6 +310,31 @@ class AutomationSettings:
     extra_alert_rules: list[str]  # RECSYS_PROMETHEUS_EXTRA_RULES: more rule files for the local Prometheus
     extract_min_interval_seconds: int  # RECSYS_EXTRACT_MIN_INTERVAL_SECONDS: at most one extraction run per …
     executor: str  # RECSYS_EXECUTOR: default (Dagster's) or k8s (each step of a retrain in its own pod)
+
+
+@dataclass(frozen=True)
+class PreparationSettings:
+    """Which engine prepares the data, and where Spark runs when it is Spark."""
+
+    engine: str  # RECSYS_PREP_ENGINE: polars (in the run's process, the default) or spark (through Dagster Pipes)
+    spark_master: str  # RECSYS_SPARK_MASTER: local[*], spark://host:7077, k8s://https://…
+    # RECSYS_SPARK_CONF: more Spark settings, "key=value" pairs separated by spaces
+    # (spark.executor.memory=4g spark.hadoop.fs.s3a.endpoint=…)
+    spark_conf: dict[str, str]
+
+
+def _preparation(env: Mapping[str, str]) -> PreparationSettings:
+    conf = {}
+    for pair in env.get("RECSYS_SPARK_CONF", "").split():
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise ValueError(f"RECSYS_SPARK_CONF: {pair!r} is not key=value")
+        conf[key] = value
+    return PreparationSettings(
+        engine=_choice(env, "RECSYS_PREP_ENGINE", "polars", ("polars", "spark")),
+        spark_master=env.get("RECSYS_SPARK_MASTER") or "local[*]",
+        spark_conf=conf,
+    )
 
 
 def _number(env: Mapping[str, str], name: str, default: float, cast=float):

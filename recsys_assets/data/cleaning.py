@@ -83,7 +83,9 @@ def _reason(rule: R.ContractRule) -> pl.Expr:
     before, after = rule.reason_parts()
     if after is None:
         return pl.lit(before)
-    shown = pl.col(rule.field).dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") if rule.field == "played_at" else _shown(rule.field)
+    shown = (
+        pl.col(rule.field).dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ") if rule.field == "played_at" else _shown(rule.field)
+    )
     return pl.lit(before) + shown + pl.lit(after)
 
 

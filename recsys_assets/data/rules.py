@@ -99,10 +99,17 @@ def contract_rules(now: datetime, rules: CleaningRules) -> list[ContractRule]:
         ContractRule("played_at", "missing", "played_at is empty"),
         ContractRule("played_at", "below", f"played_at={{value}}: before {rules.earliest:%Y-%m-%d}", rules.earliest),
         ContractRule(
-            "played_at", "above", f"played_at={{value}}: in the future (now is {now_shown})", now + rules.future_tolerance
+            "played_at",
+            "above",
+            f"played_at={{value}}: in the future (now is {now_shown})",
+            now + rules.future_tolerance,
         ),
         ContractRule("ms_played", "below", "ms_played={value}: negative", 0),
-        ContractRule("ms_played", "above", f"ms_played={{value}}: absurd (more than {rules.max_ms_played:,} ms)",
-                     rules.max_ms_played),  # fmt: skip
+        ContractRule(
+            "ms_played",
+            "above",
+            f"ms_played={{value}}: absurd (more than {rules.max_ms_played:,} ms)",
+            rules.max_ms_played,
+        ),  # fmt: skip
         ContractRule("track_duration_ms", "at_most", "track_duration_ms={value}: not positive", 0),
     ]

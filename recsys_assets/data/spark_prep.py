@@ -81,7 +81,9 @@ def _shown(field: str, dtype: pl.DataType) -> Column:
     if isinstance(dtype, pl.Datetime):
         return _timestamp_text(F.col(field), "Z")
     text = F.coalesce(F.col(field).cast("string"), F.lit(R.NULL_SHOWN))
-    return F.when(F.char_length(text) > R.SHOWN_LIMIT, F.concat(F.substring(text, 1, R.SHOWN_LIMIT), F.lit(R.SHOWN_ELLIPSIS))).otherwise(text)
+    return F.when(
+        F.char_length(text) > R.SHOWN_LIMIT, F.concat(F.substring(text, 1, R.SHOWN_LIMIT), F.lit(R.SHOWN_ELLIPSIS))
+    ).otherwise(text)
 
 
 def _broken(rule: R.ContractRule) -> Column:
@@ -154,9 +156,7 @@ def clean_events(
     first = Window.partitionBy(GROUP, "event_id").orderBy(ORDER)
     normalised = normalised.withColumn("_first", F.row_number().over(first) == 1)
     duplicates = (
-        normalised.where(~F.col("_first"))
-        .groupBy(GROUP, "batch_id")
-        .agg(F.count(F.lit(1)).alias("duplicates"))
+        normalised.where(~F.col("_first")).groupBy(GROUP, "batch_id").agg(F.count(F.lit(1)).alias("duplicates"))
     )
     rule_index = F.lit(None).cast("int")
     for i, rule in reversed(list(enumerate(checks))):
@@ -170,7 +170,9 @@ def clean_events(
     original = F.to_json(
         F.struct(
             *[
-                _timestamp_text(F.col(c), "+00:00").alias(c) if isinstance(RAW_EVENTS_SCHEMA[c], pl.Datetime) else F.col(c)
+                _timestamp_text(F.col(c), "+00:00").alias(c)
+                if isinstance(RAW_EVENTS_SCHEMA[c], pl.Datetime)
+                else F.col(c)
                 for c in original_columns
             ]
         ),
@@ -263,12 +265,17 @@ def track_features(clean: DataFrame) -> DataFrame:
     artists = (
         clean.where(F.col("artist_id").isNotNull())
         .groupBy("artist_id")
-        .agg(count(play).alias("artist_plays"), F.count_distinct(F.when(play, F.col("user_id"))).alias("artist_listeners"))
+        .agg(
+            count(play).alias("artist_plays"),
+            F.count_distinct(F.when(play, F.col("user_id"))).alias("artist_listeners"),
+        )
     )
     # The average rank of each play count (ties share it), from the counts of tracks per play count:
     # the number of distinct play counts is small, so this stays a small job however many tracks.
     ties = tracks.groupBy("plays").agg(F.count(F.lit(1)).alias("_ties"))
-    below = F.coalesce(F.sum("_ties").over(Window.orderBy("plays").rowsBetween(Window.unboundedPreceding, -1)), F.lit(0))
+    below = F.coalesce(
+        F.sum("_ties").over(Window.orderBy("plays").rowsBetween(Window.unboundedPreceding, -1)), F.lit(0)
+    )
     ranks = ties.select("plays", (below + (F.col("_ties") + 1) / 2).alias("_rank"))
     totals = tracks.agg(F.sum("plays").alias("_total"), F.count(F.lit(1)).alias("_n"))
     features = (

@@ -100,6 +100,33 @@ def remove_tree(path: Path) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+def move_file(source: Path, target: Path) -> None:
+    """Move a finished file into place: a rename on local disk (atomic), a server-side copy then a
+    delete in object storage (an object appears whole)."""
+    if is_remote(target):
+        target.fs.mv(source.path, target.path)
+        return
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)
+
+
+def spark_uri(path: Path) -> str:
+    """What Spark's readers and writers take for ``path``: ``file:///…``, or ``s3a://bucket/key``
+    (Hadoop's S3 connector) for an object in S3."""
+    if not is_remote(path):
+        return Path(path).absolute().as_uri()
+    if path.protocol in ("s3", "s3a"):
+        return f"s3a://{path.path}"
+    return path.as_uri()
+
+
+def parquet_parts(directory: Path) -> list[Path]:
+    """The Parquet files a Spark job wrote into ``directory`` (its ``part-*`` files), in name order."""
+    if not directory.exists():
+        return []
+    return sorted(p for p in directory.iterdir() if p.name.startswith("part-") and p.name.endswith(".parquet"))
+
+
 def polars_source(path: Path) -> str:
     """What polars' readers take for ``path``: the path, or the object's URI."""
     return str(path) if not is_remote(path) else path.as_uri()
@@ -203,6 +230,10 @@ class PreparedStore:
         path = self.table_path(name)
         write_parquet_atomic(df, path)
         return path
+
+    def staging_dir(self, run_id: str, task: str) -> Path:
+        """Where a Spark job of run ``run_id`` writes before the asset moves its output into place."""
+        return self.root / "_staging" / f"{run_id}-{task}"
 
     def sidecar(self, name: str, batch: BatchFile) -> Path:
         """The JSON file beside a batch file that records per-batch statistics."""

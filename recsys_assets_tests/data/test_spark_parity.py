@@ -47,7 +47,12 @@ def world() -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame]:
     events = conform(pl.concat(list(w.generate(start, NOW - timedelta(hours=1)))).head(3000), LISTENING_EVENTS_SCHEMA)
     tracks = conform(w.tracks_frame(), TRACKS_SCHEMA)
     # A catalogue track with a zero duration: its completion is unknown, not infinite.
-    tracks = pl.concat([tracks, tracks.head(1).with_columns(pl.lit("t-zero").alias("track_id"), pl.lit(0, pl.Int64).alias("duration_ms"))])
+    tracks = pl.concat(
+        [
+            tracks,
+            tracks.head(1).with_columns(pl.lit("t-zero").alias("track_id"), pl.lit(0, pl.Int64).alias("duration_ms")),
+        ]
+    )
     users = conform(w.users_frame(), USERS_SCHEMA)
     ok = events.row(0, named=True)
     at = ok["played_at"]
@@ -87,18 +92,43 @@ def world() -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame]:
     ]
     # A bot: 60 plays in one clock hour (over the threshold of 40), and a burst of ratings (no ms_played).
     hour = at.replace(minute=0, second=0, microsecond=0)
-    bot = [row(f"bot-{i}", user_id="bot-user", event_type="play", played_at=hour + timedelta(seconds=20 * i), ms_played=30_000) for i in range(60)]
-    burst = [row(f"rate-{i}", user_id="rater", played_at=at + timedelta(seconds=i), ms_played=None, event_type="like") for i in range(60)]
+    bot = [
+        row(
+            f"bot-{i}",
+            user_id="bot-user",
+            event_type="play",
+            played_at=hour + timedelta(seconds=20 * i),
+            ms_played=30_000,
+        )
+        for i in range(60)
+    ]
+    burst = [
+        row(f"rate-{i}", user_id="rater", played_at=at + timedelta(seconds=i), ms_played=None, event_type="like")
+        for i in range(60)
+    ]
     raw = pl.concat([events, pl.DataFrame(malformed, schema=events.schema)])
     raw = raw.with_columns(pl.int_range(raw.height).mod(4).add(1).alias("batch_id"))
     # The bot and the burst land in one batch, so that each is within one partition.
-    raw = pl.concat([raw, pl.DataFrame(bot + burst, schema=events.schema).with_columns(pl.lit(3).alias("batch_id"))], how="vertical_relaxed")
+    raw = pl.concat(
+        [raw, pl.DataFrame(bot + burst, schema=events.schema).with_columns(pl.lit(3).alias("batch_id"))],
+        how="vertical_relaxed",
+    )
     raw = raw.with_columns(pl.lit(NOW).alias("ingested_at")).sort("batch_id", maintain_order=True)
     # Duplicates: within a batch, across batches of one partition (with other values: the first
     # one wins), and across partitions (kept in each, as each partition is cleaned on its own).
-    dups = pl.concat([raw.head(20), raw.filter(pl.col("batch_id") == 1).head(5).with_columns(pl.lit(2).alias("batch_id"), pl.lit(-1).alias("ms_played"))], how="vertical_relaxed")
+    dups = pl.concat(
+        [
+            raw.head(20),
+            raw.filter(pl.col("batch_id") == 1)
+            .head(5)
+            .with_columns(pl.lit(2).alias("batch_id"), pl.lit(-1).alias("ms_played")),
+        ],
+        how="vertical_relaxed",
+    )
     across = raw.filter(pl.col("batch_id") == 1).tail(3).with_columns(pl.lit(3).alias("batch_id"))
-    raw = conform(pl.concat([raw, dups, across], how="vertical_relaxed"), RAW_EVENTS_SCHEMA).sort("batch_id", maintain_order=True)
+    raw = conform(pl.concat([raw, dups, across], how="vertical_relaxed"), RAW_EVENTS_SCHEMA).sort(
+        "batch_id", maintain_order=True
+    )
     parts = {
         KEYS[0]: raw.filter(pl.col("batch_id") <= 2),
         KEYS[1]: raw.filter(pl.col("batch_id") >= 3),
@@ -108,7 +138,9 @@ def world() -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame]:
 
 def _polars(world):
     parts, tracks, users = world
-    results = {k: clean_events(df, tracks, users, now=NOW, origin=f"raw/{k}.parquet", rules=RULES) for k, df in parts.items()}
+    results = {
+        k: clean_events(df, tracks, users, now=NOW, origin=f"raw/{k}.parquet", rules=RULES) for k, df in parts.items()
+    }
     return results
 
 
@@ -117,13 +149,17 @@ def _spark(spark, world):
     raw = pl.concat(
         [
             df.with_columns(
-                pl.lit(k).alias(S.GROUP), pl.int_range(df.height).cast(pl.Int64).alias(S.ORDER), pl.lit(f"raw/{k}.parquet").alias(S.ORIGIN)
+                pl.lit(k).alias(S.GROUP),
+                pl.int_range(df.height).cast(pl.Int64).alias(S.ORDER),
+                pl.lit(f"raw/{k}.parquet").alias(S.ORIGIN),
             )
             for k, df in parts.items()
         ]
     )
     frame = spark.createDataFrame(raw.to_arrow())
-    return S.clean_events(frame, spark.createDataFrame(tracks.to_arrow()), spark.createDataFrame(users.to_arrow()), now=NOW, rules=RULES)
+    return S.clean_events(
+        frame, spark.createDataFrame(tracks.to_arrow()), spark.createDataFrame(users.to_arrow()), now=NOW, rules=RULES
+    )
 
 
 def test_the_generated_data_has_every_case(world) -> None:
@@ -140,8 +176,11 @@ def test_the_generated_data_has_every_case(world) -> None:
     assert any(r.startswith("played_at=") and "in the future" in r for r in result["reason"])
     assert any("absurd" in r for r in result["reason"])
     clean = pl.concat(r.clean for r in _polars(world).values())
-    assert clean["suspected_bot"].any() and (~clean["known_track"]).any() and (~clean["known_user"]).any()
-    assert clean["ms_clipped"].any() and clean["completion"].is_null().any()
+    assert clean["suspected_bot"].any()
+    assert (~clean["known_track"]).any()
+    assert (~clean["known_user"]).any()
+    assert clean["ms_clipped"].any()
+    assert clean["completion"].is_null().any()
     assert sum(r.stats()["duplicates"] for r in _polars(world).values()) >= 25
     assert raw.height > 1000
 
@@ -183,4 +222,5 @@ def test_features_and_interactions_are_the_same_on_spark(spark, world) -> None:
         checkRowOrder=False,
         rtol=1e-9,
     )
-    assert expected_interactions["liked"].any() and expected_tracks.height > 100
+    assert expected_interactions["liked"].any()
+    assert expected_tracks.height > 100

@@ -11,12 +11,25 @@ from pydantic import Field
 
 from recsys_assets import automation
 from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
-from recsys_assets.data.cleaning import CleaningRules, clean_events
-from recsys_assets.data.store import read_parquet, write_json_atomic
+from recsys_assets.data.cleaning import CLEAN_SCHEMA, CleaningRules, clean_events
+from recsys_assets.data.store import (
+    move_file,
+    parquet_parts,
+    read_parquet,
+    remove_tree,
+    scan_parquet,
+    spark_uri,
+    write_json_atomic,
+    write_parquet_atomic,
+)
 from recsys_assets.defs.ingestion.partitions import ingest_batches
 from recsys_assets.metadata import counts_table, markdown_table, reason_category, time_range
-from recsys_assets.resources import PreparedDataResource, WarehouseResource
-from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
+from recsys_assets.resources import PreparationEngineResource, PreparedDataResource, WarehouseResource
+from recsys_core.contracts import QUARANTINE_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA, conform, empty_frame
+
+# The column of a Spark job's output that names the partition (data.spark_prep.GROUP; that module
+# imports PySpark, which the polars engine does not need).
+GROUP = "_partition"
 
 
 class CleaningConfig(dg.Config):
@@ -51,9 +64,10 @@ class CleaningConfig(dg.Config):
     group_name=PREPARATION,
     deps=["listening_events"],
     partitions_def=ingest_batches,
-    # A changed rule is applied to history by a backfill: one run for all the ranges it re-cleans.
+    # A changed rule is applied to history by a backfill: one run (one Spark application with the
+    # spark engine) for all the ranges it re-cleans.
     backfill_policy=dg.BackfillPolicy.single_run(),
-    kinds={"polars", "parquet"},
+    kinds={"polars", "spark", "parquet"},
     tags={"recsys/stage": "preparation"},
     automation_condition=automation.after_inputs_change,
 )
@@ -62,12 +76,15 @@ def clean_listening_events(
     config: CleaningConfig,
     warehouse: WarehouseResource,
     prepared: PreparedDataResource,
+    preparation: PreparationEngineResource,
 ) -> dg.MaterializeResult:
     """Clean listening events: de-duplicated, typed, in UTC, clipped, enriched and flagged, per partition.
 
     Each partition's raw file is cleaned on its own and its clean file replaced, so a backfill
     re-cleans exactly the partitions it names; rows that break the contract go to the warehouse's
-    quarantine table with their reason (the partition's earlier quarantine is replaced).
+    quarantine table with their reason (the partition's earlier quarantine is replaced). The engine
+    is polars in this process, or Spark through Dagster Pipes (``RECSYS_PREP_ENGINE``): the same rules,
+    files, quarantine and metadata.
     """
     store = prepared.get_store()
     wh = warehouse.get_warehouse()
@@ -75,27 +92,19 @@ def clean_listening_events(
     users = wh.table("users", USERS_SCHEMA)
     now = datetime.now(UTC)
     rules = config.rules()
+    keys = list(context.partition_keys)
+    if preparation.on_spark:
+        per_partition, reasons, engine = _clean_on_spark(context, preparation, store, tracks, users, now, rules)
+    else:
+        per_partition, reasons, engine = _clean_on_polars(context, store, tracks, users, now, rules)
     totals = {"rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
-    reasons: dict[str, int] = {}
-    last_clean = pl.DataFrame()
-    for key in context.partition_keys:
+    for key in keys:
+        stats, quarantined = per_partition[key]
         raw_file = store.batch_file(RAW_EVENTS_DATASET, key)
-        raw = read_parquet(raw_file.path)
-        result = clean_events(raw, tracks, users, now=now, origin=str(raw_file.path), rules=rules)
-        wh.replace_quarantine("cleaning", raw["batch_id"].unique().sort().to_list(), result.quarantined)
-        store.write_batch_file(CLEAN_EVENTS_DATASET, raw_file.first, raw_file.last, result.clean)
-        stats = {
-            "rows_in": raw.height,
-            **result.stats(),
-            "duplicates_by_batch": dict(result.duplicates.iter_rows()),
-        }
+        wh.replace_quarantine("cleaning", stats.pop("batch_ids"), quarantined)
         write_json_atomic(stats, store.sidecar(CLEAN_EVENTS_DATASET, raw_file))
         for k in totals:
             totals[k] += stats[k]
-        if result.quarantined.height:
-            for reason, n in result.quarantined.group_by(reason_category()).len().iter_rows():
-                reasons[reason] = reasons.get(reason, 0) + n
-        last_clean = result.clean
         context.log.info(f"cleaned {key}: {stats}")
 
     metadata: dict[str, object] = {
@@ -103,11 +112,14 @@ def clean_listening_events(
         "rows_in": dg.MetadataValue.int(totals["rows_in"]),
         "quarantined": dg.MetadataValue.int(totals["quarantined"]),
         "duplicates": dg.MetadataValue.int(totals["duplicates"]),
-        "partitions": dg.MetadataValue.int(len(context.partition_keys)),
+        "partitions": dg.MetadataValue.int(len(keys)),
         "quarantined_by_reason": counts_table(reasons),
         "rules": dg.MetadataValue.json(config.model_dump()),
         "path": dg.MetadataValue.path(str(store.dataset_dir(CLEAN_EVENTS_DATASET))),
+        **engine,
     }
+    # A profile of the last partition, read back from its file (whichever engine wrote it).
+    last_clean = store.scan(CLEAN_EVENTS_DATASET, keys[-1:]).collect()
     if last_clean.height:
         metadata["users"] = dg.MetadataValue.int(last_clean["user_id"].n_unique())
         metadata["suspected_bot_rows"] = dg.MetadataValue.int(int(last_clean["suspected_bot"].sum()))
@@ -115,3 +127,90 @@ def clean_listening_events(
         metadata.update(time_range(last_clean))
         metadata["preview"] = markdown_table(last_clean.drop("ingested_at"))
     return dg.MaterializeResult(metadata=metadata)
+
+
+PartitionOutcome = tuple[dict, pl.DataFrame]  # the sidecar's statistics (with batch_ids), the quarantine
+
+
+def _clean_on_polars(context, store, tracks, users, now, rules) -> tuple[dict[str, PartitionOutcome], dict, dict]:
+    """Each partition's raw file cleaned in this process; its clean file written."""
+    per_partition: dict[str, PartitionOutcome] = {}
+    reasons: dict[str, int] = {}
+    for key in context.partition_keys:
+        raw_file = store.batch_file(RAW_EVENTS_DATASET, key)
+        raw = read_parquet(raw_file.path)
+        result = clean_events(raw, tracks, users, now=now, origin=str(raw_file.path), rules=rules)
+        store.write_batch_file(CLEAN_EVENTS_DATASET, raw_file.first, raw_file.last, result.clean)
+        stats = {
+            "rows_in": raw.height,
+            **result.stats(),
+            "duplicates_by_batch": dict(result.duplicates.iter_rows()),
+            "batch_ids": raw["batch_id"].unique().sort().to_list(),
+        }
+        per_partition[key] = (stats, result.quarantined)
+        if result.quarantined.height:
+            for reason, n in result.quarantined.group_by(reason_category()).len().iter_rows():
+                reasons[reason] = reasons.get(reason, 0) + n
+    return per_partition, reasons, {"engine": dg.MetadataValue.text("polars")}
+
+
+def _clean_on_spark(
+    context, preparation, store, tracks, users, now, rules
+) -> tuple[dict[str, PartitionOutcome], dict, dict]:
+    """Every partition of the run cleaned by one Spark application (through Pipes); its clean files
+    then moved into place here, where the warehouse is."""
+    keys = list(context.partition_keys)
+    staging = store.staging_dir(context.run.run_id, "clean")
+    remove_tree(staging)
+    # The catalogue, as the job reads it: a snapshot beside its output.
+    write_parquet_atomic(tracks, staging / "tracks.parquet")
+    write_parquet_atomic(users, staging / "users.parquet")
+    raw_files = {key: store.batch_file(RAW_EVENTS_DATASET, key) for key in keys}
+    extras = {
+        "task": "clean",
+        "partitions": [{"key": k, "raw": spark_uri(f.path), "origin": str(f.path)} for k, f in raw_files.items()],
+        "tracks": spark_uri(staging / "tracks.parquet"),
+        "users": spark_uri(staging / "users.parquet"),
+        "staging": spark_uri(staging),
+        "now": now.isoformat(),
+        "rules": {
+            "max_ms_played": rules.max_ms_played,
+            "future_tolerance_seconds": rules.future_tolerance.total_seconds(),
+            "earliest": rules.earliest.isoformat(),
+            "bot_plays_per_hour": rules.bot_plays_per_hour,
+        },
+    }
+    reported = preparation.run_spark(context, extras).metadata or {}
+    stats = scan_parquet(parquet_parts(staging / "stats")).collect()
+    quarantine_parts = parquet_parts(staging / "quarantine")
+    quarantine = (
+        scan_parquet(quarantine_parts).collect()
+        if quarantine_parts
+        else empty_frame({**QUARANTINE_SCHEMA, GROUP: pl.String()})
+    )
+    per_partition: dict[str, PartitionOutcome] = {}
+    for key, _raw_file in raw_files.items():
+        parts = parquet_parts(staging / "clean" / f"{GROUP}={key}")
+        target = store.batch_file(CLEAN_EVENTS_DATASET, key).path
+        if len(parts) > 1:
+            raise RuntimeError(f"the Spark job wrote {len(parts)} files for {key}, expected one")
+        if parts:
+            move_file(parts[0], target)
+        else:  # every row of the partition was quarantined or a duplicate
+            write_parquet_atomic(empty_frame(CLEAN_SCHEMA), target)
+        batches = stats.filter(pl.col(GROUP) == key).sort("batch_id")
+        per_partition[key] = (
+            {
+                **{k: int(batches[k].sum()) for k in ("rows_in", "clean", "quarantined", "duplicates")},
+                "duplicates_by_batch": dict(
+                    batches.filter(pl.col("duplicates") > 0).select("batch_id", "duplicates").iter_rows()
+                ),
+                "batch_ids": batches["batch_id"].to_list(),
+            },
+            conform(quarantine.filter(pl.col(GROUP) == key), QUARANTINE_SCHEMA),
+        )
+    remove_tree(staging)
+    reasons = dict(reported["quarantined_by_reason"].value) if "quarantined_by_reason" in reported else {}
+    engine = {"engine": dg.MetadataValue.text("spark")}
+    engine.update({k: v for k, v in reported.items() if k.startswith("spark_")})
+    return per_partition, reasons, engine
