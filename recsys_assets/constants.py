@@ -40,6 +40,23 @@ MODEL_FRESHNESS = dg.FreshnessPolicy.time_window(fail_window=timedelta(days=35),
 # On Kubernetes (RECSYS_EXECUTOR=k8s: dagster-k8s's k8s_job_executor), the training step runs in a
 # pod of its own with a GPU; dagster-k8s reads this tag (recsys_assets_tests/deploy/ builds the Job
 # with dagster-k8s itself and validates it against Kubernetes' schemas). Inert elsewhere.
+# The preparation's steps on Kubernetes with RECSYS_PREP_ENGINE=spark: the step's pod is the Spark
+# driver (client mode) and asks Kubernetes for executor pods, so it runs as the `recsys-spark`
+# service account (deploy/k8s/spark.yaml) and tells the executors its address (POD_IP) and its name
+# (the executors are owned by it, and go when it goes). Without Spark the same pod cleans with polars.
+PREPARATION_POD = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {"requests": {"cpu": "2", "memory": "8Gi"}, "limits": {"memory": "12Gi"}},
+            "env": [
+                {"name": "POD_IP", "value_from": {"field_ref": {"field_path": "status.podIP"}}},
+                {"name": "POD_NAME", "value_from": {"field_ref": {"field_path": "metadata.name"}}},
+            ],
+        },
+        "pod_spec_config": {"service_account_name": "recsys-spark"},
+    }
+}
+
 TRAINING_POD = {
     "dagster-k8s/config": {
         "container_config": {

@@ -11,6 +11,7 @@ so it shows in the UI and a run's config can override it.
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -264,7 +265,18 @@ class PreparationEngineResource(dg.ConfigurableResource):
         """The ``spark-submit`` command line of one task of the preparation job."""
         submit = f"{self.spark_home}/bin/spark-submit"
         script = importlib.util.find_spec("recsys_assets.spark_jobs.prepare").origin
-        conf = {"spark.log.level": "WARN", "spark.ui.showConsoleProgress": "false", **self.spark_conf}
+        conf = {"spark.log.level": "WARN", "spark.ui.showConsoleProgress": "false"}
+        if self.spark_master.startswith("k8s://"):
+            # Client mode in a pod (constants.PREPARATION_POD): the executors reach the driver at its
+            # pod's address, and are owned by its pod.
+            conf.update(
+                {
+                    "spark.driver.host": os.environ.get("POD_IP", ""),
+                    "spark.kubernetes.driver.pod.name": os.environ.get("POD_NAME", ""),
+                }
+            )
+            conf = {k: v for k, v in conf.items() if v}
+        conf.update(self.spark_conf)
         command = [submit, "--master", self.spark_master, "--name", f"recsys-{task}"]
         for key, value in conf.items():
             command += ["--conf", f"{key}={value}"]

@@ -123,3 +123,64 @@ def test_on_kubernetes_each_step_of_a_retrain_runs_in_its_own_pod() -> None:
         done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True,
                               env={**os.environ, "RECSYS_EXECUTOR": executor}, cwd=REPO_ROOT)  # fmt: skip
         assert done.stdout.strip().splitlines()[-1] == expected
+
+
+def test_the_spark_executors_template_is_a_valid_pod_with_the_s3_credentials() -> None:
+    (template,) = documents(REPO_ROOT / "deploy" / "spark" / "executor-pod-template.yaml")
+    kubernetes_validate.validate(template, KUBERNETES, strict=True)
+    container = template["spec"]["containers"][0]
+    assert container["name"] == "spark-kubernetes-executor"  # the container Spark fills in
+    assert {"secretRef": {"name": "recsys-secrets"}} in container["envFrom"]
+
+
+def test_the_preparation_step_is_a_spark_driver_that_executors_can_reach(monkeypatch) -> None:
+    """The step's pod (built by dagster-k8s) runs as the Spark service account and knows its address; the
+    ConfigMap's settings give a spark-submit on Kubernetes in client mode with the executors' template
+    from the image, and s3a paths for the bucket."""
+    from recsys_assets.constants import PREPARATION_POD
+    from recsys_assets.data.store import spark_uri
+    from recsys_assets.resources import PreparationEngineResource
+    from recsys_core.settings import load_settings, storage_path
+
+    job = _k8s_job(PREPARATION_POD["dagster-k8s/config"], "registry.example.com/recsys-assets:1")
+    kubernetes_validate.validate(job, KUBERNETES, strict=True)
+    pod = job["spec"]["template"]["spec"]
+    kinds = {(d["kind"], d["metadata"]["name"]): d for d in documents(REPO_ROOT / "deploy" / "k8s" / "spark.yaml")}
+    assert pod["serviceAccountName"] == "recsys-spark"
+    assert ("ServiceAccount", "recsys-spark") in kinds
+    binding = kinds[("RoleBinding", "recsys-spark-driver")]
+    assert binding["subjects"][0]["name"] == "recsys-spark"
+    env = {e["name"]: e for e in pod["containers"][0]["env"]}
+    assert env["POD_IP"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+
+    config = kinds[("ConfigMap", "recsys-spark")]["data"]
+    settings = load_settings({**config, "RECSYS_HOME": "/data/recsys"}).preparation
+    assert settings.engine == "spark"
+    monkeypatch.setenv("POD_IP", "10.1.2.3")
+    monkeypatch.setenv("POD_NAME", "dagster-step-abc")
+    resource = PreparationEngineResource(
+        engine=settings.engine, spark_master=settings.spark_master, spark_conf=settings.spark_conf
+    )
+    command = resource.submit_command("clean")
+    conf = dict(command[i + 1].split("=", 1) for i, arg in enumerate(command) if arg == "--conf")
+    assert command[command.index("--master") + 1] == "k8s://https://kubernetes.default.svc:443"
+    assert conf["spark.driver.host"] == "10.1.2.3"
+    assert conf["spark.kubernetes.driver.pod.name"] == "dagster-step-abc"
+    template = conf["spark.kubernetes.executor.podTemplateFile"]
+    assert template.startswith("/opt/recsys/")  # the image's WORKDIR, where the Dockerfile copies deploy/spark
+    assert (REPO_ROOT / template.removeprefix("/opt/recsys/")).exists()
+    assert "COPY deploy/spark ./deploy/spark" in (REPO_ROOT / "deploy" / "Dockerfile").read_text()
+    assert "EnvironmentVariableCredentialsProvider" in conf["spark.hadoop.fs.s3a.aws.credentials.provider"]
+    assert command[-1].endswith("recsys_assets/spark_jobs/prepare.py")
+    # The bucket's objects as the job reads them: s3a://, Hadoop's connector.
+    assert spark_uri(storage_path("s3://recsys-artifacts/prod") / "prepared" / "x.parquet") == (
+        "s3a://recsys-artifacts/prod/prepared/x.parquet"
+    )
+
+
+def test_the_helm_values_give_every_run_the_spark_settings() -> None:
+    values = yaml.safe_load((REPO_ROOT / "deploy" / "helm" / "values.yaml").read_text())
+    launcher = values["runLauncher"]["config"]["k8sRunLauncher"]["envConfigMaps"]
+    location = values["dagster-user-deployments"]["deployments"][0]["envConfigMaps"]
+    assert {"name": "recsys-spark"} in launcher
+    assert {"name": "recsys-spark"} in location

@@ -11,7 +11,7 @@ import dagster as dg
 import polars as pl
 
 from recsys_assets import automation
-from recsys_assets.constants import CLEAN_EVENTS_DATASET, FEATURES, FEATURES_FRESHNESS
+from recsys_assets.constants import CLEAN_EVENTS_DATASET, FEATURES, FEATURES_FRESHNESS, PREPARATION_POD
 from recsys_assets.data import features as F
 from recsys_assets.data.store import move_file, parquet_parts, remove_tree, spark_uri
 from recsys_assets.metadata import markdown_table, time_range
@@ -61,6 +61,7 @@ def _build(
     group_name=FEATURES,
     deps=["clean_listening_events"],
     kinds={"polars", "spark", "parquet"},
+    op_tags=PREPARATION_POD,
     freshness_policy=FEATURES_FRESHNESS,
     automation_condition=automation.prepared_data,
 )
@@ -94,6 +95,7 @@ def track_features(
     group_name=FEATURES,
     deps=["clean_listening_events"],
     kinds={"polars", "spark", "parquet"},
+    op_tags=PREPARATION_POD,
     freshness_policy=FEATURES_FRESHNESS,
     automation_condition=automation.prepared_data,
 )

@@ -10,7 +10,7 @@ import polars as pl
 from pydantic import Field
 
 from recsys_assets import automation
-from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, RAW_EVENTS_DATASET
+from recsys_assets.constants import CLEAN_EVENTS_DATASET, PREPARATION, PREPARATION_POD, RAW_EVENTS_DATASET
 from recsys_assets.data.cleaning import CLEAN_SCHEMA, CleaningRules, clean_events
 from recsys_assets.data.store import (
     move_file,
@@ -68,6 +68,7 @@ class CleaningConfig(dg.Config):
     # spark engine) for all the ranges it re-cleans.
     backfill_policy=dg.BackfillPolicy.single_run(),
     kinds={"polars", "spark", "parquet"},
+    op_tags=PREPARATION_POD,
     tags={"recsys/stage": "preparation"},
     automation_condition=automation.after_inputs_change,
 )
