@@ -1,7 +1,20 @@
-"""Benchmark: the preparation (cleaning + features + training interactions), polars against pandas.
+"""Benchmark: the preparation (cleaning + features + training interactions), polars against pandas,
+and the product's two engines, polars and Spark, side by side.
 
     .venv/bin/python benchmarks/prep.py                       # 10M side by side, then 50M polars end to end
     .venv/bin/python benchmarks/prep.py --events 1000000 --big 0   # a quick run
+    .venv/bin/python benchmarks/prep.py --engines polars,spark,spark-standalone --events 10000000
+
+With ``--engines`` (any of ``polars``, ``spark`` = ``local[2]``, ``spark-standalone`` = a standalone
+cluster of two one-core workers on 127.0.0.1, started from the PySpark distribution for the run), each
+engine runs the product's preparation as the assets do, in a fresh process, on the same raw files (one
+partition per file): the cleaning with its quarantine, then ``track_features`` and
+``training_interactions`` from every clean file. polars runs ``recsys_assets.data`` file by file;
+Spark runs the Spark job's own functions (``recsys_assets.spark_jobs.prepare``), all partitions in one
+application. The driver samples the memory of each engine's process tree every 0.2 s (for the
+standalone cluster, of the executors' JVMs apart), then checks that every output is the same, partition
+by partition, and prints one JSON object as its last line: an entry per engine with its ``seconds`` and
+``peak_rss_mb``, and ``outputs_equal``.
 
 1. Simulate the events (cached under ``--workdir``) as the extraction writes them: Parquet files of
    2 million rows with their ``batch_id``, with 0.3% of rows made bad (negative or absurd
@@ -19,6 +32,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -252,6 +266,198 @@ def run_end_to_end(directory: Path, work: Path) -> dict:
     }
 
 
+SPARK_MEMORY = {"driver_local": "12g", "driver_cluster": "2g", "worker": "9g", "executor": "8g"}
+
+
+def prepare_polars(directory: Path, out: Path) -> dict:
+    """The polars engine as the assets run it: each raw file cleaned on its own, then the tables."""
+    import shutil
+
+    import polars as pl
+
+    from recsys_assets.data import features as F
+    from recsys_assets.data.cleaning import clean_events
+
+    shutil.rmtree(out, ignore_errors=True)
+    (out / "clean").mkdir(parents=True)
+    (out / "quarantine").mkdir()
+    tracks = pl.read_parquet(directory / "tracks.parquet")
+    users = pl.read_parquet(directory / "users.parquet")
+    t0 = time.perf_counter()
+    for path in sorted(directory.glob("batches-*.parquet")):
+        result = clean_events(pl.read_parquet(path), tracks, users, now=NOW, origin=str(path))
+        result.clean.write_parquet(out / "clean" / path.name)
+        result.quarantined.write_parquet(out / "quarantine" / path.name)
+    scan = pl.scan_parquet(sorted((out / "clean").glob("*.parquet")))
+    F.track_features(scan).sink_parquet(out / "track_features.parquet")
+    F.training_interactions(scan).sink_parquet(out / "training_interactions.parquet")
+    return {"seconds": time.perf_counter() - t0}
+
+
+def prepare_spark(directory: Path, out: Path, master: str) -> dict:
+    """The Spark engine: the job's own functions, every partition in one application."""
+    import shutil
+
+    from recsys_assets.data.store import spark_uri
+    from recsys_assets.spark_jobs import prepare as job
+
+    shutil.rmtree(out, ignore_errors=True)
+    out.mkdir(parents=True)
+    local = master.startswith("local")
+    conf = {"spark.driver.memory": SPARK_MEMORY["driver_local" if local else "driver_cluster"], "spark.master": master,
+            "spark.ui.enabled": "false", "spark.log.level": "WARN", "spark.driver.host": "127.0.0.1"}  # fmt: skip
+    if not local:
+        conf.update({"spark.executor.memory": SPARK_MEMORY["executor"], "spark.executor.cores": "1",
+                     "spark.scheduler.minRegisteredResourcesRatio": "1.0"})  # fmt: skip
+    t0 = time.perf_counter()
+    spark = job.session("recsys-bench-prep", conf)
+    started = time.perf_counter() - t0
+    files = sorted(directory.glob("batches-*.parquet"))
+    metadata = job.clean(
+        spark,
+        {
+            "partitions": [{"key": p.stem, "raw": spark_uri(p), "origin": str(p)} for p in files],
+            "tracks": spark_uri(directory / "tracks.parquet"),
+            "users": spark_uri(directory / "users.parquet"),
+            "staging": spark_uri(out),
+            "now": NOW.isoformat(),
+            "rules": {
+                "max_ms_played": 24 * 3600 * 1000,
+                "future_tolerance_seconds": 600,
+                "earliest": "2000-01-01T00:00:00+00:00",
+                "bot_plays_per_hour": 180,
+            },
+        },  # fmt: skip
+        log=lambda m: print(m, file=sys.stderr),
+    )
+    clean = [spark_uri(p) for p in sorted((out / "clean").glob("_partition=*"))]
+    for task in ("track_features", "training_interactions"):
+        job.table(
+            spark, {"task": task, "clean": clean, "staging": spark_uri(out)}, log=lambda m: print(m, file=sys.stderr)
+        )
+    seconds = time.perf_counter() - t0
+    parallelism = spark.sparkContext.defaultParallelism
+    spark.stop()
+    return {"seconds": seconds, "session_start_seconds": started, "parallelism": parallelism,
+            "engine_conservation_broken_batches": job.conservation_broken(metadata)}  # fmt: skip
+
+
+def _tree_rss(proc) -> int:
+    import psutil
+
+    total = 0
+    for p in [proc, *proc.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            total += p.memory_info().rss
+    return total
+
+
+def _sampled(command: list[str], executors_of: list | None = None) -> dict:
+    """Run ``command``; its last JSON line, with the peak RSS of its process tree (and of the
+    executors under ``executors_of``, the cluster's workers) sampled every 0.2 s."""
+    import psutil
+
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+    me = psutil.Process(proc.pid)
+    peak = executors_peak = 0
+    workers = [psutil.Process(p.pid) for p in executors_of or []]
+    while proc.poll() is None:
+        with contextlib.suppress(psutil.Error):
+            peak = max(peak, _tree_rss(me))
+        executors = 0
+        for worker in workers:
+            for child in worker.children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    executors += child.memory_info().rss
+        executors_peak = max(executors_peak, executors)
+        time.sleep(0.2)
+    out = proc.stdout.read()
+    if proc.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed ({proc.returncode})")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_mb"] = peak / 2**20
+    if executors_of is not None:
+        result["executors_peak_rss_mb"] = executors_peak / 2**20
+    return result
+
+
+def outputs_equal(polars_out: Path, spark_out: Path) -> dict:
+    """Each partition's clean rows and quarantine, and both tables, compared (floats to 1e-9)."""
+    import polars as pl
+    from polars.testing import assert_frame_equal
+
+    from recsys_assets.data.cleaning import CLEAN_SCHEMA
+
+    compared = {"partitions": 0, "clean_rows": 0, "quarantined_rows": 0}
+    quarantine = pl.read_parquet(spark_out / "quarantine" / "*.parquet")
+    for path in sorted((polars_out / "clean").glob("*.parquet")):
+        key = path.stem
+        spark_clean = pl.read_parquet(spark_out / "clean" / f"_partition={key}" / "*.parquet").select(
+            list(CLEAN_SCHEMA)
+        )
+        expected = pl.read_parquet(path)
+        assert_frame_equal(spark_clean.sort("event_id"), expected.sort("event_id"))
+        q_expected = pl.read_parquet(polars_out / "quarantine" / path.name)
+        q_got = quarantine.filter(pl.col("_partition") == key).drop("_partition")
+        order = ["batch_id", "event_id", "reason"]
+        assert_frame_equal(q_got.sort(order, nulls_last=True), q_expected.sort(order, nulls_last=True))
+        compared["partitions"] += 1
+        compared["clean_rows"] += expected.height
+        compared["quarantined_rows"] += q_expected.height
+    assert_frame_equal(
+        pl.read_parquet(spark_out / "track_features" / "*.parquet").sort("track_id"),
+        pl.read_parquet(polars_out / "track_features.parquet").sort("track_id"),
+        rel_tol=1e-9,
+    )
+    keys = ["user_id", "track_id", "played_at"]
+    got = pl.read_parquet(spark_out / "training_interactions" / "*.parquet").sort(keys)
+    expected = pl.read_parquet(polars_out / "training_interactions.parquet").sort(keys)
+    assert_frame_equal(got, expected, rel_tol=1e-9)
+    compared["interactions"] = expected.height
+    return compared
+
+
+def compare_engines(engines: list[str], raw: Path, workdir: Path) -> dict:
+    from recsys_cli.stack.spark import StandaloneCluster
+
+    results: dict[str, dict] = {}
+    outputs: dict[str, Path] = {}
+    for engine in engines:
+        out = workdir / f"out-{engine}"
+        outputs[engine] = out
+        command = [sys.executable, __file__, "--_prepare", engine, "--_input", str(raw), "--workdir", str(out)]
+        print(f"{engine}…", file=sys.stderr)
+        if engine == "spark-standalone":
+            cluster = StandaloneCluster(workdir / "cluster", workers=2, cores=1, memory=SPARK_MEMORY["worker"]).start()
+            try:
+                results[engine] = _sampled(
+                    [*command, "--_master", cluster.master_url], executors_of=cluster.processes[1:]
+                )
+            finally:
+                cluster.stop()
+        else:
+            results[engine] = _sampled([*command, "--_master", "local[2]"])
+        print(f"{engine}: {results[engine]}", file=sys.stderr)
+    summary: dict = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores, Python {platform.python_version()}",
+        "events": int((raw / "done").read_text()),
+        **results,
+    }
+    spark_engines = [e for e in engines if e != "polars"]
+    if "polars" in engines and spark_engines:
+        checked = {}
+        for engine in spark_engines:
+            try:
+                checked[engine] = outputs_equal(outputs["polars"], outputs[engine])
+            except AssertionError as exc:
+                checked[engine] = {"error": str(exc)[:2000]}
+        summary["compared"] = checked
+        summary["outputs_equal"] = all("error" not in c for c in checked.values())
+        for engine in spark_engines:
+            summary[f"{engine}_over_polars_seconds"] = results[engine]["seconds"] / results["polars"]["seconds"]
+    return summary
+
+
 def _child(args: list[str]) -> dict:
     result = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
     sys.stderr.write(result.stderr[-2000:])
@@ -265,12 +471,25 @@ def main() -> None:
     parser.add_argument("--events", type=int, default=10_000_000, help="events of the side-by-side run")
     parser.add_argument("--big", type=int, default=50_000_000, help="events of the end-to-end run (0: skip)")
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/recsys-bench-prep"))
+    parser.add_argument("--engines", help="polars,spark,spark-standalone: the product's engines side by side")
+    parser.add_argument("--_prepare", help=argparse.SUPPRESS)
+    parser.add_argument("--_master", help=argparse.SUPPRESS)
     parser.add_argument("--_engine", help=argparse.SUPPRESS)
     parser.add_argument("--_e2e", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--_input", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args._engine:
         print(json.dumps(run_engine(args._engine, args._input)))
+        return
+    if args._prepare:
+        if args._prepare == "polars":
+            print(json.dumps(prepare_polars(args._input, args.workdir)))
+        else:
+            print(json.dumps(prepare_spark(args._input, args.workdir, args._master)))
+        return
+    if args.engines:
+        raw = generate(args.events, args.workdir)
+        print(json.dumps(compare_engines(args.engines.split(","), raw, args.workdir)))
         return
     if args._e2e:
         print(json.dumps(run_end_to_end(args._input, args.workdir / "e2e")))

@@ -114,7 +114,9 @@ def spark_uri(path: Path) -> str:
     """What Spark's readers and writers take for ``path``: ``file:///…``, or ``s3a://bucket/key``
     (Hadoop's S3 connector) for an object in S3."""
     if not is_remote(path):
-        return Path(path).absolute().as_uri()
+        # Not Path.as_uri(): Hadoop does not decode its percent-escapes (a Spark partition directory
+        # is named `key=value`).
+        return f"file://{Path(path).absolute()}"
     if path.protocol in ("s3", "s3a"):
         return f"s3a://{path.path}"
     return path.as_uri()

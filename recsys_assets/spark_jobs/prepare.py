@@ -23,7 +23,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 from typing import Any
 
-from dagster_pipes import PipesContext, open_dagster_pipes
+from dagster_pipes import open_dagster_pipes
 from pyspark.sql import DataFrame, SparkSession
 from pyspark.sql import functions as F
 
@@ -59,7 +59,10 @@ def read_raw(spark: SparkSession, partitions: list[dict[str, str]]) -> DataFrame
     ).join(F.broadcast(origins), on=S.GROUP, how="left")
 
 
-def clean(spark: SparkSession, pipes: PipesContext, extras: dict[str, Any]) -> None:
+def clean(spark: SparkSession, extras: dict[str, Any], log=print) -> dict[str, Any]:
+    """Clean the partitions of ``extras``; the Pipes metadata of the materialization (with the
+    number of batches whose rows in are not their clean + quarantined + duplicates: ``main`` fails
+    the job on any, after reporting)."""
     partitions = extras["partitions"]
     staging = extras["staging"].rstrip("/")
     raw = read_raw(spark, partitions)
@@ -73,7 +76,7 @@ def clean(spark: SparkSession, pipes: PipesContext, extras: dict[str, Any]) -> N
     # One task (so one file) per partition: a partition is at most a few million rows.
     result.clean.repartition(S.GROUP).write.mode("overwrite").partitionBy(S.GROUP).parquet(f"{staging}/clean")
     result.quarantined.coalesce(1).write.mode("overwrite").parquet(f"{staging}/quarantine")
-    pipes.log.info(f"cleaned {len(partitions)} partition(s) into {staging}/clean")
+    log(f"cleaned {len(partitions)} partition(s) into {staging}/clean")
 
     # Counts per partition and batch, from what was written (read back: the plan is not run twice).
     written = spark.read.parquet(f"{staging}/clean")
@@ -96,30 +99,23 @@ def clean(spark: SparkSession, pipes: PipesContext, extras: dict[str, Any]) -> N
         row["category"]: row["count"]
         for row in quarantined.groupBy(S.reason_category(F.col("reason")).alias("category")).count().collect()
     }
-    profile = written.agg(
-        F.count_distinct("user_id").alias("users"),
-        F.sum(F.col("suspected_bot").cast("long")).alias("suspected_bot_rows"),
-        F.sum((~F.col("known_track")).cast("long")).alias("unknown_track_rows"),
-    ).first()
     totals = {k: sum(int(s[k]) for s in stats) for k in ("rows_in", "clean", "quarantined", "duplicates")}
     broken = [s for s in stats if s["rows_in"] != s["clean"] + s["quarantined"] + s["duplicates"]]
-    pipes.report_asset_materialization(
-        metadata={
-            **{k: {"raw_value": v, "type": "int"} for k, v in totals.items()},
-            "partitions": {"raw_value": len(partitions), "type": "int"},
-            "quarantined_by_reason": {"raw_value": reasons, "type": "json"},
-            "users": {"raw_value": int(profile["users"] or 0), "type": "int"},
-            "suspected_bot_rows": {"raw_value": int(profile["suspected_bot_rows"] or 0), "type": "int"},
-            "unknown_track_rows": {"raw_value": int(profile["unknown_track_rows"] or 0), "type": "int"},
-            "engine_conservation_broken_batches": {"raw_value": len(broken), "type": "int"},
-            **application(spark),
-        }
-    )
-    if broken:
-        raise RuntimeError(f"rows in != clean + quarantined + duplicates in {len(broken)} batch(es): {broken[:5]}")
+    return {
+        **{k: {"raw_value": v, "type": "int"} for k, v in totals.items()},
+        "partitions": {"raw_value": len(partitions), "type": "int"},
+        "quarantined_by_reason": {"raw_value": reasons, "type": "json"},
+        "engine_conservation_broken_batches": {"raw_value": len(broken), "type": "int"},
+        **application(spark),
+    }
 
 
-def table(spark: SparkSession, pipes: PipesContext, extras: dict[str, Any]) -> None:
+def conservation_broken(metadata: dict[str, Any]) -> int:
+    return int(metadata.get("engine_conservation_broken_batches", {}).get("raw_value", 0))
+
+
+def table(spark: SparkSession, extras: dict[str, Any], log=print) -> dict[str, Any]:
+    """Build the table ``extras["task"]`` from the clean files; the Pipes metadata of the materialization."""
     task = extras["task"]
     build = {"track_features": S.track_features, "training_interactions": S.training_interactions}[task]
     clean_events = spark.read.schema(S.spark_schema(S.CLEAN_SCHEMA)).parquet(*extras["clean"])
@@ -127,10 +123,8 @@ def table(spark: SparkSession, pipes: PipesContext, extras: dict[str, Any]) -> N
     # One file, as the polars engine writes it: the asset moves it into place.
     build(clean_events).coalesce(1).write.mode("overwrite").parquet(out)
     rows = spark.read.parquet(out).count()
-    pipes.log.info(f"{task}: {rows} rows into {out}")
-    pipes.report_asset_materialization(
-        metadata={"dagster/row_count": {"raw_value": rows, "type": "int"}, **application(spark)}
-    )
+    log(f"{task}: {rows} rows into {out}")
+    return {"dagster/row_count": {"raw_value": rows, "type": "int"}, **application(spark)}
 
 
 def application(spark: SparkSession) -> dict[str, Any]:
@@ -143,15 +137,25 @@ def application(spark: SparkSession) -> dict[str, Any]:
     }
 
 
+def session(name: str, conf: dict[str, str] | None = None) -> SparkSession:
+    """The job's session: the master and settings of spark-submit, with ``SESSION_CONF`` and ``conf``."""
+    builder = SparkSession.builder.appName(name)
+    for key, value in {**SESSION_CONF, **(conf or {})}.items():
+        builder = builder.config(key, value)
+    return builder.getOrCreate()
+
+
 def main() -> None:
     with open_dagster_pipes() as pipes:
         extras = dict(pipes.extras)
-        builder = SparkSession.builder.appName(f"recsys-{extras['task']}")
-        for key, value in SESSION_CONF.items():
-            builder = builder.config(key, value)
-        spark = builder.getOrCreate()
+        spark = session(f"recsys-{extras['task']}")
         try:
-            (clean if extras["task"] == "clean" else table)(spark, pipes, extras)
+            metadata = (clean if extras["task"] == "clean" else table)(spark, extras, log=pipes.log.info)
+            pipes.report_asset_materialization(metadata=metadata)
+            if conservation_broken(metadata):
+                raise RuntimeError(
+                    f"rows in != clean + quarantined + duplicates in {conservation_broken(metadata)} batch(es)"
+                )
         finally:
             spark.stop()
 
