@@ -282,8 +282,11 @@ class PreparationEngineResource(dg.ConfigurableResource):
             command += ["--conf", f"{key}={value}"]
         return [*command, script]
 
-    def run_spark(self, context: dg.AssetExecutionContext, extras: dict[str, Any]) -> dg.MaterializeResult:
-        """Run one task of the Spark job through Pipes; what it reported, as a ``MaterializeResult``.
+    def run_spark(
+        self, context: dg.AssetExecutionContext, extras: dict[str, Any]
+    ) -> tuple[dg.MaterializeResult, list[dg.AssetCheckResult]]:
+        """Run one task of the Spark job through Pipes; what it reported: the materialization's
+        metadata, and the results of the asset checks it ran.
 
         Raises:
             dagster.DagsterPipesExecutionError: the job failed (its stderr is in the run's logs).
@@ -292,7 +295,10 @@ class PreparationEngineResource(dg.ConfigurableResource):
         client = dg.PipesSubprocessClient(env=env)
         command = self.submit_command(extras["task"])
         context.log.info(f"spark-submit on {self.spark_master}: {' '.join(command)}")
-        return client.run(context=context, command=command, extras=extras).get_materialize_result()
+        results = client.run(context=context, command=command, extras=extras).get_results()
+        materialized = [r for r in results if isinstance(r, dg.MaterializeResult)]
+        checks = [r for r in results if isinstance(r, dg.AssetCheckResult)]
+        return (materialized[0] if materialized else dg.MaterializeResult()), checks
 
 
 class RecsysHomeResource(dg.ConfigurableResource):

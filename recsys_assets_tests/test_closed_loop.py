@@ -102,7 +102,7 @@ def taste_version(registry: Registry, source: int, directory: Path, world: World
     return directory
 
 
-def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
+def test_the_loop_reacts_by_itself(tmp_path: Path, prep_engine: str) -> None:
     ports = {name: free_port() for name in ("dagster", "mlflow", "bento", "prometheus")}
     rules = tmp_path / "test_rules.yml"
     rules.write_text(TEST_RULES)
@@ -137,6 +137,10 @@ def test_the_loop_reacts_by_itself(tmp_path: Path) -> None:
         "RECSYS_SERVING_WORKERS": "1",
         "RECSYS_RETRAIN_RUN_CONFIG": json.dumps(retrain_config),
         "RECSYS_PROMETHEUS_EXTRA_RULES": str(rules),
+        # `pytest --prep-engine spark`: the same loop with the preparation on Spark (local, through Pipes).
+        "RECSYS_PREP_ENGINE": prep_engine,
+        "RECSYS_SPARK_CONF": "spark.driver.memory=1g spark.sql.shuffle.partitions=4 spark.ui.enabled=false "
+        "spark.driver.host=127.0.0.1",
     }  # fmt: skip
     assert shutil.which("prometheus"), "prometheus is missing: `make test` installs it (scripts/test-setup.sh)"
     os.environ.update({k: env[k] for k in env if k.startswith("RECSYS_")})

@@ -45,7 +45,8 @@ def test_every_asset_is_documented_and_grouped(recsys_env) -> None:
 def test_the_conservation_check_blocks(recsys_env) -> None:
     graph = _defs().resolve_asset_graph()
     names = {key.name for key in graph.asset_check_keys}
-    assert {"batch_conservation", "clean_events_schema", "clean_events_nulls_and_duplicates"} <= names
+    assert {"batch_conservation", "clean_events_schema", "clean_events_nulls_and_duplicates",
+            "engine_conservation"} <= names  # fmt: skip
     from recsys_assets.defs.preparation.checks import batch_conservation
 
     (spec,) = batch_conservation.check_specs

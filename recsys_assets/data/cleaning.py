@@ -128,9 +128,9 @@ def clean_events(
     rules = rules or CleaningRules()
     checks = contract_rules(now, rules)
     normalised = raw.lazy().with_columns(
-        pl.col("event_id", "user_id", "track_id", "artist_id").str.strip_chars(),
-        pl.col("event_type").str.strip_chars().str.to_lowercase(),
-        pl.col("source").str.strip_chars().str.to_lowercase().fill_null("organic"),
+        pl.col("event_id", "user_id", "track_id", "artist_id").str.strip_chars(R.WHITESPACE),
+        pl.col("event_type").str.strip_chars(R.WHITESPACE).str.to_lowercase(),
+        pl.col("source").str.strip_chars(R.WHITESPACE).str.to_lowercase().fill_null("organic"),
         pl.col("played_at").dt.convert_time_zone("UTC"),
     )
     # A repeated event_id is a duplicate of its first occurrence, across the whole input.

@@ -17,6 +17,12 @@ from recsys_core.contracts import EVENT_TYPES, POSITIVE_EVENT_TYPES, SOURCES
 
 EARLIEST = datetime(2000, 1, 1, tzinfo=UTC)
 
+# What normalisation strips from both ends of an id, a type or a source: Unicode's White_Space
+# characters (what polars' strip_chars() strips; Spark's trim() strips only spaces unless told).
+WHITESPACE = (
+    "\t\n\x0b\x0c\r \x85\xa0\u1680" + "".join(map(chr, range(0x2000, 0x200B))) + "\u2028\u2029\u202f\u205f\u3000"
+)
+
 # How a value appears in a reason: as text, "null" when missing, cut after SHOWN_LIMIT characters
 # with SHOWN_ELLIPSIS; a timestamp in ISO 8601 UTC with 0, 3 or 6 fractional digits (the fewest
 # that keep it exact) and a "Z" (what polars' "%.f" prints).

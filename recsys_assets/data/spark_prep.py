@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 import polars as pl
+from pyspark import StorageLevel
 from pyspark.sql import Column, DataFrame, Window
 from pyspark.sql import functions as F
 from pyspark.sql import types as T
@@ -64,6 +65,12 @@ class SparkCleanResult:
     clean: DataFrame  # CLEAN_SCHEMA, plus the group column
     quarantined: DataFrame  # QUARANTINE_SCHEMA, plus the group column
     duplicates: DataFrame  # group, batch_id, duplicates (> 0)
+    # The normalised rows the three come from, persisted when ``clean_events(persist=True)``.
+    normalised: DataFrame
+
+    def release(self) -> None:
+        """Drop the persisted rows (a no-op without ``persist``)."""
+        self.normalised.unpersist()
 
 
 def _timestamp_text(col: Column, zone: str) -> Column:
@@ -116,8 +123,7 @@ def _reason(rule: R.ContractRule) -> Column:
 
 
 def _strip(col: str) -> Column:
-    # Unicode whitespace, as polars' strip_chars (Spark's trim strips spaces only).
-    return F.regexp_replace(F.col(col), r"(?U)^\s+|\s+$", "")
+    return F.trim(F.col(col), F.lit(R.WHITESPACE))
 
 
 def reason_category(reason: Column) -> Column:
@@ -132,6 +138,7 @@ def clean_events(
     *,
     now: datetime,
     rules: R.CleaningRules | None = None,
+    persist: bool = False,
 ) -> SparkCleanResult:
     """Clean landed events of one or more partitions; see ``data.cleaning.clean_events``.
 
@@ -142,6 +149,9 @@ def clean_events(
         users: the ``users`` catalogue.
         now: the reference time of the "in the future" rule.
         rules: thresholds.
+        persist: keep the normalised rows (memory, then local disk) once computed, so that writing
+            the clean rows, the quarantine and the counts reads and sorts the input once, not three
+            times; call ``release()`` when done.
     """
     rules = rules or R.CleaningRules()
     checks = R.contract_rules(now, rules)
@@ -155,6 +165,8 @@ def clean_events(
     # A repeated event_id is a duplicate of its first occurrence in the partition.
     first = Window.partitionBy(GROUP, "event_id").orderBy(ORDER)
     normalised = normalised.withColumn("_first", F.row_number().over(first) == 1)
+    if persist:
+        normalised = normalised.persist(StorageLevel.MEMORY_AND_DISK)
     duplicates = (
         normalised.where(~F.col("_first")).groupBy(GROUP, "batch_id").agg(F.count(F.lit(1)).alias("duplicates"))
     )
@@ -227,13 +239,15 @@ def clean_events(
         .select(GROUP, "user_id", F.lit(True).alias("_bot"))
         .dropDuplicates([GROUP, "user_id"])
     )
-    clean = enriched.join(bots, on=[GROUP, "user_id"], how="left").withColumn(
+    # Suspected bots are few: broadcast them, rather than shuffle every clean row to join them.
+    clean = enriched.join(F.broadcast(bots), on=[GROUP, "user_id"], how="left").withColumn(
         "suspected_bot", F.coalesce(F.col("_bot"), F.lit(False))
     )
     return SparkCleanResult(
         clean=conform(clean, {**CLEAN_SCHEMA, GROUP: pl.String()}),
         quarantined=conform(quarantined, {**QUARANTINE_SCHEMA, GROUP: pl.String()}),
         duplicates=duplicates,
+        normalised=normalised,
     )
 
 

@@ -31,6 +31,9 @@ from recsys_assets.data import spark_prep as S
 from recsys_assets.data.rules import CleaningRules
 from recsys_core.contracts import RAW_EVENTS_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA
 
+# The name of the asset check the job reports (defs/preparation/assets.py declares it).
+CONSERVATION_CHECK = "engine_conservation"
+
 # Settings every run needs, whatever the submit options: UTC (hours and formatted timestamps), and
 # timestamps written as Parquet's INT64 microseconds in UTC (what polars writes and reads).
 SESSION_CONF = {
@@ -72,6 +75,7 @@ def clean(spark: SparkSession, extras: dict[str, Any], log=print) -> dict[str, A
         spark.read.schema(S.spark_schema(USERS_SCHEMA)).parquet(extras["users"]),
         now=datetime.fromisoformat(extras["now"]),
         rules=cleaning_rules(extras["rules"]),
+        persist=True,
     )
     # One task (so one file) per partition: a partition is at most a few million rows.
     result.clean.repartition(S.GROUP).write.mode("overwrite").partitionBy(S.GROUP).parquet(f"{staging}/clean")
@@ -94,7 +98,9 @@ def clean(spark: SparkSession, extras: dict[str, Any], log=print) -> dict[str, A
         .fillna(0, ["clean", "quarantined", "duplicates"])
     )
     stats = [row.asDict() for row in per_batch.orderBy(S.GROUP, "batch_id").collect()]
-    spark.createDataFrame(stats).coalesce(1).write.mode("overwrite").parquet(f"{staging}/stats")
+    if stats:  # (an empty list has no schema for Spark to infer; the asset reads no stats as none)
+        spark.createDataFrame(stats).coalesce(1).write.mode("overwrite").parquet(f"{staging}/stats")
+    result.release()
     reasons = {
         row["category"]: row["count"]
         for row in quarantined.groupBy(S.reason_category(F.col("reason")).alias("category")).count().collect()
@@ -152,9 +158,16 @@ def main() -> None:
         try:
             metadata = (clean if extras["task"] == "clean" else table)(spark, extras, log=pipes.log.info)
             pipes.report_asset_materialization(metadata=metadata)
-            if conservation_broken(metadata):
-                raise RuntimeError(
-                    f"rows in != clean + quarantined + duplicates in {conservation_broken(metadata)} batch(es)"
+            if extras["task"] == "clean":
+                # The engine's own conservation, an asset check of clean_listening_events (blocking).
+                broken = conservation_broken(metadata)
+                pipes.report_asset_check(
+                    CONSERVATION_CHECK,
+                    passed=broken == 0,
+                    metadata={
+                        "batches_broken": {"raw_value": broken, "type": "int"},
+                        **{k: metadata[k] for k in ("rows_in", "clean", "quarantined", "duplicates", "partitions")},
+                    },
                 )
         finally:
             spark.stop()

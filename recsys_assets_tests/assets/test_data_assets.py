@@ -82,7 +82,7 @@ def test_a_partition_is_extracted_cleaned_and_checked_and_rows_are_conserved(rec
     assert clean["rows_in"] == report.events
     assert clean["dagster/row_count"] + clean["quarantined"] + clean["duplicates"] == report.events
     assert checks(first) == {"batch_conservation": True, "clean_events_schema": True,
-                             "clean_events_nulls_and_duplicates": True}  # fmt: skip
+                             "clean_events_nulls_and_duplicates": True, "engine_conservation": True}  # fmt: skip
 
     # A new batch with bad rows: it becomes a partition of its own; bad rows end in quarantine with reasons.
     bad = pl.DataFrame(

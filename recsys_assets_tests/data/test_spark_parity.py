@@ -69,6 +69,7 @@ def world() -> tuple[dict[str, pl.DataFrame], pl.DataFrame, pl.DataFrame]:
         row("m-type", event_type="listen"),
         row("m-type-null", event_type=None),
         row("m-type-case", event_type="  PLAY "),
+        row("m-type-unicode-space", event_type="\u3000Skip\u2003\x85"),
         row("m-source", source="Radio"),
         row("m-source-case", source=" RECOMMENDATION"),
         row("m-source-null", source=None),

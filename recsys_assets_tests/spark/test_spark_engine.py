@@ -75,8 +75,12 @@ def test_the_preparation_runs_on_a_standalone_cluster_through_pipes(recsys_env, 
         assert cleaned["dagster/row_count"] + cleaned["quarantined"] + cleaned["duplicates"] == cleaned["rows_in"]
         assert {e.check_name: e.passed for e in backfill.get_asset_check_evaluations()} == {
             "batch_conservation": True, "clean_events_schema": True, "clean_events_nulls_and_duplicates": True,
+            "engine_conservation": True,  # reported by the Spark job through Pipes
         }  # fmt: skip
         clean_app = cleaned["spark_application_id"]  # …by one Spark application
+        (engine_check,) = [e for e in backfill.get_asset_check_evaluations() if e.check_name == "engine_conservation"]
+        assert engine_check.metadata["rows_in"].value == cleaned["rows_in"]
+        assert engine_check.metadata["batches_broken"].value == 0
 
         features = run(instance, assets=FEATURES)
         assert features.success

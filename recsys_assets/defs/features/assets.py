@@ -48,10 +48,14 @@ def _build(
     clean_files = [spark_uri(f.path) for f in store.batch_files(CLEAN_EVENTS_DATASET)]
     if not clean_files:
         raise FileNotFoundError(f"no clean events in {store.dataset_dir(CLEAN_EVENTS_DATASET)}: materialize them first")
-    reported = preparation.run_spark(context, {"task": name, "clean": clean_files, "staging": spark_uri(staging)})
-    (part,) = parquet_parts(staging / name)
-    move_file(part, store.table_path(name))
-    remove_tree(staging)
+    try:
+        reported, _ = preparation.run_spark(
+            context, {"task": name, "clean": clean_files, "staging": spark_uri(staging)}
+        )
+        (part,) = parquet_parts(staging / name)
+        move_file(part, store.table_path(name))
+    finally:
+        remove_tree(staging)
     engine: dict[str, object] = {"engine": dg.MetadataValue.text("spark")}
     engine.update({k: v for k, v in (reported.metadata or {}).items() if k.startswith("spark_")})
     return store, engine

@@ -3,6 +3,7 @@
 # No `from __future__ import annotations` here: Dagster inspects the `context` annotation at
 # definition time and rejects it as a string. Python 3.11 needs the import for nothing else.
 
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 
 import dagster as dg
@@ -30,6 +31,9 @@ from recsys_core.contracts import QUARANTINE_SCHEMA, TRACKS_SCHEMA, USERS_SCHEMA
 # The column of a Spark job's output that names the partition (data.spark_prep.GROUP; that module
 # imports PySpark, which the polars engine does not need).
 GROUP = "_partition"
+COUNTS = ("rows_in", "clean", "quarantined", "duplicates")
+# The asset check each engine reports (spark_jobs.prepare.CONSERVATION_CHECK).
+ENGINE_CONSERVATION = "engine_conservation"
 
 
 class CleaningConfig(dg.Config):
@@ -71,6 +75,15 @@ class CleaningConfig(dg.Config):
     op_tags=PREPARATION_POD,
     tags={"recsys/stage": "preparation"},
     automation_condition=automation.after_inputs_change,
+    check_specs=[
+        dg.AssetCheckSpec(
+            ENGINE_CONSERVATION,
+            asset="clean_listening_events",
+            blocking=True,
+            description="The engine's own count, for every batch it read: rows in = clean + quarantined + "
+            "duplicates (computed in the run's process by polars, or by the Spark job and reported through Pipes).",
+        )
+    ],
 )
 def clean_listening_events(
     context: dg.AssetExecutionContext,
@@ -78,7 +91,7 @@ def clean_listening_events(
     warehouse: WarehouseResource,
     prepared: PreparedDataResource,
     preparation: PreparationEngineResource,
-) -> dg.MaterializeResult:
+) -> Iterator[dg.MaterializeResult | dg.AssetCheckResult]:
     """Clean listening events: de-duplicated, typed, in UTC, clipped, enriched and flagged, per partition.
 
     Each partition's raw file is cleaned on its own and its clean file replaced, so a backfill
@@ -95,9 +108,10 @@ def clean_listening_events(
     rules = config.rules()
     keys = list(context.partition_keys)
     if preparation.on_spark:
-        per_partition, reasons, engine = _clean_on_spark(context, preparation, store, tracks, users, now, rules)
+        per_partition, reasons, engine, checks = _clean_on_spark(context, preparation, store, tracks, users, now, rules)
     else:
         per_partition, reasons, engine = _clean_on_polars(context, store, tracks, users, now, rules)
+        checks = [engine_conservation(per_partition)]
     totals = {"rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
     for key in keys:
         stats, quarantined = per_partition[key]
@@ -127,7 +141,20 @@ def clean_listening_events(
         metadata["unknown_track_rows"] = dg.MetadataValue.int(int((~last_clean["known_track"]).sum()))
         metadata.update(time_range(last_clean))
         metadata["preview"] = markdown_table(last_clean.drop("ingested_at"))
-    return dg.MaterializeResult(metadata=metadata)
+    yield dg.MaterializeResult(metadata=metadata)
+    yield from checks
+
+
+def engine_conservation(per_partition: dict[str, "PartitionOutcome"]) -> dg.AssetCheckResult:
+    """The polars engine's own conservation count, as the Spark job reports its own."""
+    stats = [s for s, _ in per_partition.values()]
+    totals = {k: sum(s[k] for s in stats) for k in ("rows_in", "clean", "quarantined", "duplicates")}
+    broken = sum(1 for s in stats if s["rows_in"] != s["clean"] + s["quarantined"] + s["duplicates"])
+    return dg.AssetCheckResult(
+        check_name=ENGINE_CONSERVATION,
+        passed=broken == 0,
+        metadata={"batches_broken": broken, **totals, "partitions": len(stats)},
+    )
 
 
 PartitionOutcome = tuple[dict, pl.DataFrame]  # the sidecar's statistics (with batch_ids), the quarantine
@@ -157,32 +184,51 @@ def _clean_on_polars(context, store, tracks, users, now, rules) -> tuple[dict[st
 
 def _clean_on_spark(
     context, preparation, store, tracks, users, now, rules
-) -> tuple[dict[str, PartitionOutcome], dict, dict]:
+) -> tuple[dict[str, PartitionOutcome], dict, dict, list[dg.AssetCheckResult]]:
     """Every partition of the run cleaned by one Spark application (through Pipes); its clean files
     then moved into place here, where the warehouse is."""
     keys = list(context.partition_keys)
     staging = store.staging_dir(context.run.run_id, "clean")
     remove_tree(staging)
-    # The catalogue, as the job reads it: a snapshot beside its output.
-    write_parquet_atomic(tracks, staging / "tracks.parquet")
-    write_parquet_atomic(users, staging / "users.parquet")
     raw_files = {key: store.batch_file(RAW_EVENTS_DATASET, key) for key in keys}
-    extras = {
-        "task": "clean",
-        "partitions": [{"key": k, "raw": spark_uri(f.path), "origin": str(f.path)} for k, f in raw_files.items()],
-        "tracks": spark_uri(staging / "tracks.parquet"),
-        "users": spark_uri(staging / "users.parquet"),
-        "staging": spark_uri(staging),
-        "now": now.isoformat(),
-        "rules": {
-            "max_ms_played": rules.max_ms_played,
-            "future_tolerance_seconds": rules.future_tolerance.total_seconds(),
-            "earliest": rules.earliest.isoformat(),
-            "bot_plays_per_hour": rules.bot_plays_per_hour,
-        },
-    }
-    reported = preparation.run_spark(context, extras).metadata or {}
-    stats = scan_parquet(parquet_parts(staging / "stats")).collect()
+    try:
+        # The catalogue, as the job reads it: a snapshot beside its output.
+        write_parquet_atomic(tracks, staging / "tracks.parquet")
+        write_parquet_atomic(users, staging / "users.parquet")
+        extras = {
+            "task": "clean",
+            "partitions": [{"key": k, "raw": spark_uri(f.path), "origin": str(f.path)} for k, f in raw_files.items()],
+            "tracks": spark_uri(staging / "tracks.parquet"),
+            "users": spark_uri(staging / "users.parquet"),
+            "staging": spark_uri(staging),
+            "now": now.isoformat(),
+            "rules": {
+                "max_ms_played": rules.max_ms_played,
+                "future_tolerance_seconds": rules.future_tolerance.total_seconds(),
+                "earliest": rules.earliest.isoformat(),
+                "bot_plays_per_hour": rules.bot_plays_per_hour,
+            },
+        }
+        materialized, checks = preparation.run_spark(context, extras)
+        per_partition = _adopt_spark_output(store, staging, keys)
+    finally:
+        remove_tree(staging)  # a failed job leaves nothing behind either
+    reported = materialized.metadata or {}
+    reasons = dict(reported["quarantined_by_reason"].value) if "quarantined_by_reason" in reported else {}
+    engine = {"engine": dg.MetadataValue.text("spark")}
+    engine.update({k: v for k, v in reported.items() if k.startswith("spark_")})
+    return per_partition, reasons, engine, checks
+
+
+def _adopt_spark_output(store, staging, keys: list[str]) -> dict[str, PartitionOutcome]:
+    """Move each partition's clean file from the job's staging directory into place; its statistics
+    and quarantine rows from the job's."""
+    stats_parts = parquet_parts(staging / "stats")
+    stats = (
+        scan_parquet(stats_parts).collect()
+        if stats_parts
+        else pl.DataFrame(schema={GROUP: pl.String, "batch_id": pl.Int64, **dict.fromkeys(COUNTS, pl.Int64)})
+    )
     quarantine_parts = parquet_parts(staging / "quarantine")
     quarantine = (
         scan_parquet(quarantine_parts).collect()
@@ -190,7 +236,7 @@ def _clean_on_spark(
         else empty_frame({**QUARANTINE_SCHEMA, GROUP: pl.String()})
     )
     per_partition: dict[str, PartitionOutcome] = {}
-    for key, _raw_file in raw_files.items():
+    for key in keys:
         parts = parquet_parts(staging / "clean" / f"{GROUP}={key}")
         target = store.batch_file(CLEAN_EVENTS_DATASET, key).path
         if len(parts) > 1:
@@ -202,7 +248,7 @@ def _clean_on_spark(
         batches = stats.filter(pl.col(GROUP) == key).sort("batch_id")
         per_partition[key] = (
             {
-                **{k: int(batches[k].sum()) for k in ("rows_in", "clean", "quarantined", "duplicates")},
+                **{k: int(batches[k].sum()) for k in COUNTS},
                 "duplicates_by_batch": dict(
                     batches.filter(pl.col("duplicates") > 0).select("batch_id", "duplicates").iter_rows()
                 ),
@@ -210,8 +256,4 @@ def _clean_on_spark(
             },
             conform(quarantine.filter(pl.col(GROUP) == key), QUARANTINE_SCHEMA),
         )
-    remove_tree(staging)
-    reasons = dict(reported["quarantined_by_reason"].value) if "quarantined_by_reason" in reported else {}
-    engine = {"engine": dg.MetadataValue.text("spark")}
-    engine.update({k: v for k, v in reported.items() if k.startswith("spark_")})
-    return per_partition, reasons, engine
+    return per_partition
