@@ -21,12 +21,18 @@ stale = dg.AutomationCondition.freshness_failed().with_label("stale")
 prepared_data = (after_inputs_change | (stale & ~dg.AutomationCondition.in_progress())).with_label("prepared_data")
 
 
-def on_cadence(cron: str, label: str) -> dg.AutomationCondition:
-    """Every ``cron`` tick, once its inputs exist and unless a run of the asset is already in progress."""
+def on_cadence(cron: str, label: str, partial: dg.AssetSelection | None = None) -> dg.AutomationCondition:
+    """Every ``cron`` tick, once its inputs exist and unless a run of the asset is already in progress.
+
+    ``partial``: partitioned inputs read as far as they are prepared. Without it, one partition landed
+    and not yet cleaned counts as a missing input, and with a slower preparation (Spark, a queue of
+    runs) there always is one: the report would never be due.
+    """
+    missing = dg.AutomationCondition.any_deps_missing()
+    if partial is not None:
+        missing = missing.ignore(partial)
     return (
-        dg.AutomationCondition.cron_tick_passed(cron)
-        & ~dg.AutomationCondition.any_deps_missing()
-        & ~dg.AutomationCondition.in_progress()
+        dg.AutomationCondition.cron_tick_passed(cron) & ~missing & ~dg.AutomationCondition.in_progress()
     ).with_label(label)
 
 
