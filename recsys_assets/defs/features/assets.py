@@ -61,7 +61,8 @@ def _build(
     return store, engine
 
 
-@dg.asset(
+# Both tables: built from every clean partition by the configured engine, in the preparation's pod.
+feature_table = dg.asset(
     group_name=FEATURES,
     deps=["clean_listening_events"],
     kinds={"polars", "spark", "parquet"},
@@ -69,6 +70,9 @@ def _build(
     freshness_policy=FEATURES_FRESHNESS,
     automation_condition=automation.prepared_data,
 )
+
+
+@feature_table
 def track_features(
     context: dg.AssetExecutionContext, prepared: PreparedDataResource, preparation: PreparationEngineResource
 ) -> dg.MaterializeResult:
@@ -95,14 +99,7 @@ def track_features(
     )
 
 
-@dg.asset(
-    group_name=FEATURES,
-    deps=["clean_listening_events"],
-    kinds={"polars", "spark", "parquet"},
-    op_tags=PREPARATION_POD,
-    freshness_policy=FEATURES_FRESHNESS,
-    automation_condition=automation.prepared_data,
-)
+@feature_table
 def training_interactions(
     context: dg.AssetExecutionContext, prepared: PreparedDataResource, preparation: PreparationEngineResource
 ) -> dg.MaterializeResult:

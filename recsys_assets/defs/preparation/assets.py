@@ -112,7 +112,7 @@ def clean_listening_events(
     else:
         per_partition, reasons, engine = _clean_on_polars(context, store, tracks, users, now, rules)
         checks = [engine_conservation(per_partition)]
-    totals = {"rows_in": 0, "clean": 0, "quarantined": 0, "duplicates": 0}
+    totals = dict.fromkeys(COUNTS, 0)
     for key in keys:
         stats, quarantined = per_partition[key]
         raw_file = store.batch_file(RAW_EVENTS_DATASET, key)
@@ -148,7 +148,7 @@ def clean_listening_events(
 def engine_conservation(per_partition: dict[str, "PartitionOutcome"]) -> dg.AssetCheckResult:
     """The polars engine's own conservation count, as the Spark job reports its own."""
     stats = [s for s, _ in per_partition.values()]
-    totals = {k: sum(s[k] for s in stats) for k in ("rows_in", "clean", "quarantined", "duplicates")}
+    totals = {k: sum(s[k] for s in stats) for k in COUNTS}
     broken = sum(1 for s in stats if s["rows_in"] != s["clean"] + s["quarantined"] + s["duplicates"])
     return dg.AssetCheckResult(
         check_name=ENGINE_CONSERVATION,
