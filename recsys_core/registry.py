@@ -283,8 +283,14 @@ class Registry:
             manifest = next(Path(fetched).rglob("manifest.json"), None)
             if manifest is None:
                 raise RegistryError(f"{what} has no manifest.json: it is not a model version")
-            shutil.rmtree(target, ignore_errors=True)
-            manifest.parent.rename(target)
+            # Several workers of one service download the same version at start-up. The first rename
+            # wins; a later one finds the target there and keeps it: deleting it (as this once did)
+            # pulled the files from under a worker that was loading them, which then served no champion.
+            try:
+                manifest.parent.rename(target)
+            except OSError:
+                if not (target / "manifest.json").exists():
+                    raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
         self._evict(keep=target)

@@ -9,7 +9,7 @@ import pytest
 
 from recsys_assets_tests.service.versions import tiny_version
 from recsys_core.control import ControlPlane
-from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
+from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME, Registry, RegistryError
 from recsys_core.validation import UnservableVersion
 
 pytestmark = pytest.mark.slow
@@ -213,3 +213,25 @@ def test_the_model_cache_keeps_the_most_recently_used_versions(registry: Control
     kept = sorted(p.name.split("-")[0] for p in registry.cache_dir.glob("v*-*"))
     assert kept == ["v1", "v3"]
     assert (first / "manifest.json").exists()
+
+
+def test_a_download_that_finishes_second_keeps_the_first_workers_files(registry: ControlPlane, tmp_path: Path) -> None:
+    """Two workers of one service download the same version at start-up into one cache. The one that
+    finishes second must leave the first one's directory alone: the first is loading from it (the
+    race once left a worker with no champion until its next registry poll)."""
+    v1 = register(registry, tmp_path, "first")
+    other_worker = Registry(registry.tracking_uri, registry.artifact_root, registry.cache_dir)
+    client = registry.client()
+    loading: list[Path] = []
+
+    def source() -> str:  # while this worker downloads, the other one finishes and starts loading
+        loading.append(other_worker.download(v1))
+        (loading[0] / "being-read").write_text("the other worker holds this directory")
+        return client.get_model_version_download_uri(MODEL_NAME, str(v1))
+
+    run_id = client.get_model_version(MODEL_NAME, str(v1)).run_id
+    mine = registry._fetch(source, key=f"v{v1}-{run_id[:12]}", what="version 1")
+    assert mine == loading[0]
+    assert (mine / "being-read").exists()
+    assert (mine / "manifest.json").exists()
+    assert not [p for p in registry.cache_dir.iterdir() if p.name.endswith(".tmp")]
