@@ -50,8 +50,9 @@ NOW = datetime(2026, 11, 1, tzinfo=UTC)
 ROWS_PER_FILE = 2_000_000
 
 
-def generate(events: int, directory: Path, seed: int = 11) -> Path:
-    """Simulated raw files of about ``events`` events (cached by size)."""
+def generate(events: int, directory: Path, seed: int = 11, users: int | None = None, tracks: int | None = None) -> Path:
+    """Simulated raw files of about ``events`` events (cached by size and world); ``users`` and ``tracks``:
+    the world's (default: one user per 500 events, 1,000 to 20,000, and three tracks a user)."""
     import numpy as np
     import polars as pl
 
@@ -59,15 +60,17 @@ def generate(events: int, directory: Path, seed: int = 11) -> Path:
     from recsys_sim.simulation import expected_events_per_day
     from recsys_sim.simulator import World
 
-    target = directory / f"raw-{events}"
+    shape = "" if users is None and tracks is None else f"-{users}x{tracks}"
+    target = directory / f"raw-{events}{shape}"
     if (target / "done").exists():
         return target
     target.mkdir(parents=True, exist_ok=True)
-    users = max(1000, min(20_000, events // 500))
-    probe = World.create(users=users, tracks=max(5000, users * 3), seed=seed, start=NOW - timedelta(days=1), end=NOW)
+    users = users or max(1000, min(20_000, events // 500))
+    tracks = tracks or max(5000, users * 3)
+    probe = World.create(users=users, tracks=tracks, seed=seed, start=NOW - timedelta(days=1), end=NOW)
     days = max(1, round(events / expected_events_per_day(probe)))
     start = NOW - timedelta(days=days)
-    world = World.create(users=users, tracks=max(5000, users * 3), seed=seed, start=start, end=NOW)
+    world = World.create(users=users, tracks=tracks, seed=seed, start=start, end=NOW)
     world.tracks_frame().write_parquet(target / "tracks.parquet")
     world.users_frame().write_parquet(target / "users.parquet")
     rng = np.random.default_rng(seed)

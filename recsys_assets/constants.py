@@ -67,6 +67,8 @@ TRAINING_POD = {
             "env": [{"name": "TF_FORCE_GPU_ALLOW_GROWTH", "value": "true"}],
         },
         "pod_spec_config": {
+            # It creates the indexed Job of a training on several pods (deploy/k8s/training.yaml).
+            "service_account_name": "recsys-training",
             "node_selector": {"recsys/node-pool": "gpu"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         },

@@ -301,6 +301,65 @@ class PreparationEngineResource(dg.ConfigurableResource):
         return (materialized[0] if materialized else dg.MaterializeResult()), checks
 
 
+class TrainingResource(dg.ConfigurableResource):
+    """Where the two-tower model trains, and on how much of the history.
+
+    One worker (the default) trains in the step's process, under ``strategy`` (``auto``: one device, or
+    ``MirroredStrategy`` over the GPUs of the step's pod). More than one: the step writes the train side
+    to the storage root and runs ``workers`` processes of ``recsys_assets.ml.train_worker`` under
+    ``MultiWorkerMirroredStrategy``: on 127.0.0.1 beside the run (``launcher`` ``local``), or as the pods
+    of an indexed Job (``kubernetes``: ``deploy/k8s/training.yaml``). Worker 0 exports the version.
+    """
+
+    window_days: int | None = Field(
+        default=None, description="Train on the last N days before the holdout's cutoff (None: all the history)."
+    )
+    strategy: str = Field(default="auto", description="auto, one-device, mirrored or multi-worker")
+    workers: int = Field(default=1, ge=1, description="Training processes (MultiWorkerMirroredStrategy above 1)")
+    launcher: str = Field(default="local", description="local (127.0.0.1) or kubernetes (an indexed Job)")
+    job_template: str = Field(
+        default="/opt/recsys/deploy/k8s/training.yaml", description="The Job's template (kubernetes launcher)"
+    )
+    timeout_seconds: int = Field(default=6 * 3600, description="A distributed training running longer is stopped.")
+
+    @property
+    def distributed(self) -> bool:
+        return self.workers > 1
+
+    @property
+    def on_kubernetes(self) -> bool:
+        return self.launcher == "kubernetes"
+
+    def run_workers(self, context: dg.AssetExecutionContext, args: list[str], log_dir: Path, name: str) -> None:
+        """Run the training's workers (``args``: the worker's arguments); ``name`` names the Kubernetes Job.
+
+        Raises:
+            dagster.Failure: a worker failed; the description says which and where its log is.
+        """
+        import yaml
+
+        from recsys_assets.ml.distribute import (
+            WorkersFailed,
+            render_kubernetes_job,
+            run_kubernetes_job,
+            run_local_cluster,
+        )
+
+        args = [*args, "--strategy", "multi-worker"]
+        try:
+            if self.on_kubernetes:
+                templates = [d for d in yaml.safe_load_all(Path(self.job_template).read_text()) if d]
+                documents = render_kubernetes_job(templates, name, self.workers, args)
+                context.log.info(f"training on {self.workers} pods: Job {name}")
+                run_kubernetes_job(documents, self.timeout_seconds)
+            else:
+                context.log.info(f"training on {self.workers} workers on 127.0.0.1 (logs: {log_dir})")
+                argv = [sys.executable, "-m", "recsys_assets.ml.train_worker", *args]
+                run_local_cluster(argv, self.workers, log_dir, self.timeout_seconds)
+        except WorkersFailed as exc:
+            raise dg.Failure(description=str(exc)) from None
+
+
 class RecsysHomeResource(dg.ConfigurableResource):
     """The local root (caches, the simulator's world) and the storage root of the run artifacts
     (reports, a training's split): the same directory by default, or object storage."""
@@ -352,6 +411,12 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             spark_conf=settings.preparation.spark_conf,
         ),
         **({"io_manager": dg.FilesystemIOManager(base_dir=settings.dagster_io_uri)} if settings.dagster_io_uri else {}),
+        "training": TrainingResource(
+            window_days=settings.training.window_days,
+            strategy=settings.training.strategy,
+            workers=settings.training.workers,
+            launcher=settings.training.launcher,
+        ),
         "recsys_home": RecsysHomeResource(
             home=env_or("RECSYS_HOME", str(settings.home)),
             storage=settings.storage_uri,

@@ -86,3 +86,29 @@ def test_the_dagster_storage_uri_names_dagster_postgres_driver() -> None:
     assert settings.dagster_storage_uri == "postgresql+psycopg2://u:p@db:5432/dagster"
     assert settings.child_env({})["RECSYS_DAGSTER_STORAGE_URI"] == settings.dagster_storage_uri
     assert load_settings({}).dagster_storage_uri is None
+
+
+def test_training_settings() -> None:
+    defaults = load_settings({}).training
+    assert (defaults.window_days, defaults.strategy, defaults.workers, defaults.launcher) == (None, "auto", 1, "local")
+    custom = load_settings({"RECSYS_TRAIN_WINDOW_DAYS": "30", "RECSYS_TRAIN_STRATEGY": "multi-worker",
+                            "RECSYS_TRAIN_WORKERS": "4", "RECSYS_TRAIN_LAUNCHER": "kubernetes"}).training  # fmt: skip
+    assert (custom.window_days, custom.strategy, custom.workers, custom.launcher) == (
+        30,
+        "multi-worker",
+        4,
+        "kubernetes",
+    )
+    assert load_settings({"RECSYS_TRAIN_WINDOW_DAYS": "ALL"}).training.window_days is None
+    for env, message in [
+        (
+            {"RECSYS_TRAIN_WINDOW_DAYS": "0"},
+            "RECSYS_TRAIN_WINDOW_DAYS='0': expected a number of days (1 or more) or all",
+        ),
+        ({"RECSYS_TRAIN_WINDOW_DAYS": "a week"}, "RECSYS_TRAIN_WINDOW_DAYS='a week': expected a number of days"),
+        ({"RECSYS_TRAIN_STRATEGY": "horovod"}, "RECSYS_TRAIN_STRATEGY='horovod': expected one of auto, one-device"),
+        ({"RECSYS_TRAIN_WORKERS": "0"}, "RECSYS_TRAIN_WORKERS=0: expected a positive number"),
+        ({"RECSYS_TRAIN_LAUNCHER": "slurm"}, "RECSYS_TRAIN_LAUNCHER='slurm': expected one of local, kubernetes"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            load_settings(env)

@@ -71,6 +71,7 @@ class Settings:
     automation: AutomationSettings
     serving: ServingSettings
     preparation: PreparationSettings
+    training: TrainingSettings
     # The variables that were set in the environment (Dagster's resources show those as EnvVar).
     explicit: frozenset[str] = field(default=frozenset(), compare=False)
     # MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD: the registry's credentials when the MLflow
@@ -218,6 +219,7 @@ def load_settings(env: Mapping[str, str] | None = None) -> Settings:
         automation=_automation(env),
         serving=_serving(env),
         preparation=_preparation(env),
+        training=_training(env),
         explicit=frozenset(name for name in known if env.get(name)),
         mlflow_credentials=_credentials(env),
         dagster_storage_uri=_dagster_storage_uri(env.get("RECSYS_DAGSTER_STORAGE_URI")),
@@ -321,6 +323,36 @@ class PreparationSettings:
     # RECSYS_SPARK_CONF: more Spark settings, "key=value" pairs separated by spaces
     # (spark.executor.memory=4g spark.hadoop.fs.s3a.endpoint=…)
     spark_conf: dict[str, str]
+
+
+@dataclass(frozen=True)
+class TrainingSettings:
+    """Where and on what the two-tower model trains."""
+
+    # RECSYS_TRAIN_WINDOW_DAYS: train on the last N days before the holdout's cutoff; "all" (None): everything
+    window_days: int | None
+    # RECSYS_TRAIN_STRATEGY: auto, one-device, mirrored (the GPUs of one pod) or multi-worker (TF_CONFIG)
+    strategy: str
+    # RECSYS_TRAIN_WORKERS: more than 1 trains on that many worker processes (MultiWorkerMirroredStrategy),
+    # on 127.0.0.1 beside the run (RECSYS_TRAIN_LAUNCHER=local) or as the pods of an indexed Job (kubernetes)
+    workers: int
+    launcher: str  # RECSYS_TRAIN_LAUNCHER: local or kubernetes (deploy/k8s/training.yaml)
+
+
+TRAIN_STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+
+
+def _training(env: Mapping[str, str]) -> TrainingSettings:
+    raw = (env.get("RECSYS_TRAIN_WINDOW_DAYS") or "all").strip().lower()
+    window = None if raw == "all" else int(raw) if raw.isdigit() and int(raw) > 0 else 0
+    if window == 0:
+        raise ValueError(f"RECSYS_TRAIN_WINDOW_DAYS={raw!r}: expected a number of days (1 or more) or all")
+    return TrainingSettings(
+        window_days=window,
+        strategy=_choice(env, "RECSYS_TRAIN_STRATEGY", "auto", TRAIN_STRATEGIES),
+        workers=_positive_int(env, "RECSYS_TRAIN_WORKERS", 1),
+        launcher=_choice(env, "RECSYS_TRAIN_LAUNCHER", "local", ("local", "kubernetes")),
+    )
 
 
 def _preparation(env: Mapping[str, str]) -> PreparationSettings:

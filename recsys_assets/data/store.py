@@ -110,6 +110,20 @@ def move_file(source: Path, target: Path) -> None:
     os.replace(source, target)
 
 
+def copy_tree(source: Path, target: Path) -> None:
+    """Copy every file under ``source`` to the same place under ``target``, either side local or in
+    object storage (a model version that a training pod exported, on its way to the step that logs it)."""
+    for path in sorted(source.rglob("*")):
+        if path.is_file():
+            relative = path.relative_to(source) if not is_remote(source) else Path(path.path).relative_to(source.path)
+            write_atomic(target / str(relative), lambda f, path=path: _copy_from(path, f))
+
+
+def _copy_from(path: Path, out) -> None:
+    with path.open("rb") as f:
+        shutil.copyfileobj(f, out, length=8 << 20)
+
+
 def spark_uri(path: Path) -> str:
     """What Spark's readers and writers take for ``path``: ``file:///…``, or ``s3a://bucket/key``
     (Hadoop's S3 connector) for an object in S3."""

@@ -33,6 +33,7 @@ import numpy as np
 import polars as pl
 
 import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from recsys_assets.ml.distribute import Placement
 from recsys_assets.ml.metrics import EvalSet, build_eval_set, ranking_metrics, recommend
 from recsys_core.query_tower import QueryTower
 
@@ -298,7 +299,7 @@ def history_score_mask(history, item_row, n_items: int):
     return ~hit | tf.eye(b, dtype=tf.bool)
 
 
-def _build_model(vocab: Vocabulary, items: pl.DataFrame, n_features: int, params: TwoTowerParams):
+def _build_model(vocab: Vocabulary, items: pl.DataFrame, n_features: int, params: TwoTowerParams, strategy=None):
     import tensorflow as tf
     import tensorflow_recommenders as tfrs
 
@@ -326,8 +327,20 @@ def _build_model(vocab: Vocabulary, items: pl.DataFrame, n_features: int, params
                 else None,
             )
 
-    model = TwoTower()
-    model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=params.learning_rate))
+        def train_step(self, inputs):
+            """``tfrs.Model.train_step`` with the regularization loss divided by the replicas in sync: the
+            gradients of the replicas are summed, and each replica adds the whole penalty."""
+            with tf.GradientTape() as tape:
+                loss = self.compute_loss(inputs, training=True)
+                regularization = tf.nn.scale_regularization_loss(tf.add_n(self.losses)) if self.losses else 0.0
+                total = loss + regularization
+            gradients = tape.gradient(total, self.trainable_variables)
+            self.optimizer.apply_gradients(zip(gradients, self.trainable_variables, strict=True))
+            return {"loss": loss, "regularization_loss": regularization, "total_loss": total}
+
+    with (strategy or tf.distribute.get_strategy()).scope():
+        model = TwoTower()
+        model.compile(optimizer=tf.keras.optimizers.Adagrad(learning_rate=params.learning_rate))
     return model
 
 
@@ -435,6 +448,14 @@ def numpy_query_tower(model, params: TwoTowerParams, items: pl.DataFrame, vocab:
                       session_weight: float = 0.0) -> QueryTower:  # fmt: skip
     """``model``'s query tower as :class:`recsys_core.query_tower.QueryTower` (numpy, what serving runs)."""
     core = model.query_tower
+    if not core.use_history:  # a tower of id and features: an empty history contributes nothing
+        dim = core.user_embedding.embeddings.shape[1]
+        return QueryTower(
+            user_embedding=core.user_embedding.embeddings.numpy(),
+            history_items=np.zeros((len(vocab.items), dim), dtype=np.float32),
+            history_kernel=np.zeros((dim, dim), dtype=np.float32),
+            features_kernel=core.features.kernel.numpy() if core.use_features else None,
+        )
     history_items = core.item_embedding.embeddings.numpy()
     if params.history_attributes:  # the candidate tower's whole track vector: id + artist + genre
         artist_of, genre_of = attribute_rows(items, vocab)
@@ -486,7 +507,7 @@ def _pick_session(
     users = Vocabulary.index(cases["user_id"], vocab.users)[keep]
     targets = targets[keep]
     played = [p[p > 0] for p, k in zip(played, keep, strict=True) if k]
-    user_emb, item_emb = _embeddings(model, vocab, items, state)
+    user_emb, item_emb = _embeddings(model, vocab, items, state, params)
     _, candidates = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(fit_pairs, vocab))
     directions = unit_directions(candidates)
     tower = numpy_query_tower(model, params, items, vocab)
@@ -532,25 +553,65 @@ def _seen_rows(pairs: pl.DataFrame, vocab: Vocabulary) -> dict[int, np.ndarray]:
 
 
 def _embeddings(
-    model, vocab: Vocabulary, items: pl.DataFrame, state: dict[str, np.ndarray]
+    model, vocab: Vocabulary, items: pl.DataFrame, state: dict[str, np.ndarray], params: TwoTowerParams
 ) -> tuple[np.ndarray, np.ndarray]:
     """Every item's and every user's embedding; ``state``: the query tower's per-user inputs, in the
-    rows of ``vocab.users`` (``user_features``, and ``history`` at the moment the users are scored)."""
+    rows of ``vocab.users`` (``user_features``, and ``history`` at the moment the users are scored).
+
+    Computed in numpy from the towers' weights (the arithmetic serving runs, ``recsys_core.query_tower``),
+    not with ``Model.predict``: under a multi-worker strategy ``predict`` is itself distributed, and
+    every worker must reach the same early-stopping decision from the same synchronised weights."""
+    candidate = model.candidate_tower
     artists, genres = attribute_rows(items, vocab)
-    item_inputs = {"item_row": np.arange(len(vocab.items)), "artist_row": artists, "genre_row": genres}
-    user_inputs = {"user_row": np.arange(len(vocab.users)), **state}
-    item_emb = model.candidate_tower.predict(item_inputs, batch_size=65536, verbose=0)
-    user_emb = model.query_tower.predict(user_inputs, batch_size=65536, verbose=0)
-    return np.asarray(user_emb, dtype=np.float32), np.asarray(item_emb, dtype=np.float32)
+    item_emb = (
+        candidate.item_embedding.embeddings.numpy()
+        + candidate.artist_embedding.embeddings.numpy()[artists]
+        + candidate.genre_embedding.embeddings.numpy()[genres]
+    )
+    tower = numpy_query_tower(model, params, items, vocab)
+    histories = state.get("history", np.zeros((len(vocab.users), 0), dtype=np.int32))
+    user_emb = tower.embed_all(state["user_features"], histories)[:, :-1]  # without the prior's 1
+    return np.ascontiguousarray(user_emb, dtype=np.float32), np.asarray(item_emb, dtype=np.float32)
 
 
-def _dataset(arrays: dict[str, np.ndarray], params: TwoTowerParams, epoch_seed: int):
+def _dataset(
+    arrays: dict[str, np.ndarray], params: TwoTowerParams, epoch_seed: int, placement: Placement | None = None
+):
+    """The training pairs, shuffled each epoch and batched ``batch_size`` per replica; and the steps of
+    an epoch (``None``: until the data ends, on one replica).
+
+    Under a strategy with more than one input pipeline (one per worker), each worker takes its own
+    ``1/workers`` of the pairs, the same count on every worker, so all take the same number of steps (a
+    worker with one step more would wait forever on the others' gradients); the dataset repeats, and
+    the epoch is that many steps (Keras needs the count for a distributed dataset)."""
     import tensorflow as tf
 
     n = len(arrays["item_row"])
-    ds = tf.data.Dataset.from_tensor_slices(arrays)
-    ds = ds.shuffle(min(n, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
-    return ds.batch(params.batch_size).prefetch(tf.data.AUTOTUNE)
+    replicas = placement.replicas if placement is not None else 1
+    pipelines = placement.workers if placement is not None and placement.name == "multi-worker" else 1
+    local_replicas = max(replicas // pipelines, 1)  # replicas fed by one pipeline: each needs a batch per step
+    per_pipeline = n // pipelines
+    if local_replicas > 1:
+        steps = per_pipeline // params.batch_size // local_replicas
+    else:
+        steps = -(-per_pipeline // params.batch_size)
+    if replicas > 1 and steps < 1:
+        raise TrainingError(
+            f"{n} training pairs cannot give each of {replicas} replicas a batch of {params.batch_size}"
+        )
+
+    def build(context: tf.distribute.InputContext | None = None):
+        ds = tf.data.Dataset.from_tensor_slices(arrays)
+        if context is not None and context.num_input_pipelines > 1:
+            ds = ds.take(per_pipeline * context.num_input_pipelines)
+            ds = ds.shard(context.num_input_pipelines, context.input_pipeline_id)
+        ds = ds.shuffle(min(per_pipeline, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
+        ds = ds.batch(params.batch_size, drop_remainder=local_replicas > 1)
+        return (ds.repeat() if context is not None else ds).prefetch(tf.data.AUTOTUNE)
+
+    if replicas == 1:
+        return build(), None
+    return placement.strategy.distribute_datasets_from_function(build), steps
 
 
 PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
@@ -585,7 +646,7 @@ def _pick_prior(
     model, vocab, items, state, validation: EvalSet, pairs: pl.DataFrame, params
 ) -> tuple[float, list[dict]]:
     """The α of :func:`with_prior` with the best validation NDCG@10."""
-    user_emb, item_emb = _embeddings(model, vocab, items, state)
+    user_emb, item_emb = _embeddings(model, vocab, items, state, params)
     log_q = log_popularity(pairs, vocab)
     scores = []
     for alpha in PRIOR_GRID:
@@ -646,7 +707,7 @@ class _EpochEnd:
             record["phase"] = self.phase
         stop = False
         if self.validation is not None:
-            user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.state)
+            user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.state, self.params)
             scorer = _validation_scorer(self.vocab, user_emb, item_emb, self.validation.items)
             metrics = ranking_metrics(recommend(scorer, self.validation, 20), self.validation, ks=(20,)).metrics
             record["val_recall@20"] = metrics["recall@20"]
@@ -675,11 +736,13 @@ def _fit(
     validation: EvalSet | None,
     progress: Callable[[dict], None] | None,
     phase: str = "",
+    placement: Placement | None = None,
 ) -> _EpochEnd:
     """Train ``model`` for up to ``epochs`` epochs in one ``fit`` call; restore the best weights."""
     arrays = _arrays(pairs, items, vocab, state, params.history_length)
     tracker = _EpochEnd(model, vocab, items, state, validation, params, progress, phase)
-    model.fit(_dataset(arrays, params, params.seed), epochs=epochs, verbose=0, callbacks=[tracker.callback()])
+    dataset, steps = _dataset(arrays, params, params.seed, placement)
+    model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[tracker.callback()])
     if validation is not None and tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
     else:
@@ -694,6 +757,7 @@ def train_two_tower(
     validation_split: tuple[pl.DataFrame, pl.DataFrame] | None,
     params: TwoTowerParams,
     progress: Callable[[dict], None] | None = None,
+    placement: Placement | None = None,
 ) -> TrainedTwoTower:
     """Train on the train side's positive interactions.
 
@@ -711,6 +775,9 @@ def train_two_tower(
             ``None`` trains ``max_epochs`` epochs on ``train``.
         params: hyperparameters.
         progress: called after each epoch with its record (loss, validation metrics, seconds).
+        placement: the ``tf.distribute`` strategy to train under (:mod:`recsys_assets.ml.distribute`);
+            ``None``: TensorFlow's default (one device). Every worker of a multi-worker strategy calls
+            this with the same data and gets the same model back.
 
     Raises:
         TrainingError: too few pairs, users or tracks to train anything meaningful.
@@ -736,13 +803,15 @@ def train_two_tower(
     features[0] = 0.0
     state = _state(features, pairs, vocab, params)
 
+    strategy = placement.strategy if placement is not None else None
     tf.keras.utils.set_random_seed(params.seed)
-    model = _build_model(vocab, items, features.shape[1], params)
+    model = _build_model(vocab, items, features.shape[1], params, strategy)
     runs: list[_EpochEnd] = []
     prior, prior_scores = 0.0, []
     session_weight, session_scores = 0.0, []
     if validation_split is None:
-        runs.append(_fit(model, pairs, items, vocab, state, params, params.max_epochs, None, progress))
+        runs.append(_fit(model, pairs, items, vocab, state, params, params.max_epochs, None, progress,
+                         placement=placement))  # fmt: skip
         best_epoch = runs[-1].best_epoch
     else:
         fit_part, val_part = validation_split
@@ -760,7 +829,7 @@ def train_two_tower(
         fit_state = _state(fit_features, fit_pairs, vocab, params)
         fit = _fit(
             model, fit_pairs, items, vocab, fit_state, params, params.max_epochs,
-            validation if len(validation.users) else None, progress,
+            validation if len(validation.users) else None, progress, placement=placement,
         )  # fmt: skip
         runs.append(fit)
         best_epoch = max(fit.best_epoch, 1)
@@ -772,12 +841,13 @@ def train_two_tower(
                 model, vocab, items, fit_state, fit_pairs, val_part, validation, params, prior
             )
         if params.refit == "warm":
-            runs.append(_fit(model, pairs, items, vocab, state, params, params.refit_epochs, None, progress, "refit"))
+            runs.append(_fit(model, pairs, items, vocab, state, params, params.refit_epochs, None, progress, "refit",
+                             placement))  # fmt: skip
         elif params.refit == "scratch":
             tf.keras.utils.set_random_seed(params.seed)
-            model = _build_model(vocab, items, features.shape[1], params)
-            runs.append(_fit(model, pairs, items, vocab, state, params, best_epoch, None, progress, "refit"))
-    user_emb, item_emb = _embeddings(model, vocab, items, state)
+            model = _build_model(vocab, items, features.shape[1], params, strategy)
+            runs.append(_fit(model, pairs, items, vocab, state, params, best_epoch, None, progress, "refit", placement))
+    user_emb, item_emb = _embeddings(model, vocab, items, state, params)
     user_emb, item_emb = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(pairs, vocab))
     seconds = sum(r.seconds for r in runs)
     examples = sum(r.examples for r in runs)

@@ -9,7 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from recsys_assets.resources import build_resources
+from recsys_assets.resources import TrainingResource, build_resources
 from recsys_cli.runner import add_landed_partitions
 from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME
 from recsys_core.warehouse import Warehouse
@@ -21,8 +21,9 @@ END = datetime(2026, 3, 1, tzinfo=UTC)
 FAST_TRAINING = {"embedding_dim": 16, "batch_size": 512, "max_epochs": 4, "patience": 1, "min_train_pairs": 10}
 
 
-def run(settings, instance, gate: dict | None = None) -> dg.ExecuteInProcessResult:
-    """Prepare the partitions not prepared yet, then one run of the ``retrain`` job (what the retrain sensor starts)."""
+def run(settings, instance, gate: dict | None = None, workers: int = 1) -> dg.ExecuteInProcessResult:
+    """Prepare the partitions not prepared yet, then one run of the ``retrain`` job (what the retrain sensor
+    starts), its training on ``workers`` processes."""
     from recsys_assets.definitions import defs
 
     loaded = defs()
@@ -33,8 +34,10 @@ def run(settings, instance, gate: dict | None = None) -> dg.ExecuteInProcessResu
     config = {"ops": {"two_tower_model": {"config": FAST_TRAINING}}}
     if gate:
         config["ops"]["model_evaluation"] = {"config": gate}
+    resources = build_resources(settings)
+    resources["training"] = TrainingResource(**{**resources["training"].model_dump(), "workers": workers})
     return loaded.resolve_job_def("retrain").execute_in_process(
-        instance=instance, run_config=config, resources=build_resources(settings), raise_on_error=False
+        instance=instance, run_config=config, resources=resources, raise_on_error=False
     )
 
 
@@ -71,9 +74,13 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         experiment = client.get_experiment(mlflow_run.info.experiment_id)
         assert experiment.artifact_location.startswith("file:///")
 
-        # Second round, same data: the same model is not better than itself -> rejected, nothing registered.
-        second = run(recsys_env, instance, gate={"min_improvement": 0.05})
+        # Second round, same data, trained on two worker processes (MultiWorkerMirroredStrategy on
+        # 127.0.0.1): the same model is not better than itself -> rejected, nothing registered.
+        second = run(recsys_env, instance, gate={"min_improvement": 0.05}, workers=2)
         assert not second.success
+        trained = next(m for m in second.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
+        placed = trained.materialization.metadata["training"].value
+        assert placed == {"strategy": "multi-worker", "workers": 2, "replicas": 2}
         evaluation = second.output_for_node("model_evaluation")
         assert evaluation["decision"]["reference"] == "champion v1"
         assert not evaluation["decision"]["promote"]

@@ -184,3 +184,47 @@ def test_the_helm_values_give_every_run_the_spark_settings() -> None:
     location = values["dagster-user-deployments"]["deployments"][0]["envConfigMaps"]
     assert {"name": "recsys-spark"} in launcher
     assert {"name": "recsys-spark"} in location
+
+
+def test_a_training_on_several_pods_is_an_indexed_job_whose_pods_find_each_other() -> None:
+    import json
+
+    from recsys_assets.constants import TRAINING_POD
+    from recsys_assets.ml.distribute import WORKER_PORT, indexed_tf_config, render_kubernetes_job
+
+    templates = documents(REPO_ROOT / "deploy" / "k8s" / "training.yaml")
+    service, job = render_kubernetes_job(templates, "recsys-train-0a1b2c3d", 3, ["--train", "s3://b/train.parquet"])
+    for doc in (service, job):
+        kubernetes_validate.validate(doc, KUBERNETES, strict=True)
+    spec, pod = job["spec"], job["spec"]["template"]
+    assert (spec["completionMode"], spec["completions"], spec["parallelism"], spec["backoffLimit"]) == (
+        "Indexed",
+        3,
+        3,
+        0,
+    )
+    # The headless Service is the pods' subdomain and selects exactly this training's pods.
+    assert service["spec"]["clusterIP"] == "None"
+    assert pod["spec"]["subdomain"] == service["metadata"]["name"] == job["metadata"]["name"]
+    assert service["spec"]["selector"].items() <= pod["metadata"]["labels"].items()
+    container = pod["spec"]["containers"][0]
+    assert [p["containerPort"] for p in container["ports"]] == [WORKER_PORT] == [service["spec"]["ports"][0]["port"]]
+    args = container["args"]
+    assert args[:2] == ["--train", "s3://b/train.parquet"]
+    peers, workers = args[args.index("--peers") + 1], int(args[args.index("--workers") + 1])
+    # Pod 2's TF_CONFIG (what the worker builds from JOB_COMPLETION_INDEX): every pod by its stable name.
+    config = json.loads(indexed_tf_config(peers, workers, 2))
+    assert config["cluster"]["worker"] == [
+        f"recsys-train-0a1b2c3d-{i}.recsys-train-0a1b2c3d:{WORKER_PORT}" for i in range(3)
+    ]
+    assert config["task"] == {"type": "worker", "index": 2}
+    # The training step's pod may create them: it runs as the account the Role is bound to.
+    kinds = {doc["kind"]: doc for doc in templates}
+    account = TRAINING_POD["dagster-k8s/config"]["pod_spec_config"]["service_account_name"]
+    assert kinds["RoleBinding"]["subjects"][0]["name"] == account == kinds["ServiceAccount"]["metadata"]["name"]
+    assert {"create", "delete"} <= set(kinds["Role"]["rules"][0]["verbs"])
+    # The step reads the template from the image, where the Dockerfile puts it.
+    from recsys_assets.resources import TrainingResource
+
+    template = Path(TrainingResource.model_fields["job_template"].default).relative_to("/opt/recsys")
+    assert f"COPY deploy/k8s/training.yaml ./{template}" in (REPO_ROOT / "deploy" / "Dockerfile").read_text()

@@ -34,6 +34,8 @@ from pathlib import Path
 
 import psutil
 
+from recsys_core.net import free_port  # noqa: F401  (the stack's and the tests' import of it)
+
 log = logging.getLogger(__name__)
 
 STATE_FILE = "stack.json"
@@ -106,13 +108,6 @@ def port_in_use(host: str, port: int) -> bool:
                 return True
             raise
     return False
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _alive(pid: int, create_time: float) -> psutil.Process | None:

@@ -5,17 +5,26 @@
 
 import json
 import shutil
+from pathlib import Path
 
 import dagster as dg
 import polars as pl
 from pydantic import Field
 
 from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
-from recsys_assets.data.store import remove_tree, write_parquet_atomic
+from recsys_assets.data.store import copy_tree, remove_tree, write_parquet_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
-from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, training_window, validation_split
+from recsys_assets.ml.distribute import placement
+from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, training_window
+from recsys_assets.ml.train_worker import RESULT_FILE, train_and_export
 from recsys_assets.ml.two_tower import TwoTowerParams
-from recsys_assets.resources import MLflowResource, PreparedDataResource, RecsysHomeResource, ServingResource
+from recsys_assets.resources import (
+    MLflowResource,
+    PreparedDataResource,
+    RecsysHomeResource,
+    ServingResource,
+    TrainingResource,
+)
 from recsys_assets.runs import dagster_run_active
 
 _DEFAULTS = TwoTowerParams()
@@ -71,11 +80,11 @@ class TwoTowerConfig(dg.Config):
         "weight picked on a next-play validation (0: no session term).",
     )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
-    window_days: int = Field(
-        default=0,
+    window_days: int | None = Field(
+        default=None,
         ge=0,
-        description="Train on the last N days before the holdout's cutoff (0: everything). The holdout is "
-        "the same whatever the window.",
+        description="Train on the last N days before the holdout's cutoff (0: everything; unset: "
+        "RECSYS_TRAIN_WINDOW_DAYS). The holdout is the same whatever the window.",
     )
 
     def params(self) -> TwoTowerParams:
@@ -83,6 +92,41 @@ class TwoTowerConfig(dg.Config):
             raise ValueError(f"protocol={self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
         fields = TwoTowerParams.__dataclass_fields__  # window_days is the data's, not the model's
         return TwoTowerParams(**{k: v for k, v in self.model_dump().items() if k in fields})
+
+
+def _train_on_workers(
+    context: dg.AssetExecutionContext,
+    training: TrainingResource,
+    params: TwoTowerParams,
+    split_dir,
+    tracks: pl.DataFrame,
+    protocol: str,
+    model_dir: Path,
+    manifest: dict,
+    ann_min_items: int,
+) -> dict:
+    """The training on ``training.workers`` processes (``recsys_assets.ml.train_worker``): they read the
+    train side and the tracks from the split's directory (local or object storage). Worker 0 exports
+    the version: to ``model_dir`` on this host; from pods, to the storage root, then copied here."""
+    write_parquet_atomic(tracks, split_dir / "tracks.parquet")
+    exchange = split_dir.parent / "training"  # between the pods and this step, in the storage root
+    out = exchange / "version" if training.on_kubernetes else model_dir
+    result = exchange / RESULT_FILE if training.on_kubernetes else model_dir.with_name(f"{model_dir.name}.json")
+    args = ["--train", str(split_dir / "train.parquet"), "--tracks", str(split_dir / "tracks.parquet"),
+            "--params", json.dumps(params.__dict__), "--protocol", protocol, "--out", str(out),
+            "--result", str(result), "--manifest", json.dumps(manifest, default=str),
+            "--ann-min-items", str(ann_min_items)]  # fmt: skip
+    name = f"recsys-train-{context.run.run_id[:8]}"
+    training.run_workers(context, args, log_dir=model_dir.with_name(f"{model_dir.name}.logs"), name=name)
+    outcome = json.loads(result.read_text())
+    if training.on_kubernetes:
+        copy_tree(out, model_dir)
+        remove_tree(exchange)  # MLflow gets the version from here
+    else:
+        result.unlink()
+    for record in outcome["history"]:
+        context.log.info(f"epoch {record}")
+    return outcome
 
 
 def _loss_plot(history: list[dict]):
@@ -114,15 +158,16 @@ def two_tower_model(
     mlflow: MLflowResource,
     recsys_home: RecsysHomeResource,
     serving: ServingResource,
+    training: TrainingResource,
 ) -> dg.Output[dict]:
     """Two-tower retrieval model (TFRS), trained on the temporal train side, exported as one version directory.
 
     The split, the training history and the lineage (cutoff, row counts, data hash) go to an MLflow
     run; the version directory (towers as SavedModels, embeddings, vocabularies, seen lists,
     popularity fallback) is logged as the run's pyfunc model. Registration waits for the gate.
+
+    It trains in this process, or on ``RECSYS_TRAIN_WORKERS`` worker processes (``TrainingResource``).
     """
-    from recsys_assets.ml.export import export_model
-    from recsys_assets.ml.two_tower import train_two_tower
 
     params = config.params()
     registry = mlflow.get_control_plane()
@@ -132,14 +177,14 @@ def two_tower_model(
     store = prepared.get_store()
     interactions = store.scan_table("training_interactions").collect()
     tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()
-    split = training_window(temporal_split(interactions, config.protocol), config.window_days)
-    validation = validation_split(split.train, config.protocol)
+    window_days = config.window_days if config.window_days is not None else training.window_days
+    split = training_window(temporal_split(interactions, config.protocol), window_days or 0)
     lineage = {
         "protocol": split.protocol,
         "cutoff": split.cutoff.isoformat() if split.cutoff else None,
         "data_hash": data_hash(interactions),
         "interactions": interactions.height,
-        "window_days": config.window_days,
+        "window_days": window_days,
         "max_played_at": interactions["played_at"].max().isoformat(),
         **split.sizes(),
     }
@@ -155,34 +200,27 @@ def two_tower_model(
     model_dir = recsys_home.models_dir / "candidates" / run_id  # local: MLflow then has it
     split_dir = recsys_home.runs_dir / run_id / "split"  # the storage root: evaluation may run elsewhere
     try:
-        trained = train_two_tower(
-            split.train,
-            tracks,
-            (validation.train, validation.holdout),
-            params,
-            progress=lambda record: context.log.info(f"epoch {record}"),
-        )
-        manifest = {
-            "mlflow_run_id": run_id,
-            "dagster_run_id": context.run.run_id,
-            "params": params.__dict__,
-            "data": lineage,
-            "best_epoch": trained.best_epoch,
-            "train_seconds": trained.train_seconds,
-        }
-        exported = export_model(trained, split.train, manifest, model_dir, ann_min_items=serving.ann_min_items)
+        manifest = {"mlflow_run_id": run_id, "dagster_run_id": context.run.run_id, "data": lineage}
         write_parquet_atomic(split.train, split_dir / "train.parquet")
         write_parquet_atomic(split.holdout, split_dir / "holdout.parquet")
+        if training.distributed:
+            trained = _train_on_workers(context, training, params, split_dir, tracks, split.protocol, model_dir,
+                                        manifest, serving.ann_min_items)  # fmt: skip
+        else:
+            trained = train_and_export(
+                split.train, tracks, params, split.protocol, model_dir, manifest, placement(training.strategy),
+                serving.ann_min_items, progress=lambda record: context.log.info(f"epoch {record}"),
+            )  # fmt: skip
         registry.log_run(
             run_id,
             params={**params.__dict__, "protocol": split.protocol},
             metrics={
-                "train_seconds": trained.train_seconds,
-                "examples_per_second": trained.examples_per_second,
-                "best_epoch": trained.best_epoch,
-                "session_weight": trained.session_weight,
+                "train_seconds": trained["train_seconds"],
+                "examples_per_second": trained["examples_per_second"],
+                "best_epoch": trained["best_epoch"],
+                "session_weight": trained["session_weight"],
             },
-            history=trained.history,
+            history=trained["history"],
             tags={f"recsys.{k}": str(v) for k, v in lineage.items()},
         )
         model_uri = registry.log_model(run_id, model_dir)
@@ -192,7 +230,7 @@ def two_tower_model(
         shutil.rmtree(model_dir, ignore_errors=True)
         remove_tree(split_dir)
         raise
-    history = pl.DataFrame(trained.history)
+    history = pl.DataFrame(trained["history"])
     value = {
         "mlflow_run_id": run_id,
         "model_uri": model_uri,
@@ -209,20 +247,21 @@ def two_tower_model(
             "model_dir": dg.MetadataValue.path(str(model_dir)),
             "cutoff": dg.MetadataValue.text(str(lineage["cutoff"])),
             "train_interactions": dg.MetadataValue.int(lineage["train_interactions"]),
-            "train_pairs": dg.MetadataValue.int(trained.pairs),
-            "best_epoch": dg.MetadataValue.int(trained.best_epoch),
+            "train_pairs": dg.MetadataValue.int(trained["pairs"]),
+            "best_epoch": dg.MetadataValue.int(trained["best_epoch"]),
             # The session term's weight and the next-play validation it was picked on.
-            "session_weight": dg.MetadataValue.float(trained.session_weight),
-            "session_validation": markdown_table(pl.DataFrame(trained.session_scores), limit=10),
-            "train_seconds": dg.MetadataValue.float(round(trained.train_seconds, 2)),
-            "examples_per_second": dg.MetadataValue.float(round(trained.examples_per_second, 1)),
+            "session_weight": dg.MetadataValue.float(trained["session_weight"]),
+            "session_validation": markdown_table(pl.DataFrame(trained["session_scores"]), limit=10),
+            "train_seconds": dg.MetadataValue.float(round(trained["train_seconds"], 2)),
+            # Where it trained: the tf.distribute strategy, its workers and replicas.
+            "training": dg.MetadataValue.json({k: trained[k] for k in ("strategy", "workers", "replicas")}),
+            "examples_per_second": dg.MetadataValue.float(round(trained["examples_per_second"], 1)),
             "data_hash": dg.MetadataValue.text(lineage["data_hash"]),
             "history": markdown_table(history, limit=60),
-            "training_curves": _loss_plot(trained.history),
+            "training_curves": _loss_plot(trained["history"]),
             # Whether this version carries an ANN index (catalogues of RECSYS_ANN_MIN_ITEMS tracks or more).
             "ann_index": dg.MetadataValue.json(
-                exported.manifest.get("ann")
-                or {"built": False, "items": trained.item_embeddings.shape[0] - 1, "min_items": serving.ann_min_items}
+                trained["ann"] or {"built": False, "items": trained["items"], "min_items": serving.ann_min_items}
             ),  # fmt: skip
         },
     )

@@ -1,0 +1,181 @@
+"""Benchmark: the two-tower training on N simulated events: time, memory, throughput and quality.
+
+    .venv/bin/python benchmarks/training.py --events 1000000
+    .venv/bin/python benchmarks/training.py --events 1000000 --against 8901d05      # side by side with older code
+    .venv/bin/python benchmarks/training.py --events 1000000 --window-days 3 --window-days all
+    .venv/bin/python benchmarks/training.py --data ../shared/data/ml-latest-small/ratings.csv --window-days 365,all
+
+1. Simulate about ``--events`` events in the world of the quality benchmark's 1 M reference (20,000
+   users, 60,000 tracks; the days grow with the events), and prepare them as the polars engine does
+   (``benchmarks/prep.py``: cleaning, quarantine, ``track_features``, ``training_interactions``);
+   cached under ``--workdir``. Or ``--data``: a MovieLens ratings file through the product's importer.
+2. Train in a fresh process per variant, as ``two_tower_model`` does: the global temporal split, the
+   training window, the validation split carved out of the train side, early stopping on its
+   recall@20, the warm refit. A variant is the code (this checkout, or ``--against REF``: a git
+   worktree of another commit, the same data and parameters) and the window. Each process reports
+   its wall time (from reading the prepared tables to the trained model), its training time and
+   examples per second, the best validation recall@20, the holdout's recall@20 and NDCG@10 (the same
+   holdout whatever the window), and its peak resident memory (``ru_maxrss``).
+
+The last line is one JSON object: ``events``, ``seconds``, ``peak_rss_mb``, ``examples_per_second`` and
+``val_recall_at_20`` of this checkout's first variant, and ``variants``: each one's figures (also
+``train_seconds``, the epochs and the ``holdout``'s).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+USERS, TRACKS = 20_000, 60_000  # the quality benchmark's 1 M-event world (docs/benchmarks.md)
+
+
+def prepared(events: int, workdir: Path) -> Path:
+    """``training_interactions.parquet`` and ``track_features.parquet`` of ``events`` simulated events."""
+    sys.path.insert(0, str(HERE))
+    from prep import generate, prepare_polars
+
+    out = workdir / f"prepared-{events}"
+    if not (out / "done").exists():
+        raw = generate(events, workdir, users=USERS, tracks=TRACKS)
+        prepare_polars(raw, out)
+        (out / "done").write_text("")
+    return out
+
+
+def prepared_file(data: Path, workdir: Path) -> Path:
+    """The same two tables from a MovieLens ratings file (the product's importer and cleaning)."""
+    from datetime import UTC, datetime
+
+    from recsys_assets.data import features as F
+    from recsys_assets.data.cleaning import CleaningRules, clean_events
+    from recsys_assets.data.importers import import_file
+    from recsys_core.contracts import TRACKS_SCHEMA, USERS_SCHEMA
+    from recsys_core.warehouse import Warehouse
+
+    out = workdir / f"prepared-{data.stem}"
+    if (out / "done").exists():
+        return out
+    out.mkdir(parents=True, exist_ok=True)
+    warehouse = Warehouse(f"duckdb:///{out / 'warehouse.duckdb'}")
+    import_file(warehouse, "movielens", data)
+    raw = warehouse.events_between(0, warehouse.scalar("SELECT MAX(batch_id) FROM ingest_batches"))
+    rules = CleaningRules(earliest=datetime(1990, 1, 1, tzinfo=UTC))
+    clean = clean_events(raw, warehouse.table("tracks", TRACKS_SCHEMA), warehouse.table("users", USERS_SCHEMA),
+                         now=datetime.now(UTC), origin="benchmark", rules=rules).clean  # fmt: skip
+    F.training_interactions(clean.lazy()).collect().write_parquet(out / "training_interactions.parquet")
+    F.track_features(clean.lazy()).collect().write_parquet(out / "track_features.parquet")
+    (out / "done").write_text("")
+    return out
+
+
+def child(directory: Path, window: str, params: dict) -> dict:
+    """One training, in this (fresh) process: what ``two_tower_model`` does before the export."""
+    import polars as pl
+
+    import recsys_assets  # noqa: F401  (environment first)
+    from recsys_assets.ml.metrics import build_eval_set, ranking_metrics, recommend
+    from recsys_assets.ml.split import temporal_split, training_window, validation_split
+    from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
+
+    t0 = time.perf_counter()
+    interactions = pl.read_parquet(directory / "training_interactions.parquet")
+    tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
+    split = training_window(temporal_split(interactions, "global"), 0 if window == "all" else int(window))
+    validation = validation_split(split.train, "global")
+    trained = train_two_tower(split.train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
+    seconds = time.perf_counter() - t0
+    index = {u: i for i, u in enumerate(trained.vocab.users)}
+    rows = {t: i for i, t in enumerate(trained.vocab.items)}
+    eval_set = build_eval_set(split.train, split.holdout)
+    item_rows = [rows.get(t, 0) for t in eval_set.items]
+
+    def score(users):
+        return trained.user_embeddings[[index.get(u, 0) for u in users]] @ trained.item_embeddings[item_rows].T
+
+    holdout = ranking_metrics(recommend(score, eval_set, 20), eval_set, ks=(10, 20)).metrics
+    return {
+        "seconds": round(seconds, 1),
+        "train_seconds": round(trained.train_seconds, 1),
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "examples_per_second": round(trained.examples_per_second),
+        "epochs": len(trained.history),
+        "best_epoch": trained.best_epoch,
+        "val_recall_at_20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
+        "train_interactions": split.train.height,
+        "holdout": {"recall@20": holdout["recall@20"], "ndcg@10": holdout["ndcg@10"], "users": len(eval_set.users)},
+    }
+
+
+def worktree(ref: str, workdir: Path) -> Path:
+    """A checkout of ``ref`` (the code to compare with), made once."""
+    path = workdir / f"code-{ref}"
+    if not path.exists():
+        subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(path), ref], check=True)
+    return path
+
+
+def run_variant(directory: Path, window: str, params: dict, code: Path | None) -> dict:
+    env = dict(os.environ)
+    if code is not None:  # the other commit's packages first on the path
+        env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", str(directory), "--window-days", window,
+               "--params", json.dumps(params)]  # fmt: skip
+    done = subprocess.run(command, env=env, capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"the training failed:\n{done.stderr[-4000:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--data", type=Path, help="a MovieLens ratings.csv instead of simulated events")
+    parser.add_argument("--workdir", type=Path, default=Path("/tmp/recsys-bench-training"))
+    parser.add_argument("--window-days", default="all", help="comma-separated: days, or all")
+    parser.add_argument("--against", help="a git ref whose code trains the same data too, side by side")
+    parser.add_argument("--params", default="{}", help="TwoTowerParams overrides as JSON (both codes)")
+    parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.window_days, json.loads(args.params))))
+        return
+    import recsys_assets  # noqa: F401  (environment first)
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    directory = prepared_file(args.data, args.workdir) if args.data else prepared(args.events, args.workdir)
+    import polars as pl
+
+    events = pl.scan_parquet(directory / "training_interactions.parquet").select(pl.len()).collect().item()
+    codes = {"this checkout": None}
+    if args.against:
+        codes[args.against] = worktree(args.against, args.workdir)
+    results = {}
+    for window in args.window_days.split(","):
+        for name, code in codes.items():
+            key = f"{name}, window {window}"
+            print(f"training: {key} …", file=sys.stderr)
+            results[key] = run_variant(directory, window, json.loads(args.params), code)
+            print(f"  {json.dumps(results[key])}", file=sys.stderr)
+    first = next(iter(results.values()))  # this checkout, the first window: the top-level figures
+    summary = {
+        "events": args.events if not args.data else str(args.data),
+        "positives": events,
+        **{k: first[k] for k in ("seconds", "peak_rss_mb", "examples_per_second", "val_recall_at_20")},
+        "machine": f"{platform.machine()}, {os.cpu_count()} cores",
+        "variants": results,
+    }
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()
