@@ -116,6 +116,67 @@ def child(directory: Path, window: str, params: dict) -> dict:
     }
 
 
+def profile(directory: Path, params: dict) -> dict:
+    """Where an epoch's time goes, in this process: building the examples (histories), reading the input
+    pipeline alone, the towers' forward pass alone, a training epoch with and without the history mask,
+    and the per-epoch validation (embeddings and recall@20)."""
+    from dataclasses import replace
+
+    import polars as pl
+    import tensorflow as tf
+
+    import recsys_assets  # noqa: F401  (environment first)
+    from recsys_assets.ml import two_tower as T
+    from recsys_assets.ml.metrics import build_eval_set, ranking_metrics, recommend
+    from recsys_assets.ml.split import temporal_split, validation_split
+
+    interactions = pl.read_parquet(directory / "training_interactions.parquet")
+    tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
+    split = temporal_split(interactions, "global")
+    fit_part, val_part = (lambda v: (v.train, v.holdout))(validation_split(split.train, "global"))
+    p = T.TwoTowerParams(**params)
+    timings: dict[str, float] = {}
+
+    def timed(name, fn):
+        t0 = time.perf_counter()
+        out = fn()
+        timings[name] = round(time.perf_counter() - t0, 2)
+        return out
+
+    pairs = T.training_pairs(fit_part)
+    items = T.item_table(split.train, tracks)
+    vocab = T.Vocabulary.build(T.training_pairs(split.train), items)
+    features = T.query_features(T.with_genre(fit_part, items), vocab.users, vocab.query_genres)
+    state = timed("state (features, latest histories)", lambda: T._state(features, pairs, vocab, p))
+    arrays = timed("examples (histories per pair)", lambda: T._arrays(pairs, items, vocab, state, p.history_length))
+    steps = -(-len(arrays["item_row"]) // p.batch_size)
+    for mask in (True, False):
+        q = replace(p, mask_history_negatives=mask)
+        tf.keras.utils.set_random_seed(q.seed)
+        model = T._build_model(vocab, items, features.shape[1], q)
+        dataset = T._dataset(arrays, q, q.seed)[0]
+        model.fit(dataset.take(2), epochs=1, verbose=0)  # traced once
+        timed(f"training epoch, history mask {'on' if mask else 'off'}",
+              lambda model=model, dataset=dataset: model.fit(dataset, verbose=0))  # fmt: skip
+    timed("input pipeline alone (an epoch)", lambda: sum(1 for _ in T._dataset(arrays, p, p.seed)[0]))
+
+    @tf.function
+    def forward(batch):
+        return model.query_tower(batch), model.candidate_tower(batch)
+
+    forward(next(iter(T._dataset(arrays, p, p.seed)[0])))
+    timed("towers' forward pass alone (an epoch)", lambda: [forward(b) for b in T._dataset(arrays, p, p.seed)[0]])
+    validation = build_eval_set(fit_part, val_part)
+
+    def validate():
+        user_emb, item_emb = T._embeddings(model, vocab, items, state, p)
+        scorer = T._validation_scorer(vocab, user_emb, item_emb, validation.items)
+        return ranking_metrics(recommend(scorer, validation, 20), validation, ks=(20,))
+
+    timed(f"validation ({len(validation.users)} users)", validate)
+    return {"pairs": len(arrays["item_row"]), "steps_per_epoch": steps, "seconds": timings}
+
+
 def worktree(ref: str, workdir: Path) -> Path:
     """A checkout of ``ref`` (the code to compare with), made once."""
     path = workdir / f"code-{ref}"
@@ -145,7 +206,13 @@ def main() -> None:
     parser.add_argument("--against", help="a git ref whose code trains the same data too, side by side")
     parser.add_argument("--params", default="{}", help="TwoTowerParams overrides as JSON (both codes)")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--profile", action="store_true", help="where an epoch's time goes (this checkout)")
     args = parser.parse_args()
+    if args.profile:
+        args.workdir.mkdir(parents=True, exist_ok=True)
+        directory = prepared_file(args.data, args.workdir) if args.data else prepared(args.events, args.workdir)
+        print(json.dumps(profile(directory, json.loads(args.params))))
+        return
     if args.child:
         print(json.dumps(child(args.child, args.window_days, json.loads(args.params))))
         return

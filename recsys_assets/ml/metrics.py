@@ -98,7 +98,7 @@ def build_eval_set(train: pl.DataFrame, holdout: pl.DataFrame) -> EvalSet:
 def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     """Indices of the ``k`` highest scores per row, best first (ties by lower index)."""
     k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    part = np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]  # no negated copy of the matrix
     order = np.lexsort((part, -np.take_along_axis(scores, part, axis=1)), axis=1)
     return np.take_along_axis(part, order, axis=1)
 
