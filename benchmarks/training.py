@@ -94,13 +94,25 @@ def child(directory: Path, window: str, params: dict) -> dict:
     validation = validation_split(split.train, "global")
     trained = train_two_tower(split.train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
     seconds = time.perf_counter() - t0
+    import numpy as np
+
     index = {u: i for i, u in enumerate(trained.vocab.users)}
     rows = {t: i for i, t in enumerate(trained.vocab.items)}
-    eval_set = build_eval_set(split.train, split.holdout)
-    item_rows = [rows.get(t, 0) for t in eval_set.items]
+    # The same users and the same heard tracks whatever the window: the eval set of the whole train side.
+    # A user the window left out gets what the service gives them, the most popular tracks of the window.
+    full = temporal_split(interactions, "global")
+    eval_set = build_eval_set(full.train, full.holdout)
+    item_rows = np.array([rows.get(t, 0) for t in eval_set.items])
+    counts = split.train.group_by("track_id").len()
+    popularity = dict(zip(counts["track_id"].to_list(), counts["len"].to_list(), strict=True))
+    fallback = np.array([popularity.get(t, 0) for t in eval_set.items], dtype=np.float32)
 
     def score(users):
-        return trained.user_embeddings[[index.get(u, 0) for u in users]] @ trained.item_embeddings[item_rows].T
+        known = np.array([u in index for u in users])
+        scores = trained.user_embeddings[[index.get(u, 0) for u in users]] @ trained.item_embeddings[item_rows].T
+        scores[~known] = fallback
+        scores[:, item_rows == 0] = -np.inf  # tracks the model does not know
+        return scores
 
     holdout = ranking_metrics(recommend(score, eval_set, 20), eval_set, ks=(10, 20)).metrics
     return {
@@ -112,7 +124,12 @@ def child(directory: Path, window: str, params: dict) -> dict:
         "best_epoch": trained.best_epoch,
         "val_recall_at_20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
         "train_interactions": split.train.height,
-        "holdout": {"recall@20": holdout["recall@20"], "ndcg@10": holdout["ndcg@10"], "users": len(eval_set.users)},
+        "holdout": {
+            "recall@20": holdout["recall@20"],
+            "ndcg@10": holdout["ndcg@10"],
+            "users": len(eval_set.users),
+            "users_outside_the_window": len(set(eval_set.users) - set(index)),
+        },
     }
 
 

@@ -25,6 +25,7 @@ process, so a process trains under one strategy only: the worker entry point
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import os
@@ -205,6 +206,7 @@ def run_kubernetes_job(documents: list[dict], timeout: float, poll_seconds: floa
                                     f"logs -l recsys/training-job={name}")  # fmt: skip
             time.sleep(poll_seconds)
         raise WorkersFailed(f"the training Job {namespace}/{name} ran past {timeout:.0f} s")
-    finally:
-        batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
+    finally:  # what was created goes, whatever happened (a Job that was never created: nothing to delete)
+        with contextlib.suppress(client.exceptions.ApiException):
+            batch.delete_namespaced_job(name, namespace, propagation_policy="Background")
         core.delete_namespaced_service(name, namespace)
