@@ -78,7 +78,7 @@ def prepared_file(data: Path, workdir: Path) -> Path:
     return out
 
 
-def child(directory: Path, window: str, params: dict) -> dict:
+def child(directory: Path, window: str, params: dict, protocol: str = "global") -> dict:
     """One training, in this (fresh) process: what ``two_tower_model`` does before the export."""
     import polars as pl
 
@@ -90,8 +90,8 @@ def child(directory: Path, window: str, params: dict) -> dict:
     t0 = time.perf_counter()
     interactions = pl.read_parquet(directory / "training_interactions.parquet")
     tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
-    split = training_window(temporal_split(interactions, "global"), 0 if window == "all" else int(window))
-    validation = validation_split(split.train, "global")
+    split = training_window(temporal_split(interactions, protocol), 0 if window == "all" else int(window))
+    validation = validation_split(split.train, protocol)
     trained = train_two_tower(split.train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
     seconds = time.perf_counter() - t0
     import numpy as np
@@ -100,7 +100,7 @@ def child(directory: Path, window: str, params: dict) -> dict:
     rows = {t: i for i, t in enumerate(trained.vocab.items)}
     # The same users and the same heard tracks whatever the window: the eval set of the whole train side.
     # A user the window left out gets what the service gives them, the most popular tracks of the window.
-    full = temporal_split(interactions, "global")
+    full = temporal_split(interactions, protocol)
     eval_set = build_eval_set(full.train, full.holdout)
     item_rows = np.array([rows.get(t, 0) for t in eval_set.items])
     counts = split.train.group_by("track_id").len()
@@ -202,12 +202,12 @@ def worktree(ref: str, workdir: Path) -> Path:
     return path
 
 
-def run_variant(directory: Path, window: str, params: dict, code: Path | None) -> dict:
+def run_variant(directory: Path, window: str, params: dict, code: Path | None, protocol: str) -> dict:
     env = dict(os.environ)
     if code is not None:  # the other commit's packages first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(directory), "--window-days", window,
-               "--params", json.dumps(params)]  # fmt: skip
+               "--params", json.dumps(params), "--protocol", protocol]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the training failed:\n{done.stderr[-4000:]}")
@@ -222,6 +222,7 @@ def main() -> None:
     parser.add_argument("--window-days", default="all", help="comma-separated: days, or all")
     parser.add_argument("--against", help="a git ref whose code trains the same data too, side by side")
     parser.add_argument("--params", default="{}", help="TwoTowerParams overrides as JSON (both codes)")
+    parser.add_argument("--protocol", default="global", help="the holdout protocol: global or user")
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="where an epoch's time goes (this checkout)")
     args = parser.parse_args()
@@ -231,7 +232,7 @@ def main() -> None:
         print(json.dumps(profile(directory, json.loads(args.params))))
         return
     if args.child:
-        print(json.dumps(child(args.child, args.window_days, json.loads(args.params))))
+        print(json.dumps(child(args.child, args.window_days, json.loads(args.params), args.protocol)))
         return
     import recsys_assets  # noqa: F401  (environment first)
 
@@ -248,12 +249,13 @@ def main() -> None:
         for name, code in codes.items():
             key = f"{name}, window {window}"
             print(f"training: {key} …", file=sys.stderr)
-            results[key] = run_variant(directory, window, json.loads(args.params), code)
+            results[key] = run_variant(directory, window, json.loads(args.params), code, args.protocol)
             print(f"  {json.dumps(results[key])}", file=sys.stderr)
     first = next(iter(results.values()))  # this checkout, the first window: the top-level figures
     summary = {
         "events": args.events if not args.data else str(args.data),
         "positives": events,
+        "protocol": args.protocol,
         **{k: first[k] for k in ("seconds", "peak_rss_mb", "examples_per_second", "val_recall_at_20")},
         "machine": f"{platform.machine()}, {os.cpu_count()} cores",
         "variants": results,
