@@ -183,3 +183,42 @@ def test_the_daemon_retrains_on_postgres_and_object_storage_and_the_service_load
     finally:
         stack.stop(grace=20)
     assert list((home / "models" / "serving").glob("v1-*/manifest.json"))  # its cache of the bucket's files
+
+
+def test_a_training_pods_chief_exports_to_the_bucket_and_the_step_takes_the_version_back(
+    s3_server, tmp_path: Path, monkeypatch
+) -> None:
+    """The path of ``RECSYS_TRAIN_LAUNCHER=kubernetes`` without the cluster: a worker reads the train side
+    from the bucket and, as the chief, exports the version and its outcome there (``--out s3://…``); the
+    step's copy back (``copy_tree``) is the same version, and it serves."""
+    from recsys_assets.data.store import copy_tree, write_parquet_atomic
+    from recsys_assets.ml.split import global_temporal_split
+    from recsys_assets.ml.train_worker import main as train_worker
+    from recsys_assets_tests.ml.conftest import simulated_interactions
+    from recsys_core.model_version import ModelArtifact
+    from recsys_core.scoring import Ranker
+    from recsys_core.settings import storage_path
+
+    for name, value in s3_server.env.items():
+        monkeypatch.setenv(name, value)
+    _, interactions, tracks = simulated_interactions(users=60, tracks=200, days=10, seed=5)
+    root = f"s3://{BUCKET}/exchange"
+    write_parquet_atomic(global_temporal_split(interactions).train, storage_path(f"{root}/split/train.parquet"))
+    write_parquet_atomic(tracks, storage_path(f"{root}/split/tracks.parquet"))
+    params = {"embedding_dim": 8, "batch_size": 128, "max_epochs": 2, "min_train_pairs": 10}
+    code = train_worker(["--train", f"{root}/split/train.parquet", "--tracks", f"{root}/split/tracks.parquet",
+                         "--params", json.dumps(params), "--out", f"{root}/training/version",
+                         "--result", f"{root}/training/result.json", "--strategy", "one-device"])  # fmt: skip
+    assert code == 0
+    keys = bucket_keys(s3_server.client, "exchange/training/")
+    assert {"result.json", "version/manifest.json", "version/item_embeddings.npy"} <= set(keys), keys
+    assert any(k.startswith("version/query_tower/") for k in keys), keys  # the SavedModel's directory too
+    local = tmp_path / "candidate"
+    copy_tree(storage_path(f"{root}/training/version"), local)
+    assert sorted(str(p.relative_to(local)) for p in local.rglob("*") if p.is_file()) == sorted(
+        k.removeprefix("version/") for k in keys if k.startswith("version/")
+    )
+    outcome = json.loads(storage_path(f"{root}/training/result.json").read_text())
+    assert outcome["strategy"] == "one-device"
+    ranker = Ranker(ModelArtifact.load(local), version=1)
+    assert len(ranker.recommend(str(interactions["user_id"][0]), 5).track_ids) == 5
