@@ -84,26 +84,28 @@ def child(directory: Path, window: str, params: dict, protocol: str = "global") 
 
     import recsys_assets  # noqa: F401  (environment first)
     from recsys_assets.ml.metrics import build_eval_set, ranking_metrics, recommend
-    from recsys_assets.ml.split import temporal_split, training_window, validation_split
+    from recsys_assets.ml.split import recent, temporal_split, validation_split
     from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
 
     t0 = time.perf_counter()
     interactions = pl.read_parquet(directory / "training_interactions.parquet")
     tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
-    split = training_window(temporal_split(interactions, protocol), 0 if window == "all" else int(window))
-    validation = validation_split(split.train, protocol)
-    trained = train_two_tower(split.train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
+    full = temporal_split(interactions, protocol)
+    train = recent(full.train, 0 if window == "all" else int(window))
+    validation = validation_split(train, protocol)
+    trained = train_two_tower(train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
     seconds = time.perf_counter() - t0
     import numpy as np
 
     index = {u: i for i, u in enumerate(trained.vocab.users)}
     rows = {t: i for i, t in enumerate(trained.vocab.items)}
     # The same users and the same heard tracks whatever the window: the eval set of the whole train side.
-    # A user the window left out gets what the service gives them, the most popular tracks of the window.
-    full = temporal_split(interactions, protocol)
+    # A user the window left out gets what the service gives an unknown user: the tracks with the most
+    # listeners among the model's users over the whole train side (the version's popularity, export.py).
     eval_set = build_eval_set(full.train, full.holdout)
     item_rows = np.array([rows.get(t, 0) for t in eval_set.items])
-    counts = split.train.group_by("track_id").len()
+    known = full.train.filter(pl.col("user_id").is_in(list(index)))
+    counts = known.select("user_id", "track_id").unique().group_by("track_id").len()
     popularity = dict(zip(counts["track_id"].to_list(), counts["len"].to_list(), strict=True))
     fallback = np.array([popularity.get(t, 0) for t in eval_set.items], dtype=np.float32)
 
@@ -123,7 +125,7 @@ def child(directory: Path, window: str, params: dict, protocol: str = "global") 
         "epochs": len(trained.history),
         "best_epoch": trained.best_epoch,
         "val_recall_at_20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
-        "train_interactions": split.train.height,
+        "train_interactions": train.height,
         "holdout": {
             "recall@20": holdout["recall@20"],
             "ndcg@10": holdout["ndcg@10"],

@@ -23,7 +23,8 @@ def export_model(
 
     Args:
         trained: a :class:`recsys_assets.ml.two_tower.TrainedTwoTower`.
-        train_pairs: the train side's (user_id, track_id) pairs (the seen lists and the popularity).
+        train_pairs: the train side's (user_id, track_id) pairs (the seen lists and the popularity): the
+            whole train side, also when the model trained on a window of it.
         manifest: what to record (data lineage, metrics…); format and dims are added.
         path: the version directory (must not exist).
         k: the top-k of the exported BruteForce index.
@@ -37,7 +38,11 @@ def export_model(
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     vocab = trained.vocab
-    pairs = train_pairs.select("user_id", "track_id").unique()
+    # The model's users only: a user of the train side that a training window left out is unknown to
+    # the version (served the popular tracks, as a new user is), so their tracks must not pile up in
+    # the out-of-vocabulary row's seen list.
+    known = pl.DataFrame({"user_id": vocab.users[1:].astype(str)})
+    pairs = train_pairs.select("user_id", "track_id").unique().join(known, on="user_id", how="semi")
     item_rows = Vocabulary.index(pairs["track_id"], vocab.items)
     user_rows = Vocabulary.index(pairs["user_id"], vocab.users)
     listeners = np.bincount(item_rows, minlength=len(vocab.items)).astype(np.float32)

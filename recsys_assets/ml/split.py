@@ -125,16 +125,16 @@ def organic_holdout(split: Split) -> Split:
     return Split(split.protocol, split.train, split.holdout.filter(pl.col("organic")), split.cutoff)
 
 
-def training_window(split: Split, days: int) -> Split:
-    """The split with its train side cut to the last ``days`` days before its end (0: all of it).
+def recent(train: pl.DataFrame, days: int) -> pl.DataFrame:
+    """The rows of ``train`` in its last ``days`` days (0: all of them): a training window.
 
-    The holdout is untouched, so a model trained on a window is judged on the same events as one
-    trained on everything.
+    Only the model's training sees the window; the evaluation, the seen lists and the popularity keep
+    the whole train side, so a model trained on a window is judged on the same users and events as
+    one trained on everything, and is served without the tracks its users heard before the window.
     """
-    if days <= 0 or split.train.is_empty():
-        return split
-    start = split.train["played_at"].max() - timedelta(days=days)
-    return Split(split.protocol, split.train.filter(pl.col("played_at") >= start), split.holdout, split.cutoff)
+    if days <= 0 or train.is_empty():
+        return train
+    return train.filter(pl.col("played_at") >= train["played_at"].max() - timedelta(days=days))
 
 
 def validation_split(train: pl.DataFrame, protocol: str) -> Split:

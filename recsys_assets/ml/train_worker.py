@@ -49,18 +49,21 @@ def train_and_export(
     where,
     ann_min_items: int,
     progress: Callable[[dict], None] | None = None,
+    window_days: int = 0,
 ) -> dict | None:
-    """Train on ``train_side`` (early stopping on its validation split) under ``where`` (a
-    :class:`~recsys_assets.ml.distribute.Placement`) and export the version: to ``out`` on the chief,
-    to a deleted temporary directory on the other workers. The chief gets the training's outcome
-    (what the training asset records: epochs, seconds, the session term's validation…); the others ``None``."""
+    """Train on ``train_side``'s last ``window_days`` days (0: all of it; early stopping on the window's
+    validation split) under ``where`` (a :class:`~recsys_assets.ml.distribute.Placement`) and export
+    the version with the whole train side's seen lists and popularity: to ``out`` on the chief, to a
+    deleted temporary directory on the other workers. The chief gets the training's outcome (what the
+    training asset records: epochs, seconds, the session term's validation…); the others ``None``."""
     from recsys_assets.ml.export import export_model
-    from recsys_assets.ml.split import validation_split
+    from recsys_assets.ml.split import recent, validation_split
     from recsys_assets.ml.two_tower import train_two_tower
 
-    validation = validation_split(train_side, protocol)
+    window = recent(train_side, window_days)
+    validation = validation_split(window, protocol)
     trained = train_two_tower(
-        train_side, tracks, (validation.train, validation.holdout), params, progress=progress, placement=where
+        window, tracks, (validation.train, validation.holdout), params, progress=progress, placement=where
     )
     placed = {"strategy": where.name, "workers": where.workers, "replicas": where.replicas}
     manifest = {**manifest, "params": params.__dict__, "best_epoch": trained.best_epoch,
@@ -90,7 +93,7 @@ def train_and_export(
 
 def run(train: str, tracks: str, params_json: str, protocol: str, out: str, strategy: str = "auto",
         ann_min_items: int | None = None, manifest_json: str = "{}", result: str | None = None,
-        ) -> dict | None:  # fmt: skip
+        window_days: int = 0) -> dict | None:  # fmt: skip
     """One worker's part: read the inputs, :func:`train_and_export`; the chief writes the version to
     ``out`` and the outcome to ``result`` (default: ``<out>.result.json``), each a local path or in
     object storage."""
@@ -109,7 +112,7 @@ def run(train: str, tracks: str, params_json: str, protocol: str, out: str, stra
     with tempfile.TemporaryDirectory(prefix="recsys-chief-") as scratch:
         local = Path(scratch) / "version" if remote else Path(out)
         outcome = train_and_export(_read(train), track_table, params, protocol, local, json.loads(manifest_json),
-                                   where, ann_min_items or DEFAULT_MIN_ITEMS)  # fmt: skip
+                                   where, ann_min_items or DEFAULT_MIN_ITEMS, window_days=window_days)  # fmt: skip
         if outcome is not None and remote:
             copy_tree(local, target)
     if outcome is not None:
@@ -131,6 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ann-min-items", type=int, default=None)
     parser.add_argument("--manifest", default="{}", help="JSON recorded in the version's manifest (lineage…)")
     parser.add_argument("--result", default=None, help="the chief's outcome (default: <out>.result.json)")
+    parser.add_argument("--window-days", type=int, default=0, help="train on the last N days (0: all)")
     parser.add_argument("--peers", help="in a pod of an indexed Job: the workers' address pattern, {index} in it")
     parser.add_argument("--workers", type=int, default=1, help="with --peers: how many workers")
     args = parser.parse_args(argv)
@@ -141,7 +145,8 @@ def main(argv: list[str] | None = None) -> int:
         os.environ["TF_CONFIG"] = indexed_tf_config(args.peers, args.workers, int(os.environ["JOB_COMPLETION_INDEX"]))
     try:
         run(args.train, args.tracks, args.params, args.protocol, args.out, strategy=args.strategy,
-            ann_min_items=args.ann_min_items, manifest_json=args.manifest, result=args.result)  # fmt: skip
+            ann_min_items=args.ann_min_items, manifest_json=args.manifest, result=args.result,
+            window_days=args.window_days)  # fmt: skip
     except TrainingError as exc:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2

@@ -75,3 +75,13 @@ def test_data_hash_ignores_row_order_but_not_content() -> None:
     df = frame([("u", "t1", 1), ("v", "t2", 2)])
     assert data_hash(df) == data_hash(df.reverse())
     assert data_hash(df) != data_hash(df.head(1))
+
+
+def test_a_training_window_keeps_the_last_days_of_the_train_side() -> None:
+    from recsys_assets.ml.split import recent
+
+    day = 24 * 60
+    train = frame([("u1", "a", 0), ("u1", "b", 2 * day), ("u2", "c", 2 * day - 1), ("u2", "d", 5 * day)])
+    assert recent(train, 3)["track_id"].to_list() == ["b", "d"]  # from day 2 on (the last 3 days before day 5)
+    assert recent(train, 0).equals(train)  # 0: all of it
+    assert recent(train.clear(), 3).is_empty()

@@ -354,3 +354,29 @@ def test_the_one_scorer_ranks_from_the_plays_since_the_cutoff(trained, tmp_path)
     assert not fresh.fallback
     assert fresh.track_ids != ranker.recommend("new-user", 10).track_ids
     assert not set(liked) & set(fresh.track_ids)
+
+
+def test_a_windowed_training_is_served_without_the_tracks_heard_before_the_window(tiny_world, tmp_path) -> None:
+    """Only the training sees the window: the version's seen lists are the whole train side's, and the
+    users the window left out are unknown to it (not piled into the out-of-vocabulary row)."""
+    from recsys_assets.ml.distribute import placement
+    from recsys_assets.ml.split import recent
+    from recsys_assets.ml.train_worker import train_and_export
+
+    _, interactions, tracks = tiny_world
+    train = global_temporal_split(interactions).train
+    outcome = train_and_export(train, tracks, replace(FAST, max_epochs=2), "global", tmp_path / "v", {},
+                               placement("one-device"), ann_min_items=10**9, window_days=5)  # fmt: skip
+    assert outcome["strategy"] == "one-device"
+    artifact = ModelArtifact.load(tmp_path / "v")
+    window = recent(train, 5)
+    assert set(artifact.user_ids[1:]) == set(window["user_id"].unique())  # the model's users: the window's
+    assert not len(artifact.seen(0))
+    before = train.join(window.select("user_id", "track_id"), on=["user_id", "track_id"], how="anti")
+    before = before.filter(pl.col("user_id").is_in(window["user_id"].unique().to_list()))
+    before = before.filter(pl.col("track_id").is_in(artifact.item_ids[1:].tolist()))
+    assert before.height  # a window of 5 of 21 days leaves such tracks
+    rows = {u: i for i, u in enumerate(artifact.user_ids)}
+    items = {t: i for i, t in enumerate(artifact.item_ids)}
+    for user, track in before.select("user_id", "track_id").unique().iter_rows():
+        assert items[track] in artifact.seen(rows[user]), (user, track)

@@ -15,7 +15,7 @@ from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
 from recsys_assets.data.store import copy_tree, remove_tree, write_parquet_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.distribute import placement
-from recsys_assets.ml.split import PROTOCOLS, data_hash, temporal_split, training_window
+from recsys_assets.ml.split import PROTOCOLS, data_hash, recent, temporal_split
 from recsys_assets.ml.train_worker import RESULT_FILE, train_and_export
 from recsys_assets.ml.two_tower import TwoTowerParams
 from recsys_assets.resources import (
@@ -104,6 +104,7 @@ def _train_on_workers(
     model_dir: Path,
     manifest: dict,
     ann_min_items: int,
+    window_days: int,
 ) -> dict:
     """The training on ``training.workers`` processes (``recsys_assets.ml.train_worker``): they read the
     train side and the tracks from the split's directory (local or object storage). Worker 0 exports
@@ -115,7 +116,7 @@ def _train_on_workers(
     args = ["--train", str(split_dir / "train.parquet"), "--tracks", str(split_dir / "tracks.parquet"),
             "--params", json.dumps(params.__dict__), "--protocol", protocol, "--out", str(out),
             "--result", str(result), "--manifest", json.dumps(manifest, default=str),
-            "--ann-min-items", str(ann_min_items)]  # fmt: skip
+            "--ann-min-items", str(ann_min_items), "--window-days", str(window_days)]  # fmt: skip
     name = f"recsys-train-{context.run.run_id[:8]}"
     training.run_workers(context, args, log_dir=model_dir.with_name(f"{model_dir.name}.logs"), name=name)
     outcome = json.loads(result.read_text())
@@ -178,13 +179,16 @@ def two_tower_model(
     interactions = store.scan_table("training_interactions").collect()
     tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()
     window_days = config.window_days if config.window_days is not None else training.window_days
-    split = training_window(temporal_split(interactions, config.protocol), window_days or 0)
+    # The window is the model's training only: the split, the evaluation and the seen lists keep the whole
+    # train side (ml/split.py, recent).
+    split = temporal_split(interactions, config.protocol)
     lineage = {
         "protocol": split.protocol,
         "cutoff": split.cutoff.isoformat() if split.cutoff else None,
         "data_hash": data_hash(interactions),
         "interactions": interactions.height,
         "window_days": window_days,
+        "window_interactions": recent(split.train, window_days or 0).height,
         "max_played_at": interactions["played_at"].max().isoformat(),
         **split.sizes(),
     }
@@ -205,11 +209,12 @@ def two_tower_model(
         write_parquet_atomic(split.holdout, split_dir / "holdout.parquet")
         if training.distributed:
             trained = _train_on_workers(context, training, params, split_dir, tracks, split.protocol, model_dir,
-                                        manifest, serving.ann_min_items)  # fmt: skip
+                                        manifest, serving.ann_min_items, window_days or 0)  # fmt: skip
         else:
             trained = train_and_export(
                 split.train, tracks, params, split.protocol, model_dir, manifest, placement(training.strategy),
                 serving.ann_min_items, progress=lambda record: context.log.info(f"epoch {record}"),
+                window_days=window_days or 0,
             )  # fmt: skip
         registry.log_run(
             run_id,
