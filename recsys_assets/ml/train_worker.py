@@ -27,7 +27,12 @@ from pathlib import Path
 
 import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
 
-RESULT_FILE = "result.json"  # the default --result: beside --out, named after it
+RESULT_FILE = "result.json"
+
+
+def default_result(out: str) -> str:
+    """Where the chief writes the training's outcome when ``--result`` is not given: beside ``out``."""
+    return f"{str(out).rstrip('/')}.{RESULT_FILE}"
 
 
 def _read(path: str):
@@ -117,7 +122,7 @@ def run(train: str, tracks: str, params_json: str, protocol: str, out: str, stra
             copy_tree(local, target)
     if outcome is not None:
         outcome["seconds"] = time.perf_counter() - started
-        write_json_atomic(outcome, storage_path(result or f"{out.rstrip('/')}.{RESULT_FILE}"))
+        write_json_atomic(outcome, storage_path(result or default_result(out)))
     return outcome
 
 

@@ -14,7 +14,7 @@ import pytest
 from recsys_assets.ml.distribute import WorkersFailed, local_cluster, resolve, run_local_cluster, tf_config_tasks
 from recsys_assets.ml.metrics import build_eval_set, popularity_scorer, ranking_metrics, recommend
 from recsys_assets.ml.split import global_temporal_split, validation_split
-from recsys_assets.ml.train_worker import RESULT_FILE
+from recsys_assets.ml.train_worker import default_result
 from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
 from recsys_core.model_version import ModelArtifact
 from recsys_core.scoring import Ranker
@@ -52,7 +52,7 @@ def test_two_workers_train_one_model_that_serves(tiny_world, tmp_path: Path) -> 
             "--tracks", str(tmp_path / "tracks.parquet"), "--params", json.dumps(asdict(PARAMS)),
             "--out", str(out), "--strategy", "multi-worker"]  # fmt: skip
     run_local_cluster(argv, workers=2, log_dir=tmp_path / "logs", timeout=300)  # raises with the logs on failure
-    result = json.loads(out.with_name(f"version.{RESULT_FILE}").read_text())
+    result = json.loads(Path(default_result(str(out))).read_text())
     assert (result["strategy"], result["workers"], result["replicas"]) == ("multi-worker", 2, 2)
 
     # The chief's version is a servable model version.

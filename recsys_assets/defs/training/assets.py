@@ -16,7 +16,7 @@ from recsys_assets.data.store import copy_tree, remove_tree, write_parquet_atomi
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.distribute import placement
 from recsys_assets.ml.split import PROTOCOLS, data_hash, recent, temporal_split
-from recsys_assets.ml.train_worker import RESULT_FILE, train_and_export
+from recsys_assets.ml.train_worker import default_result, train_and_export
 from recsys_assets.ml.two_tower import TwoTowerParams
 from recsys_assets.resources import (
     MLflowResource,
@@ -26,6 +26,7 @@ from recsys_assets.resources import (
     TrainingResource,
 )
 from recsys_assets.runs import dagster_run_active
+from recsys_core.settings import storage_path
 
 _DEFAULTS = TwoTowerParams()
 
@@ -112,7 +113,7 @@ def _train_on_workers(
     write_parquet_atomic(tracks, split_dir / "tracks.parquet")
     exchange = split_dir.parent / "training"  # between the pods and this step, in the storage root
     out = exchange / "version" if training.on_kubernetes else model_dir
-    result = exchange / RESULT_FILE if training.on_kubernetes else model_dir.with_name(f"{model_dir.name}.json")
+    result = storage_path(default_result(str(out)))
     args = ["--train", str(split_dir / "train.parquet"), "--tracks", str(split_dir / "tracks.parquet"),
             "--params", json.dumps(params.__dict__), "--protocol", protocol, "--out", str(out),
             "--result", str(result), "--manifest", json.dumps(manifest, default=str),
