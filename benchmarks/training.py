@@ -78,23 +78,60 @@ def prepared_file(data: Path, workdir: Path) -> Path:
     return out
 
 
-def child(directory: Path, window: str, params: dict, protocol: str = "global") -> dict:
-    """One training, in this (fresh) process: what ``two_tower_model`` does before the export."""
+def child(directory: Path, window: str, params: dict, protocol: str = "global", bucket_rows: int = 0) -> dict:
+    """One training, in this (fresh) process: what ``two_tower_model`` and its worker do before the export.
+
+    The prepared interactions are cut into user buckets by polars' streaming engine, split bucket by
+    bucket (the global cutoff over all of them), and trained on one bucket at a time, the examples
+    streamed from disk (``recsys_assets.ml.buckets``). The peak memory is read when the model is trained,
+    before the evaluation loads the whole split to score the holdout. Code without buckets (``--against``
+    an older commit) reads the table whole, as it did."""
+    import tempfile
+
     import polars as pl
 
     import recsys_assets  # noqa: F401  (environment first)
     from recsys_assets.ml.metrics import build_eval_set, ranking_metrics, recommend
-    from recsys_assets.ml.split import recent, temporal_split, validation_split
+    from recsys_assets.ml.split import recent, temporal_split
     from recsys_assets.ml.two_tower import TwoTowerParams, train_two_tower
 
     t0 = time.perf_counter()
-    interactions = pl.read_parquet(directory / "training_interactions.parquet")
     tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
-    full = temporal_split(interactions, protocol)
-    train = recent(full.train, 0 if window == "all" else int(window))
-    validation = validation_split(train, protocol)
-    trained = train_two_tower(train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
-    seconds = time.perf_counter() - t0
+    days = 0 if window == "all" else int(window)
+    scratch = tempfile.TemporaryDirectory(prefix="recsys-bench-", dir=directory)
+    try:
+        from recsys_assets.ml.buckets import DEFAULT_BUCKET_ROWS, UserBuckets
+        from recsys_assets.ml.split import bucket_splits
+    except ImportError:  # older code: the whole table in memory
+        interactions = pl.read_parquet(directory / "training_interactions.parquet")
+        full = temporal_split(interactions, protocol)
+        train = recent(full.train, days)
+        from recsys_assets.ml.split import validation_split
+
+        validation = validation_split(train, protocol)
+        trained = train_two_tower(train, tracks, (validation.train, validation.holdout), TwoTowerParams(**params))
+        train_rows, buckets = train.height, 1
+        seconds, peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    else:
+        work = Path(scratch.name)
+        rows = bucket_rows or DEFAULT_BUCKET_ROWS
+        everything = UserBuckets.scan(directory / "training_interactions.parquet", work / "all", rows)
+        parts, holdouts = [], []
+        for i, split in enumerate(bucket_splits(everything, protocol)):
+            (work / "train" / str(i)).mkdir(parents=True)
+            split.train.write_parquet(work / "train" / str(i) / "part.parquet")
+            holdouts.append(split.holdout)
+            parts.append(work / "train" / str(i))
+        del split
+        train_side = UserBuckets(tuple(parts))
+        window_side = recent(train_side, days)
+        trained = train_two_tower(window_side, tracks, protocol, TwoTowerParams(**params), scratch=work)
+        train_rows, buckets = sum(b.height for b in window_side), len(parts)
+        seconds, peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        from recsys_assets.ml.split import Split
+
+        full = Split(protocol, train_side.collect(), pl.concat(holdouts), None)
+    scratch.cleanup()
     import numpy as np
 
     index = {u: i for i, u in enumerate(trained.vocab.users)}
@@ -120,12 +157,14 @@ def child(directory: Path, window: str, params: dict, protocol: str = "global") 
     return {
         "seconds": round(seconds, 1),
         "train_seconds": round(trained.train_seconds, 1),
-        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "peak_rss_mb": round(peak, 1),
+        "peak_rss_with_evaluation_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+        "buckets": buckets,
         "examples_per_second": round(trained.examples_per_second),
         "epochs": len(trained.history),
         "best_epoch": trained.best_epoch,
         "val_recall_at_20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
-        "train_interactions": train.height,
+        "train_interactions": train_rows,
         "holdout": {
             "recall@20": holdout["recall@20"],
             "ndcg@10": holdout["ndcg@10"],
@@ -146,13 +185,12 @@ def profile(directory: Path, params: dict) -> dict:
 
     import recsys_assets  # noqa: F401  (environment first)
     from recsys_assets.ml import two_tower as T
-    from recsys_assets.ml.metrics import build_eval_set, ranking_metrics, recommend
-    from recsys_assets.ml.split import temporal_split, validation_split
+    from recsys_assets.ml.metrics import ranking_metrics, recommend
+    from recsys_assets.ml.split import temporal_split
 
     interactions = pl.read_parquet(directory / "training_interactions.parquet")
     tracks = pl.read_parquet(directory / "track_features.parquet").select("track_id", "artist_id", "genre")
     split = temporal_split(interactions, "global")
-    fit_part, val_part = (lambda v: (v.train, v.holdout))(validation_split(split.train, "global"))
     p = T.TwoTowerParams(**params)
     timings: dict[str, float] = {}
 
@@ -162,30 +200,29 @@ def profile(directory: Path, params: dict) -> dict:
         timings[name] = round(time.perf_counter() - t0, 2)
         return out
 
-    pairs = T.training_pairs(fit_part)
-    items = T.item_table(split.train, tracks)
-    vocab = T.Vocabulary.build(T.training_pairs(split.train), items)
-    features = T.query_features(T.with_genre(fit_part, items), vocab.users, vocab.query_genres)
-    state = timed("state (features, latest histories)", lambda: T._state(features, pairs, vocab, p))
-    arrays = timed("examples (histories per pair)", lambda: T._arrays(pairs, items, vocab, state, p.history_length))
-    steps = -(-len(arrays["item_row"]) // p.batch_size)
+    data = timed("training data (pairs, features, histories, examples)",
+                 lambda: T._prepare(T._parts(split.train, "global"), tracks, p, None))  # fmt: skip
+    vocab, items, phase = data.vocab, data.items, data.fit
+    state, tables, examples = phase.state, phase.tables(vocab, items), phase.examples
+    steps = -(-examples.rows // p.batch_size)
     for mask in (True, False):
         q = replace(p, mask_history_negatives=mask)
         tf.keras.utils.set_random_seed(q.seed)
-        model = T._build_model(vocab, items, features.shape[1], q)
-        dataset = T._dataset(arrays, q, q.seed)[0]
+        model = T._build_model(vocab, items, state["user_features"].shape[1], q)
+        dataset = T._dataset(examples, tables, q, q.seed)[0]
         model.fit(dataset.take(2), epochs=1, verbose=0)  # traced once
         timed(f"training epoch, history mask {'on' if mask else 'off'}",
               lambda model=model, dataset=dataset: model.fit(dataset, verbose=0))  # fmt: skip
-    timed("input pipeline alone (an epoch)", lambda: sum(1 for _ in T._dataset(arrays, p, p.seed)[0]))
+    timed("input pipeline alone (an epoch)", lambda: sum(1 for _ in T._dataset(examples, tables, p, p.seed)[0]))
 
     @tf.function
     def forward(batch):
         return model.query_tower(batch), model.candidate_tower(batch)
 
-    forward(next(iter(T._dataset(arrays, p, p.seed)[0])))
-    timed("towers' forward pass alone (an epoch)", lambda: [forward(b) for b in T._dataset(arrays, p, p.seed)[0]])
-    validation = build_eval_set(fit_part, val_part)
+    batches = T._dataset(examples, tables, p, p.seed)[0]
+    forward(next(iter(batches)))
+    timed("towers' forward pass alone (an epoch)", lambda: [forward(b) for b in batches])
+    validation = data.validation
 
     def validate():
         user_emb, item_emb = T._embeddings(model, vocab, items, state, p)
@@ -193,7 +230,7 @@ def profile(directory: Path, params: dict) -> dict:
         return ranking_metrics(recommend(scorer, validation, 20), validation, ks=(20,))
 
     timed(f"validation ({len(validation.users)} users)", validate)
-    return {"pairs": len(arrays["item_row"]), "steps_per_epoch": steps, "seconds": timings}
+    return {"pairs": examples.rows, "steps_per_epoch": steps, "seconds": timings}
 
 
 def worktree(ref: str, workdir: Path) -> Path:
@@ -204,12 +241,13 @@ def worktree(ref: str, workdir: Path) -> Path:
     return path
 
 
-def run_variant(directory: Path, window: str, params: dict, code: Path | None, protocol: str) -> dict:
+def run_variant(directory: Path, window: str, params: dict, code: Path | None, protocol: str,
+                bucket_rows: int = 0) -> dict:  # fmt: skip
     env = dict(os.environ)
     if code is not None:  # the other commit's packages first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(code), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, str(Path(__file__).resolve()), "--child", str(directory), "--window-days", window,
-               "--params", json.dumps(params), "--protocol", protocol]  # fmt: skip
+               "--params", json.dumps(params), "--protocol", protocol, "--bucket-rows", str(bucket_rows)]  # fmt: skip
     done = subprocess.run(command, env=env, capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"the training failed:\n{done.stderr[-4000:]}")
@@ -225,6 +263,8 @@ def main() -> None:
     parser.add_argument("--against", help="a git ref whose code trains the same data too, side by side")
     parser.add_argument("--params", default="{}", help="TwoTowerParams overrides as JSON (both codes)")
     parser.add_argument("--protocol", default="global", help="the holdout protocol: global or user")
+    parser.add_argument("--bucket-rows", type=int, default=0,
+                        help="interactions per user bucket (default: RECSYS_TRAIN_BUCKET_ROWS's)")  # fmt: skip
     parser.add_argument("--child", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--profile", action="store_true", help="where an epoch's time goes (this checkout)")
     args = parser.parse_args()
@@ -234,7 +274,7 @@ def main() -> None:
         print(json.dumps(profile(directory, json.loads(args.params))))
         return
     if args.child:
-        print(json.dumps(child(args.child, args.window_days, json.loads(args.params), args.protocol)))
+        print(json.dumps(child(args.child, args.window_days, json.loads(args.params), args.protocol, args.bucket_rows)))
         return
     import recsys_assets  # noqa: F401  (environment first)
 
@@ -251,7 +291,8 @@ def main() -> None:
         for name, code in codes.items():
             key = f"{name}, window {window}"
             print(f"training: {key} …", file=sys.stderr)
-            results[key] = run_variant(directory, window, json.loads(args.params), code, args.protocol)
+            results[key] = run_variant(directory, window, json.loads(args.params), code, args.protocol,
+                                       args.bucket_rows)  # fmt: skip
             print(f"  {json.dumps(results[key])}", file=sys.stderr)
     first = next(iter(results.values()))  # this checkout, the first window: the top-level figures
     summary = {

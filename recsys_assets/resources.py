@@ -23,7 +23,7 @@ from recsys_assets.data.store import PreparedStore
 from recsys_assets.ml.canary import CanaryRules
 from recsys_core.control import ControlPlane
 from recsys_core.registry import Registry
-from recsys_core.settings import Settings, storage_path
+from recsys_core.settings import DEFAULT_TRAIN_BUCKET_ROWS, Settings, storage_path
 from recsys_core.warehouse import Warehouse
 
 
@@ -321,6 +321,11 @@ class TrainingResource(dg.ConfigurableResource):
         default="/opt/recsys/deploy/k8s/training.yaml", description="The Job's template (kubernetes launcher)"
     )
     timeout_seconds: int = Field(default=6 * 3600, description="A distributed training running longer is stopped.")
+    bucket_rows: int = Field(
+        default=DEFAULT_TRAIN_BUCKET_ROWS, ge=1,
+        description="Interactions per user bucket: a larger train side is read a bucket at a time and its "
+        "examples stream from disk, so the training's memory does not grow with the events",
+    )  # fmt: skip
 
     @property
     def distributed(self) -> bool:
@@ -416,6 +421,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             strategy=settings.training.strategy,
             workers=settings.training.workers,
             launcher=settings.training.launcher,
+            bucket_rows=settings.training.bucket_rows,
         ),
         "recsys_home": RecsysHomeResource(
             home=env_or("RECSYS_HOME", str(settings.home)),

@@ -337,9 +337,13 @@ class TrainingSettings:
     # on 127.0.0.1 beside the run (RECSYS_TRAIN_LAUNCHER=local) or as the pods of an indexed Job (kubernetes)
     workers: int
     launcher: str  # RECSYS_TRAIN_LAUNCHER: local or kubernetes (deploy/k8s/training.yaml)
+    # RECSYS_TRAIN_BUCKET_ROWS: interactions per user bucket, what the training holds in memory at once;
+    # a larger train side is read a bucket at a time and its examples stream from disk
+    bucket_rows: int
 
 
 TRAIN_STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
+DEFAULT_TRAIN_BUCKET_ROWS = 2_000_000  # about 1 GB of examples and histories (docs/benchmarks.md)
 
 
 def _training(env: Mapping[str, str]) -> TrainingSettings:
@@ -352,6 +356,7 @@ def _training(env: Mapping[str, str]) -> TrainingSettings:
         strategy=_choice(env, "RECSYS_TRAIN_STRATEGY", "auto", TRAIN_STRATEGIES),
         workers=_positive_int(env, "RECSYS_TRAIN_WORKERS", 1),
         launcher=_choice(env, "RECSYS_TRAIN_LAUNCHER", "local", ("local", "kubernetes")),
+        bucket_rows=_positive_int(env, "RECSYS_TRAIN_BUCKET_ROWS", DEFAULT_TRAIN_BUCKET_ROWS),
     )
 
 

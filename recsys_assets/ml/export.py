@@ -11,20 +11,26 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
+from recsys_assets.ml.buckets import UserBuckets
 from recsys_core import ann
 from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.model_version import FORMAT_VERSION, ModelArtifact
 
 
 def export_model(
-    trained, train_pairs: pl.DataFrame, manifest: dict, path: Path, k: int = 100, ann_min_items: int = DEFAULT_MIN_ITEMS
+    trained,
+    train_pairs: pl.DataFrame | UserBuckets,
+    manifest: dict,
+    path: Path,
+    k: int = 100,
+    ann_min_items: int = DEFAULT_MIN_ITEMS,
 ) -> ModelArtifact:
     """Write a trained two-tower model as one version directory, atomically.
 
     Args:
         trained: a :class:`recsys_assets.ml.two_tower.TrainedTwoTower`.
         train_pairs: the train side's (user_id, track_id) pairs (the seen lists and the popularity): the
-            whole train side, also when the model trained on a window of it.
+            whole train side, also when the model trained on a window of it; a table or its user buckets.
         manifest: what to record (data lineage, metrics…); format and dims are added.
         path: the version directory (must not exist).
         k: the top-k of the exported BruteForce index.
@@ -42,9 +48,12 @@ def export_model(
     # the version (served the popular tracks, as a new user is), so their tracks must not pile up in
     # the out-of-vocabulary row's seen list.
     known = pl.DataFrame({"user_id": vocab.users[1:].astype(str)})
-    pairs = train_pairs.select("user_id", "track_id").unique().join(known, on="user_id", how="semi")
-    item_rows = Vocabulary.index(pairs["track_id"], vocab.items)
-    user_rows = Vocabulary.index(pairs["user_id"], vocab.users)
+    rows = []  # (user row, item row) of each distinct pair, one user bucket at a time: 8 bytes a pair
+    for part in train_pairs if isinstance(train_pairs, UserBuckets) else (train_pairs,):
+        pairs = part.select("user_id", "track_id").unique().join(known, on="user_id", how="semi")
+        rows.append((Vocabulary.index(pairs["user_id"], vocab.users), Vocabulary.index(pairs["track_id"], vocab.items)))
+    user_rows = np.concatenate([u for u, _ in rows]).astype(np.int32)
+    item_rows = np.concatenate([i for _, i in rows]).astype(np.int32)
     listeners = np.bincount(item_rows, minlength=len(vocab.items)).astype(np.float32)
     listeners[0] = 0.0
     order = np.lexsort((item_rows, user_rows))

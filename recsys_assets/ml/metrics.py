@@ -63,17 +63,30 @@ class EvalSet:
         }
 
 
-def build_eval_set(train: pl.DataFrame, holdout: pl.DataFrame) -> EvalSet:
-    """The evaluation set of a split (train and holdout positives with ``user_id``, ``track_id``)."""
-    train_pairs = train.select("user_id", "track_id").unique()
-    items = train_pairs["track_id"].unique().sort()
-    item_index = pl.DataFrame({"track_id": items, "item": np.arange(len(items), dtype=np.int64)})
-    relevant = (
+def _relevant(train_pairs: pl.DataFrame, holdout: pl.DataFrame) -> pl.DataFrame:
+    """The (user, track) pairs of ``holdout`` that count: new to a user who has training pairs."""
+    return (
         holdout.select("user_id", "track_id")
         .unique()
         .join(train_pairs, on=["user_id", "track_id"], how="anti")
         .join(train_pairs.select("user_id").unique(), on="user_id", how="semi")
     )
+
+
+def eval_users(train: pl.DataFrame, holdout: pl.DataFrame) -> pl.Series:
+    """The users :func:`build_eval_set` evaluates, sorted (without building it)."""
+    return _relevant(train.select("user_id", "track_id").unique(), holdout)["user_id"].unique().sort()
+
+
+def build_eval_set(train: pl.DataFrame, holdout: pl.DataFrame, items: pl.Series | None = None) -> EvalSet:
+    """The evaluation set of a split (train and holdout positives with ``user_id``, ``track_id``).
+
+    ``items``: the ranked tracks, sorted (default: every track of ``train``); given when ``train`` and
+    ``holdout`` are a sample of the split's users, so that they are ranked among all of its tracks."""
+    train_pairs = train.select("user_id", "track_id").unique()
+    items = train_pairs["track_id"].unique().sort() if items is None else items
+    item_index = pl.DataFrame({"track_id": items, "item": np.arange(len(items), dtype=np.int64)})
+    relevant = _relevant(train_pairs, holdout)
     users = relevant["user_id"].unique().sort()
     user_index = pl.DataFrame({"user_id": users, "row": np.arange(len(users), dtype=np.int64)})
     n_relevant = relevant.group_by("user_id").len().join(user_index, on="user_id").sort("row")["len"].to_numpy()
@@ -83,7 +96,8 @@ def build_eval_set(train: pl.DataFrame, holdout: pl.DataFrame) -> EvalSet:
     counts = np.bincount(seen["row"].to_numpy(), minlength=len(users))
     seen_indptr = np.concatenate([[0], np.cumsum(counts)])
     n_train_users = max(train_pairs["user_id"].n_unique(), 1)
-    listeners = train_pairs.group_by("track_id").len().join(item_index, on="track_id").sort("item")["len"].to_numpy()
+    counts = train_pairs.group_by("track_id").len()
+    listeners = item_index.join(counts, on="track_id", how="left").sort("item")["len"].fill_null(0).to_numpy()
     return EvalSet(
         items=items.to_numpy(),
         users=users.to_numpy(),

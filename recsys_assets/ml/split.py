@@ -17,10 +17,13 @@ from __future__ import annotations
 
 import hashlib
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 import polars as pl
+
+from recsys_assets.ml.buckets import UserBuckets
 
 PROTOCOLS = ("global", "user")
 HOLDOUT_FRACTION_GLOBAL = 0.1
@@ -64,19 +67,32 @@ def global_temporal_split(interactions: pl.DataFrame, fraction: float = HOLDOUT_
             or nothing trained on).
     """
     df = positives(interactions)
-    n = df.height
+    return _at_cutoff(df, global_cutoff(df["played_at"], fraction))
+
+
+def global_cutoff(played_at: pl.Series, fraction: float = HOLDOUT_FRACTION_GLOBAL) -> datetime:
+    """The global protocol's cutoff: the ``played_at`` at index ⌊(1 - fraction)·n⌋ of the positives'
+    timestamps (``played_at``: those of :func:`positives`, in any order; of every user bucket together
+    when the table is cut into buckets).
+
+    Raises:
+        SplitError: fewer than 2 interactions, or none before the cutoff (identical timestamps?).
+    """
+    n = len(played_at)
     if n < 2:
         raise SplitError(f"{n} positive interactions: at least 2 are needed to split train and holdout")
-    index = math.floor((1 - fraction) * n)
-    cutoff = df["played_at"][index]
-    train = df.filter(pl.col("played_at") < cutoff)
-    holdout = df.filter(pl.col("played_at") >= cutoff)
-    if train.is_empty():
+    ordered = played_at.sort()
+    cutoff = ordered[math.floor((1 - fraction) * n)]
+    if ordered[0] >= cutoff:
         raise SplitError(
             f"all {n} positive interactions are at or after the cutoff {cutoff} (identical timestamps?): "
             "nothing is left to train on; use the per-user protocol"
         )
-    return Split("global", train, holdout, cutoff)
+    return cutoff
+
+
+def _at_cutoff(df: pl.DataFrame, cutoff: datetime) -> Split:
+    return Split("global", df.filter(pl.col("played_at") < cutoff), df.filter(pl.col("played_at") >= cutoff), cutoff)
 
 
 def per_user_temporal_split(
@@ -87,9 +103,16 @@ def per_user_temporal_split(
     Raises:
         SplitError: no user has enough interactions to hold any out.
     """
-    df = positives(interactions)
-    if df.is_empty():
+    if interactions.is_empty():
         raise SplitError("no positive interactions to split")
+    split = _latest_of_each_user(positives(interactions), fraction, min_interactions)
+    if split.holdout.is_empty():
+        raise SplitError(f"no user has {min_interactions} or more positive interactions: nothing can be held out")
+    return split
+
+
+def _latest_of_each_user(df: pl.DataFrame, fraction: float = HOLDOUT_FRACTION_USER,
+                         min_interactions: int = MIN_USER_INTERACTIONS) -> Split:  # fmt: skip
     ranked = df.sort("user_id", "played_at", "track_id").with_columns(
         pl.int_range(pl.len()).over("user_id").alias("_rank"),
         pl.len().over("user_id").alias("_n"),
@@ -99,8 +122,6 @@ def per_user_temporal_split(
     )
     holdout = ranked.filter(held).drop("_rank", "_n").sort("played_at", "user_id", "track_id")
     train = ranked.filter(~held).drop("_rank", "_n").sort("played_at", "user_id", "track_id")
-    if holdout.is_empty():
-        raise SplitError(f"no user has {min_interactions} or more positive interactions: nothing can be held out")
     return Split("user", train, holdout, None)
 
 
@@ -125,21 +146,43 @@ def organic_holdout(split: Split) -> Split:
     return Split(split.protocol, split.train, split.holdout.filter(pl.col("organic")), split.cutoff)
 
 
-def recent(train: pl.DataFrame, days: int) -> pl.DataFrame:
-    """The rows of ``train`` in its last ``days`` days (0: all of them): a training window.
+def recent(train: pl.DataFrame | UserBuckets, days: int) -> pl.DataFrame | UserBuckets:
+    """The rows of ``train`` (a table, or its user buckets) in its last ``days`` days (0: all of them):
+    a training window.
 
     Only the model's training sees the window; the evaluation, the seen lists and the popularity keep
     the whole train side, so a model trained on a window is judged on the same users and events as
     one trained on everything, and is served without the tracks its users heard before the window.
     """
-    if days <= 0 or train.is_empty():
+    if days <= 0:
         return train
-    return train.filter(pl.col("played_at") >= train["played_at"].max() - timedelta(days=days))
+    last = train.last("played_at") if isinstance(train, UserBuckets) else train["played_at"].max()
+    return train if last is None else train.filter(pl.col("played_at") >= last - timedelta(days=days))
 
 
 def validation_split(train: pl.DataFrame, protocol: str) -> Split:
     """The validation split for early stopping: the same protocol applied to the train side."""
     return temporal_split(train, protocol)
+
+
+def bucket_splits(buckets: UserBuckets, protocol: str) -> Iterator[Split]:
+    """The protocol's split of a table cut into user buckets, one bucket's :class:`Split` at a time: the
+    same rows as :func:`temporal_split` of the whole table (the global protocol's cutoff is taken over
+    every bucket's timestamps first; the per-user protocol is each user's own). Raises
+    :class:`SplitError` as :func:`temporal_split` does, the per-user protocol's after the last bucket."""
+    if protocol not in PROTOCOLS:
+        raise SplitError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
+    if protocol == "global":
+        # 8 bytes an interaction: the one table that spans the buckets (the exact cutoff needs every time)
+        cutoff = global_cutoff(pl.concat([positives(b)["played_at"] for b in buckets]))
+    held = 0
+    for bucket in buckets:
+        df = positives(bucket)
+        split = _at_cutoff(df, cutoff) if protocol == "global" else _latest_of_each_user(df)
+        held += split.holdout.height
+        yield organic_holdout(split)
+    if protocol == "user" and not held:
+        raise SplitError(f"no user has {MIN_USER_INTERACTIONS} or more positive interactions: nothing can be held out")
 
 
 def data_hash(interactions: pl.DataFrame) -> str:

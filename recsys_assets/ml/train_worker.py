@@ -26,6 +26,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from recsys_assets.ml.buckets import DEFAULT_BUCKET_ROWS
 
 RESULT_FILE = "result.json"
 
@@ -44,6 +45,18 @@ def _read(path: str):
         return pl.read_parquet(handle)
 
 
+def _local(path: str, scratch: Path) -> Path:
+    """``path`` on this machine: itself, or an object copied to ``scratch`` in a stream."""
+    if "://" not in path:
+        return Path(path)
+    from recsys_core.settings import storage_path
+
+    local = scratch / "train.parquet"
+    with storage_path(path).open("rb") as source, local.open("wb") as target:
+        shutil.copyfileobj(source, target, 1 << 20)
+    return local
+
+
 def train_and_export(
     train_side,
     tracks,
@@ -55,21 +68,28 @@ def train_and_export(
     ann_min_items: int,
     progress: Callable[[dict], None] | None = None,
     window_days: int = 0,
+    bucket_rows: int | None = None,
+    scratch: Path | None = None,
 ) -> dict | None:
     """Train on ``train_side``'s last ``window_days`` days (0: all of it; early stopping on the window's
     validation split) under ``where`` (a :class:`~recsys_assets.ml.distribute.Placement`) and export
     the version with the whole train side's seen lists and popularity: to ``out`` on the chief, to a
     deleted temporary directory on the other workers. The chief gets the training's outcome (what the
-    training asset records: epochs, seconds, the session term's validation…); the others ``None``."""
+    training asset records: epochs, seconds, the session term's validation…); the others ``None``.
+
+    ``train_side``: a table, or its user buckets (:mod:`recsys_assets.ml.buckets`); a table larger than
+    ``bucket_rows`` is cut into buckets in memory, so that its examples stream from disk (``scratch``)."""
+    import polars as pl
+
+    from recsys_assets.ml.buckets import UserBuckets
     from recsys_assets.ml.export import export_model
-    from recsys_assets.ml.split import recent, validation_split
+    from recsys_assets.ml.split import recent
     from recsys_assets.ml.two_tower import train_two_tower
 
-    window = recent(train_side, window_days)
-    validation = validation_split(window, protocol)
-    trained = train_two_tower(
-        window, tracks, (validation.train, validation.holdout), params, progress=progress, placement=where
-    )
+    if isinstance(train_side, pl.DataFrame) and bucket_rows and train_side.height > bucket_rows:
+        train_side = UserBuckets.of(train_side, bucket_rows)
+    trained = train_two_tower(recent(train_side, window_days), tracks, protocol, params, progress=progress,
+                              placement=where, scratch=scratch)  # fmt: skip
     placed = {"strategy": where.name, "workers": where.workers, "replicas": where.replicas}
     manifest = {**manifest, "params": params.__dict__, "best_epoch": trained.best_epoch,
                 "train_seconds": trained.train_seconds, "training": placed}  # fmt: skip
@@ -98,11 +118,12 @@ def train_and_export(
 
 def run(train: str, tracks: str, params_json: str, protocol: str, out: str, strategy: str = "auto",
         ann_min_items: int | None = None, manifest_json: str = "{}", result: str | None = None,
-        window_days: int = 0) -> dict | None:  # fmt: skip
-    """One worker's part: read the inputs, :func:`train_and_export`; the chief writes the version to
-    ``out`` and the outcome to ``result`` (default: ``<out>.result.json``), each a local path or in
-    object storage."""
+        window_days: int = 0, bucket_rows: int = DEFAULT_BUCKET_ROWS) -> dict | None:  # fmt: skip
+    """One worker's part: cut the train side into user buckets with polars' streaming engine (it is never
+    read whole), :func:`train_and_export`; the chief writes the version to ``out`` and the outcome to
+    ``result`` (default: ``<out>.result.json``), each a local path or in object storage."""
     from recsys_assets.data.store import copy_tree, write_json_atomic
+    from recsys_assets.ml.buckets import UserBuckets
     from recsys_assets.ml.distribute import placement
     from recsys_assets.ml.two_tower import TwoTowerParams
     from recsys_core.ann import DEFAULT_MIN_ITEMS
@@ -115,9 +136,13 @@ def run(train: str, tracks: str, params_json: str, protocol: str, out: str, stra
     target = storage_path(out)
     remote = "://" in out
     with tempfile.TemporaryDirectory(prefix="recsys-chief-") as scratch:
-        local = Path(scratch) / "version" if remote else Path(out)
-        outcome = train_and_export(_read(train), track_table, params, protocol, local, json.loads(manifest_json),
-                                   where, ann_min_items or DEFAULT_MIN_ITEMS, window_days=window_days)  # fmt: skip
+        work = Path(scratch)
+        buckets = UserBuckets.scan(_local(train, work), work / "buckets", bucket_rows)
+        local = work / "version" if remote else Path(out)
+        outcome = train_and_export(
+            buckets, track_table, params, protocol, local, json.loads(manifest_json), where,
+            ann_min_items or DEFAULT_MIN_ITEMS, window_days=window_days, scratch=work,
+        )  # fmt: skip
         if outcome is not None and remote:
             copy_tree(local, target)
     if outcome is not None:
@@ -140,6 +165,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--manifest", default="{}", help="JSON recorded in the version's manifest (lineage…)")
     parser.add_argument("--result", default=None, help="the chief's outcome (default: <out>.result.json)")
     parser.add_argument("--window-days", type=int, default=0, help="train on the last N days (0: all)")
+    parser.add_argument("--bucket-rows", type=int, default=DEFAULT_BUCKET_ROWS,
+                        help="interactions per user bucket: what the training holds in memory at once")  # fmt: skip
     parser.add_argument("--peers", help="in a pod of an indexed Job: the workers' address pattern, {index} in it")
     parser.add_argument("--workers", type=int, default=1, help="with --peers: how many workers")
     args = parser.parse_args(argv)
@@ -151,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         run(args.train, args.tracks, args.params, args.protocol, args.out, strategy=args.strategy,
             ann_min_items=args.ann_min_items, manifest_json=args.manifest, result=args.result,
-            window_days=args.window_days)  # fmt: skip
+            window_days=args.window_days, bucket_rows=args.bucket_rows)  # fmt: skip
     except TrainingError as exc:
         print(f"cannot train: {exc}", file=sys.stderr)
         return 2

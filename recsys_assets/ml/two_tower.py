@@ -25,14 +25,17 @@ from __future__ import annotations
 
 import logging
 import math
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
 
 import numpy as np
 import polars as pl
 
 import recsys_assets  # noqa: F401  (TF_USE_LEGACY_KERAS before TensorFlow)
+from recsys_assets.ml.buckets import UserBuckets
 from recsys_assets.ml.distribute import Placement
 from recsys_assets.ml.metrics import EvalSet, build_eval_set, ranking_metrics, recommend
 from recsys_core.query_tower import QueryTower
@@ -105,9 +108,14 @@ class Vocabulary:
 
     @classmethod
     def build(cls, pairs: pl.DataFrame, items: pl.DataFrame) -> Vocabulary:
+        return cls.of(pairs["user_id"], items)
+
+    @classmethod
+    def of(cls, users: pl.Series, items: pl.DataFrame) -> Vocabulary:
+        """The vocabulary of ``users`` (any order, repeats allowed) and the item table ``items``."""
         genres = items.group_by("genre").len().sort(["len", "genre"], descending=[True, False])["genre"].to_list()
         return cls(
-            users=np.array([OOV, *pairs["user_id"].unique().sort().to_list()], dtype=object),
+            users=np.array([OOV, *users.unique().sort().to_list()], dtype=object),
             items=np.array([OOV, *items["track_id"].to_list()], dtype=object),
             artists=np.array([OOV, *items["artist_id"].unique().sort().to_list()], dtype=object),
             genres=np.array([OOV, *sorted(set(genres))], dtype=object),
@@ -423,25 +431,60 @@ class TrainedTwoTower:
         return numpy_query_tower(self.model, self.params, self.item_frame, self.vocab, self.session_weight)
 
 
-def _arrays(
-    pairs: pl.DataFrame, items: pl.DataFrame, vocab: Vocabulary, state: dict[str, np.ndarray], history_length: int
-) -> dict[str, np.ndarray]:
-    item_rows = Vocabulary.index(pairs["track_id"], vocab.items)
-    user_rows = Vocabulary.index(pairs["user_id"], vocab.users)
-    artist_of, genre_of = attribute_rows(items, vocab)
-    counts = np.bincount(item_rows, minlength=len(vocab.items)).astype(np.float64)
-    probability = counts / counts.sum()
+def _examples(pairs: pl.DataFrame, vocab: Vocabulary, history_length: int) -> dict[str, np.ndarray]:
+    """The training examples of ``pairs`` (one per distinct pair): what differs from pair to pair. What
+    a row of the user or item tables gives (the user's features, the track's artist, genre and logQ
+    probability) is gathered per batch by :func:`_dataset`, not stored per example."""
     history = {"history": example_histories(pairs, vocab, history_length)} if history_length else {}
     return {
         **history,
-        "user_row": user_rows,
-        "user_features": state["user_features"][user_rows],
-        "item_row": item_rows,
-        "artist_row": artist_of[item_rows],
-        "genre_row": genre_of[item_rows],
+        "user_row": Vocabulary.index(pairs["user_id"], vocab.users),
+        "item_row": Vocabulary.index(pairs["track_id"], vocab.items),
         "weight": pairs["weight"].to_numpy().astype(np.float32),
-        "sampling_probability": probability[item_rows].astype(np.float32),
     }
+
+
+CHUNK_ROWS = 256  # the rows of one element of a saved bucket: the unit of the streamed shuffle
+SHUFFLE_CHUNKS = 1024  # the streamed shuffle's buffer: 262,144 examples
+
+
+@dataclass
+class _Examples:
+    """One training phase's examples: in memory (a table of one bucket), or one tf.data snapshot per
+    bucket on disk (``Dataset.save``), each in its own shuffled order, read back as a stream."""
+
+    arrays: dict[str, np.ndarray] | None = None
+    directories: list[str] = field(default_factory=list)
+    sizes: list[int] = field(default_factory=list)
+
+    @property
+    def rows(self) -> int:
+        return sum(self.sizes)
+
+    def add(self, arrays: dict[str, np.ndarray], directory: Path | None, seed: int) -> None:
+        n = len(arrays["item_row"])
+        if not n:
+            return
+        self.sizes.append(n)
+        if directory is None:
+            self.arrays = arrays
+            return
+        import tensorflow as tf
+
+        order = np.random.default_rng(seed).permutation(n)
+        shuffled = {name: values[order] for name, values in arrays.items()}
+        tf.data.Dataset.from_tensor_slices(shuffled).batch(CHUNK_ROWS).save(str(directory))
+        self.directories.append(str(directory))
+
+
+@dataclass(frozen=True)
+class _Tables:
+    """The per-row tables that complete a batch of examples (:func:`_dataset`)."""
+
+    user_features: np.ndarray  # rows of vocab.users
+    sampling_probability: np.ndarray  # rows of vocab.items: the phase's share of pairs (logQ)
+    artist_of: np.ndarray
+    genre_of: np.ndarray
 
 
 def numpy_query_tower(model, params: TwoTowerParams, items: pl.DataFrame, vocab: Vocabulary,
@@ -491,11 +534,12 @@ def next_plays(fit_pairs: pl.DataFrame, val_part: pl.DataFrame, users: np.ndarra
 
 
 def _pick_session(
-    model, vocab, items, state, fit_pairs, val_part, validation: EvalSet, params, prior: float
+    model, vocab, items, state, fit_pairs, val_part, validation: EvalSet, params, prior: float, log_q: np.ndarray
 ) -> tuple[float, list[dict]]:
     """The session term's weight (``SESSION_WEIGHTS``) with the best next-play NDCG@20 on the validation
     split: each user's query as the scorer builds it after their earlier validation plays, the target
-    ranked among the tracks they had not heard (their training tracks and those plays left out)."""
+    ranked among the tracks they had not heard (their training tracks and those plays left out).
+    ``fit_pairs`` and ``val_part``: at least the validation users'; ``log_q``: of every fit pair."""
     from recsys_core.query_tower import merged_history, unit_directions
 
     cases = next_plays(fit_pairs, val_part, validation.users)
@@ -511,7 +555,7 @@ def _pick_session(
     targets = targets[keep]
     played = [p[p > 0] for p, k in zip(played, keep, strict=True) if k]
     user_emb, item_emb = _embeddings(model, vocab, items, state, params)
-    _, candidates = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(fit_pairs, vocab))
+    _, candidates = with_prior(user_emb, item_emb, params.temperature * prior, log_q)
     directions = unit_directions(candidates)
     tower = numpy_query_tower(model, params, items, vocab)
     n = params.history_length
@@ -578,18 +622,25 @@ def _embeddings(
 
 
 def _dataset(
-    arrays: dict[str, np.ndarray], params: TwoTowerParams, epoch_seed: int, placement: Placement | None = None
+    examples: _Examples, tables: _Tables, params: TwoTowerParams, epoch_seed: int, placement: Placement | None = None
 ):
-    """The training pairs, shuffled each epoch and batched ``batch_size`` per replica; and the steps of
-    an epoch (``None``: until the data ends, on one replica).
+    """The training examples, shuffled each epoch and batched ``batch_size`` per replica; and the steps
+    of an epoch (``None``: until the data ends, on one replica).
+
+    In memory, the examples' row numbers are shuffled and batched, then each batch gathered at once.
+    From disk, the buckets' snapshots are read as one stream, a bucket drawn at random for each chunk
+    of ``CHUNK_ROWS`` examples (each bucket was saved in its own shuffled order), then shuffled in a
+    bounded buffer of ``SHUFFLE_CHUNKS`` chunks and re-batched: memory stays that of the buffer. Either
+    way a batch is completed from the per-row tables (the user's features, the track's attributes and
+    logQ probability).
 
     Under a strategy with more than one input pipeline (one per worker), each worker takes its own
-    ``1/workers`` of the pairs, the same count on every worker, so all take the same number of steps (a
-    worker with one step more would wait forever on the others' gradients); the dataset repeats, and
-    the epoch is that many steps (Keras needs the count for a distributed dataset)."""
+    ``1/workers`` of the examples, so all take the same number of steps (a worker with one step more
+    would wait forever on the others' gradients); the dataset repeats, and the epoch is that many steps
+    (Keras needs the count for a distributed dataset)."""
     import tensorflow as tf
 
-    n = len(arrays["item_row"])
+    n = examples.rows
     replicas = placement.replicas if placement is not None else 1
     pipelines = placement.workers if placement is not None and placement.name == "multi-worker" else 1
     local_replicas = max(replicas // pipelines, 1)  # replicas fed by one pipeline: each needs a batch per step
@@ -604,17 +655,39 @@ def _dataset(
         )
 
     def build(context: tf.distribute.InputContext | None = None):
-        # The examples' row numbers are shuffled and batched, then each batch gathered from the arrays
-        # at once: shuffling the examples themselves (nine tensors each) took a quarter of an epoch's
-        # time on 2 cores (docs/benchmarks.md, "Training time").
-        tensors = {name: tf.constant(values) for name, values in arrays.items()}
-        rows = tf.data.Dataset.range(n)
-        if context is not None and context.num_input_pipelines > 1:
-            rows = rows.take(per_pipeline * context.num_input_pipelines)
-            rows = rows.shard(context.num_input_pipelines, context.input_pipeline_id)
-        rows = rows.shuffle(min(per_pipeline, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
-        rows = rows.batch(params.batch_size, drop_remainder=local_replicas > 1)
-        ds = rows.map(lambda batch: {name: tf.gather(t, batch) for name, t in tensors.items()})
+        shards = context.num_input_pipelines if context is not None else 1
+        if examples.arrays is not None:
+            # Shuffling the examples themselves (nine tensors each) took a quarter of an epoch's time on
+            # 2 cores (docs/benchmarks.md, "Training time"): their row numbers are shuffled instead.
+            tensors = {name: tf.constant(values) for name, values in examples.arrays.items()}
+            rows = tf.data.Dataset.range(n)
+            if shards > 1:
+                rows = rows.take(per_pipeline * shards).shard(shards, context.input_pipeline_id)
+            rows = rows.shuffle(min(per_pipeline, 1_000_000), seed=epoch_seed, reshuffle_each_iteration=True)
+            rows = rows.batch(params.batch_size, drop_remainder=local_replicas > 1)
+            batches = rows.map(lambda batch: {name: tf.gather(t, batch) for name, t in tensors.items()})
+        else:
+            parts = [tf.data.Dataset.load(directory) for directory in examples.directories]
+            weights = np.asarray(examples.sizes, dtype=np.float64) / n
+            chunks = tf.data.Dataset.sample_from_datasets(parts, weights=weights.tolist(), seed=epoch_seed)
+            if shards > 1:
+                chunks = chunks.shard(shards, context.input_pipeline_id)
+            chunks = chunks.shuffle(SHUFFLE_CHUNKS, seed=epoch_seed, reshuffle_each_iteration=True)
+            batches = chunks.rebatch(params.batch_size, drop_remainder=local_replicas > 1)
+        features, probability = tf.constant(tables.user_features), tf.constant(tables.sampling_probability)
+        artist_of, genre_of = tf.constant(tables.artist_of), tf.constant(tables.genre_of)
+
+        def complete(batch):
+            items = batch["item_row"]
+            return {
+                **batch,
+                "user_features": tf.gather(features, batch["user_row"]),
+                "artist_row": tf.gather(artist_of, items),
+                "genre_row": tf.gather(genre_of, items),
+                "sampling_probability": tf.gather(probability, items),
+            }
+
+        ds = batches.map(complete, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
         return (ds.repeat() if context is not None else ds).prefetch(tf.data.AUTOTUNE)
 
     if replicas == 1:
@@ -627,9 +700,16 @@ PRIOR_GRID = (0.0, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0)
 
 def log_popularity(pairs: pl.DataFrame, vocab: Vocabulary) -> np.ndarray:
     """log q(item): the smoothed share of training pairs per item row (the logQ of the loss)."""
-    counts = np.bincount(Vocabulary.index(pairs["track_id"], vocab.items), minlength=len(vocab.items)).astype(
-        np.float64
-    )
+    return _log_q(_item_counts(pairs, vocab))
+
+
+def _item_counts(pairs: pl.DataFrame, vocab: Vocabulary) -> np.ndarray:
+    return np.bincount(Vocabulary.index(pairs["track_id"], vocab.items), minlength=len(vocab.items)).astype(np.float64)
+
+
+def _log_q(counts: np.ndarray) -> np.ndarray:
+    """log q(item) from the pairs per item row (row 0 left out)."""
+    counts = counts.astype(np.float64)
     counts[0] = 0.0
     return np.log((counts + 1.0) / (counts.sum() + len(counts))).astype(np.float32)
 
@@ -650,12 +730,9 @@ def with_prior(
     )
 
 
-def _pick_prior(
-    model, vocab, items, state, validation: EvalSet, pairs: pl.DataFrame, params
-) -> tuple[float, list[dict]]:
-    """The α of :func:`with_prior` with the best validation NDCG@10."""
+def _pick_prior(model, vocab, items, state, validation: EvalSet, log_q: np.ndarray, params) -> tuple[float, list[dict]]:
+    """The α of :func:`with_prior` with the best validation NDCG@10 (``log_q``: of the fit pairs)."""
     user_emb, item_emb = _embeddings(model, vocab, items, state, params)
-    log_q = log_popularity(pairs, vocab)
     scores = []
     for alpha in PRIOR_GRID:
         u, v = with_prior(user_emb, item_emb, params.temperature * alpha, log_q)
@@ -733,12 +810,26 @@ class _EpochEnd:
         return stop
 
 
+@dataclass
+class _Phase:
+    """What one fit trains on: its examples, the query tower's per-user inputs at the end of its pairs
+    (``user_features`` and ``history``, rows of ``vocab.users``) and its pairs per item row."""
+
+    examples: _Examples
+    state: dict[str, np.ndarray]
+    counts: np.ndarray
+
+    def tables(self, vocab: Vocabulary, items: pl.DataFrame) -> _Tables:
+        artist_of, genre_of = attribute_rows(items, vocab)
+        probability = self.counts / max(self.counts.sum(), 1.0)
+        return _Tables(self.state["user_features"], probability.astype(np.float32), artist_of, genre_of)
+
+
 def _fit(
     model,
-    pairs: pl.DataFrame,
+    phase_data: _Phase,
     items: pl.DataFrame,
     vocab: Vocabulary,
-    state: dict[str, np.ndarray],
     params: TwoTowerParams,
     epochs: int,
     validation: EvalSet | None,
@@ -747,25 +838,147 @@ def _fit(
     placement: Placement | None = None,
 ) -> _EpochEnd:
     """Train ``model`` for up to ``epochs`` epochs in one ``fit`` call; restore the best weights."""
-    arrays = _arrays(pairs, items, vocab, state, params.history_length)
-    tracker = _EpochEnd(model, vocab, items, state, validation, params, progress, phase)
-    dataset, steps = _dataset(arrays, params, params.seed, placement)
+    tracker = _EpochEnd(model, vocab, items, phase_data.state, validation, params, progress, phase)
+    dataset, steps = _dataset(phase_data.examples, phase_data.tables(vocab, items), params, params.seed, placement)
     model.fit(dataset, epochs=epochs, steps_per_epoch=steps, verbose=0, callbacks=[tracker.callback()])
     if validation is not None and tracker.best_weights is not None:
         model.set_weights(tracker.best_weights)
     else:
         tracker.best_epoch = len(tracker.history)
-    tracker.examples = len(arrays["item_row"]) * len(tracker.history)
+    tracker.examples = phase_data.examples.rows * len(tracker.history)
     return tracker
 
 
+# (window, fit part, validation part) of one user bucket; the last two are None without a validation split
+Part = tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]
+
+
+def _parts(
+    train: pl.DataFrame | UserBuckets, validation_split: tuple[pl.DataFrame, pl.DataFrame] | str | None
+) -> Callable[[], Iterable[Part]]:
+    """The training's input, one user bucket at a time, as often as it is asked for (a bucket is read
+    and split again each time; a single bucket once, kept in memory)."""
+    from recsys_assets.ml.split import bucket_splits
+
+    if isinstance(validation_split, tuple):  # given whole: the train side is one bucket
+        frame = train.collect() if isinstance(train, UserBuckets) else train
+        return lambda: [(frame, *validation_split)]
+    buckets = train if isinstance(train, UserBuckets) else UserBuckets((train,))
+
+    def read() -> Iterator[Part]:
+        if validation_split is None:
+            return ((bucket, None, None) for bucket in buckets)
+        splits = bucket_splits(buckets, validation_split)
+        return ((bucket, split.train, split.holdout) for bucket, split in zip(buckets, splits, strict=True))
+
+    if len(buckets) == 1:
+        cached = list(read())
+        return lambda: cached
+    return read
+
+
+@dataclass
+class _Prepared:
+    """The training data, built one user bucket at a time (:func:`_prepare`)."""
+
+    vocab: Vocabulary
+    items: pl.DataFrame
+    pairs: int
+    full: _Phase
+    fit: _Phase | None = None
+    validation: EvalSet | None = None
+    fit_sample: pl.DataFrame | None = None  # the validation users' fit part and validation part
+    val_sample: pl.DataFrame | None = None
+
+
+def _user_state(interactions: pl.DataFrame, pairs: pl.DataFrame, vocab: Vocabulary, items: pl.DataFrame,
+                params: TwoTowerParams, state: dict[str, np.ndarray]) -> None:  # fmt: skip
+    """Fill ``state``'s rows of the users of ``pairs`` (one bucket's) from their interactions."""
+    users = pairs["user_id"].unique().sort()
+    rows = Vocabulary.index(users, vocab.users)
+    state["user_features"][rows] = query_features(
+        with_genre(interactions, items), users.to_numpy().astype(str), vocab.query_genres
+    )
+    if params.history_length:
+        state["history"][rows] = latest_histories(pairs, vocab, params.history_length)[rows]
+
+
+def _prepare(parts: Callable[[], Iterable[Part]], tracks: pl.DataFrame, params: TwoTowerParams,
+             scratch: Path | None) -> _Prepared:  # fmt: skip
+    """Two passes over the buckets. The first gathers what spans users: the vocabulary (users and tracks
+    of the pairs), the fit part's tracks (the validation ranks among them) and the users that the
+    validation can evaluate, of whom ``validation_users`` are drawn. The second builds each bucket's
+    examples (saved under ``scratch`` when there is more than one bucket), its users' features and
+    latest histories, and the item counts of the logQ correction; and keeps the validation users' rows.
+
+    Raises:
+        TrainingError: too few pairs, users or tracks to train anything meaningful.
+    """
+    from recsys_assets.ml.metrics import eval_users
+
+    n_pairs, users, tracks_of, fit_tracks, eligible = 0, [], [], [], []
+    for window, fit, val in parts():
+        pairs = training_pairs(window)
+        n_pairs += pairs.height
+        users.append(pairs["user_id"].unique())
+        tracks_of.append(pairs["track_id"].unique())
+        if fit is not None:
+            fit_tracks.append(fit["track_id"].unique())
+            eligible.append(eval_users(fit, val))
+    if n_pairs < params.min_train_pairs:
+        raise TrainingError(
+            f"{n_pairs} distinct (user, track) training pairs: at least {params.min_train_pairs} are needed "
+            "(min_train_pairs)"
+        )
+    all_users, all_tracks = pl.concat(users).unique(), pl.concat(tracks_of).unique()
+    if len(all_users) < 2 or len(all_tracks) < 2:
+        raise TrainingError(
+            f"{len(all_users)} users and {len(all_tracks)} tracks: a retrieval model needs at least two of each"
+        )
+    items = item_table(pl.DataFrame({"track_id": all_tracks}), tracks)
+    vocab = Vocabulary.of(all_users, items)
+    validating = bool(fit_tracks)
+    chosen = pl.concat(eligible).sort() if validating else pl.Series("user_id", [], pl.String)
+    if len(chosen) > params.validation_users:
+        keep = np.random.default_rng(params.seed).choice(len(chosen), params.validation_users, replace=False)
+        chosen = chosen.gather(np.sort(keep))
+
+    def empty_phase() -> _Phase:
+        state = {"user_features": np.zeros((len(vocab.users), len(vocab.query_genres) + 3), dtype=np.float32)}
+        if params.history_length:
+            state["history"] = np.zeros((len(vocab.users), params.history_length), dtype=np.int32)
+        return _Phase(_Examples(), state, np.zeros(len(vocab.items), dtype=np.float64))
+
+    full, fit_phase = empty_phase(), empty_phase() if validating else None
+    fit_sample, val_sample = [], []
+    for b, (window, fit, val) in enumerate(parts()):
+        for phase, interactions, name in ((full, window, "full"), (fit_phase, fit, "fit")):
+            if phase is None:
+                continue
+            pairs = training_pairs(interactions)
+            _user_state(interactions, pairs, vocab, items, params, phase.state)
+            phase.counts += _item_counts(pairs, vocab)
+            directory = None if scratch is None else scratch / f"{name}-{b}"
+            phase.examples.add(_examples(pairs, vocab, params.history_length), directory, params.seed + b)
+        if validating:
+            fit_sample.append(fit.join(chosen.to_frame("user_id"), on="user_id", how="semi"))
+            val_sample.append(val.join(chosen.to_frame("user_id"), on="user_id", how="semi"))
+    prepared = _Prepared(vocab, items, n_pairs, full, fit_phase)
+    if validating:
+        prepared.fit_sample, prepared.val_sample = pl.concat(fit_sample), pl.concat(val_sample)
+        ranked = pl.concat(fit_tracks).unique().sort()
+        prepared.validation = build_eval_set(prepared.fit_sample, prepared.val_sample, items=ranked)
+    return prepared
+
+
 def train_two_tower(
-    train: pl.DataFrame,
+    train: pl.DataFrame | UserBuckets,
     tracks: pl.DataFrame,
-    validation_split: tuple[pl.DataFrame, pl.DataFrame] | None,
+    validation_split: tuple[pl.DataFrame, pl.DataFrame] | str | None,
     params: TwoTowerParams,
     progress: Callable[[dict], None] | None = None,
     placement: Placement | None = None,
+    scratch: Path | None = None,
 ) -> TrainedTwoTower:
     """Train on the train side's positive interactions.
 
@@ -777,93 +990,79 @@ def train_two_tower(
 
     Args:
         train: positives of the train side (``user_id``, ``track_id``, ``played_at``, ``weight``,
-            ``liked``).
+            ``liked``): a table, or the table cut into user buckets (:mod:`recsys_assets.ml.buckets`),
+            which are read one at a time and whose examples stream from disk: the training's memory is
+            then that of a bucket, whatever the number of events.
         tracks: track attributes (``track_id``, ``artist_id``, ``genre``: the ``track_features`` table).
-        validation_split: (fit part, validation part) carved out of ``train`` for early stopping;
-            ``None`` trains ``max_epochs`` epochs on ``train``.
+        validation_split: a protocol (``global`` or ``user``: the validation split is carved out of
+            ``train`` as :func:`recsys_assets.ml.split.temporal_split` does), or (fit part, validation
+            part) given whole; ``None`` trains ``max_epochs`` epochs on ``train``.
         params: hyperparameters.
         progress: called after each epoch with its record (loss, validation metrics, seconds).
         placement: the ``tf.distribute`` strategy to train under (:mod:`recsys_assets.ml.distribute`);
             ``None``: TensorFlow's default (one device). Every worker of a multi-worker strategy calls
             this with the same data and gets the same model back.
+        scratch: where the buckets' examples are saved (default: a temporary directory, deleted after).
 
     Raises:
         TrainingError: too few pairs, users or tracks to train anything meaningful.
     """
-    import tensorflow as tf
-
     if params.refit not in REFIT_MODES:
         raise TrainingError(f"refit={params.refit!r}: expected one of {', '.join(REFIT_MODES)}")
-    pairs = training_pairs(train)
-    if pairs.height < params.min_train_pairs:
-        raise TrainingError(
-            f"{pairs.height} distinct (user, track) training pairs: at least {params.min_train_pairs} are needed "
-            "(min_train_pairs)"
-        )
-    if pairs["user_id"].n_unique() < 2 or pairs["track_id"].n_unique() < 2:
-        raise TrainingError(
-            f"{pairs['user_id'].n_unique()} users and {pairs['track_id'].n_unique()} tracks: "
-            "a retrieval model needs at least two of each"
-        )
-    items = item_table(train, tracks)
-    vocab = Vocabulary.build(pairs, items)
-    features = query_features(with_genre(train, items), vocab.users, vocab.query_genres)
-    features[0] = 0.0
-    state = _state(features, pairs, vocab, params)
+    parts = _parts(train, validation_split)
+    streamed = isinstance(train, UserBuckets) and len(train) > 1 and not isinstance(validation_split, tuple)
+    with tempfile.TemporaryDirectory(prefix="recsys-examples-", dir=scratch) as directory:
+        data = _prepare(parts, tracks, params, Path(directory) if streamed else None)
+        return _train(data, params, progress, placement)
 
+
+def _train(data: _Prepared, params: TwoTowerParams, progress, placement: Placement | None) -> TrainedTwoTower:
+    import tensorflow as tf
+
+    vocab, items, full = data.vocab, data.items, data.full
+    n_features = full.state["user_features"].shape[1]
     strategy = placement.strategy if placement is not None else None
     tf.keras.utils.set_random_seed(params.seed)
-    model = _build_model(vocab, items, features.shape[1], params, strategy)
+    model = _build_model(vocab, items, n_features, params, strategy)
     runs: list[_EpochEnd] = []
     prior, prior_scores = 0.0, []
     session_weight, session_scores = 0.0, []
-    if validation_split is None:
-        runs.append(_fit(model, pairs, items, vocab, state, params, params.max_epochs, None, progress,
-                         placement=placement))  # fmt: skip
+    if data.fit is None:
+        runs.append(_fit(model, full, items, vocab, params, params.max_epochs, None, progress, placement=placement))
         best_epoch = runs[-1].best_epoch
     else:
-        fit_part, val_part = validation_split
-        validation = build_eval_set(fit_part, val_part)
-        if len(validation.users) > params.validation_users:
-            keep = np.random.default_rng(params.seed).choice(
-                len(validation.users), params.validation_users, replace=False
-            )
-            validation = build_eval_set(
-                fit_part, val_part.filter(pl.col("user_id").is_in(validation.users[np.sort(keep)].tolist()))
-            )
-        fit_features = query_features(with_genre(fit_part, items), vocab.users, vocab.query_genres)
-        fit_features[0] = 0.0
-        fit_pairs = training_pairs(fit_part)
-        fit_state = _state(fit_features, fit_pairs, vocab, params)
+        validation = data.validation
         fit = _fit(
-            model, fit_pairs, items, vocab, fit_state, params, params.max_epochs,
+            model, data.fit, items, vocab, params, params.max_epochs,
             validation if len(validation.users) else None, progress, placement=placement,
         )  # fmt: skip
         runs.append(fit)
         best_epoch = max(fit.best_epoch, 1)
+        log_q = _log_q(data.fit.counts)
         if params.popularity_prior and len(validation.users):
-            prior, prior_scores = _pick_prior(model, vocab, items, fit_state, validation, fit_pairs, params)
+            prior, prior_scores = _pick_prior(model, vocab, items, data.fit.state, validation, log_q, params)
             log.info("popularity prior on the validation split: %s -> alpha %s", prior_scores, prior)
         if params.history_length and params.session_length and len(validation.users):
             session_weight, session_scores = _pick_session(
-                model, vocab, items, fit_state, fit_pairs, val_part, validation, params, prior
-            )
+                model, vocab, items, data.fit.state, training_pairs(data.fit_sample), data.val_sample, validation,
+                params, prior, log_q,
+            )  # fmt: skip
         if params.refit == "warm":
-            runs.append(_fit(model, pairs, items, vocab, state, params, params.refit_epochs, None, progress, "refit",
-                             placement))  # fmt: skip
+            epochs = params.refit_epochs
+            runs.append(_fit(model, full, items, vocab, params, epochs, None, progress, "refit", placement))
         elif params.refit == "scratch":
             tf.keras.utils.set_random_seed(params.seed)
-            model = _build_model(vocab, items, features.shape[1], params, strategy)
-            runs.append(_fit(model, pairs, items, vocab, state, params, best_epoch, None, progress, "refit", placement))
-    user_emb, item_emb = _embeddings(model, vocab, items, state, params)
-    user_emb, item_emb = with_prior(user_emb, item_emb, params.temperature * prior, log_popularity(pairs, vocab))
+            model = _build_model(vocab, items, n_features, params, strategy)
+            runs.append(_fit(model, full, items, vocab, params, best_epoch, None, progress, "refit", placement))
+    user_emb, item_emb = _embeddings(model, vocab, items, full.state, params)
+    user_emb, item_emb = with_prior(user_emb, item_emb, params.temperature * prior, _log_q(full.counts))
     seconds = sum(r.seconds for r in runs)
     examples = sum(r.examples for r in runs)
     return TrainedTwoTower(
         params=params,
         vocab=vocab,
         item_frame=items,
-        user_features=features,
+        user_features=full.state["user_features"],
         user_embeddings=user_emb,
         item_embeddings=item_emb,
         model=model,
@@ -873,18 +1072,11 @@ def train_two_tower(
         prior_scores=prior_scores,
         train_seconds=seconds,
         examples_per_second=examples / seconds if seconds else 0.0,
-        pairs=pairs.height,
-        user_history=state.get("history"),
+        pairs=data.pairs,
+        user_history=full.state.get("history"),
         session_weight=session_weight,
         session_scores=session_scores,
     )
-
-
-def _state(features: np.ndarray, pairs: pl.DataFrame, vocab: Vocabulary, params: TwoTowerParams) -> dict:
-    """The query tower's per-user inputs at the end of ``pairs`` (rows of ``vocab.users``)."""
-    if not params.history_length:
-        return {"user_features": features}
-    return {"user_features": features, "history": latest_histories(pairs, vocab, params.history_length)}
 
 
 def params_dict(params: TwoTowerParams) -> dict:

@@ -48,9 +48,23 @@ def test_two_workers_train_one_model_that_serves(tiny_world, tmp_path: Path) -> 
     split.train.write_parquet(tmp_path / "train.parquet")
     tracks.write_parquet(tmp_path / "tracks.parquet")
     out = tmp_path / "chief" / "version"
-    argv = [sys.executable, "-m", "recsys_assets.ml.train_worker", "--train", str(tmp_path / "train.parquet"),
-            "--tracks", str(tmp_path / "tracks.parquet"), "--params", json.dumps(asdict(PARAMS)),
-            "--out", str(out), "--strategy", "multi-worker"]  # fmt: skip
+    argv = [
+        sys.executable,
+        "-m",
+        "recsys_assets.ml.train_worker",
+        "--train",
+        str(tmp_path / "train.parquet"),
+        "--tracks",
+        str(tmp_path / "tracks.parquet"),
+        "--params",
+        json.dumps(asdict(PARAMS)),
+        "--out",
+        str(out),
+        "--strategy",
+        "multi-worker",
+        "--bucket-rows",
+        str(split.train.height // 3),
+    ]  # fmt: skip  (the train side streamed in 4 buckets)
     run_local_cluster(argv, workers=2, log_dir=tmp_path / "logs", timeout=300)  # raises with the logs on failure
     result = json.loads(Path(default_result(str(out))).read_text())
     assert (result["strategy"], result["workers"], result["replicas"]) == ("multi-worker", 2, 2)

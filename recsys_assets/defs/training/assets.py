@@ -117,7 +117,8 @@ def _train_on_workers(
     args = ["--train", str(split_dir / "train.parquet"), "--tracks", str(split_dir / "tracks.parquet"),
             "--params", json.dumps(params.__dict__), "--protocol", protocol, "--out", str(out),
             "--result", str(result), "--manifest", json.dumps(manifest, default=str),
-            "--ann-min-items", str(ann_min_items), "--window-days", str(window_days)]  # fmt: skip
+            "--ann-min-items", str(ann_min_items), "--window-days", str(window_days),
+            "--bucket-rows", str(training.bucket_rows)]  # fmt: skip
     name = f"recsys-train-{context.run.run_id[:8]}"
     training.run_workers(context, args, log_dir=model_dir.with_name(f"{model_dir.name}.logs"), name=name)
     outcome = json.loads(result.read_text())
@@ -215,7 +216,7 @@ def two_tower_model(
             trained = train_and_export(
                 split.train, tracks, params, split.protocol, model_dir, manifest, placement(training.strategy),
                 serving.ann_min_items, progress=lambda record: context.log.info(f"epoch {record}"),
-                window_days=window_days or 0,
+                window_days=window_days or 0, bucket_rows=training.bucket_rows, scratch=split_dir.parent,
             )  # fmt: skip
         registry.log_run(
             run_id,
