@@ -100,6 +100,8 @@ def test_training_settings() -> None:
         "kubernetes",
     )
     assert load_settings({"RECSYS_TRAIN_WINDOW_DAYS": "ALL"}).training.window_days is None
+    assert defaults.bucket_rows == 2_000_000
+    assert load_settings({"RECSYS_TRAIN_BUCKET_ROWS": "50000"}).training.bucket_rows == 50_000
     for env, message in [
         (
             {"RECSYS_TRAIN_WINDOW_DAYS": "0"},
@@ -109,6 +111,7 @@ def test_training_settings() -> None:
         ({"RECSYS_TRAIN_STRATEGY": "horovod"}, "RECSYS_TRAIN_STRATEGY='horovod': expected one of auto, one-device"),
         ({"RECSYS_TRAIN_WORKERS": "0"}, "RECSYS_TRAIN_WORKERS=0: expected a positive number"),
         ({"RECSYS_TRAIN_LAUNCHER": "slurm"}, "RECSYS_TRAIN_LAUNCHER='slurm': expected one of local, kubernetes"),
+        ({"RECSYS_TRAIN_BUCKET_ROWS": "-1"}, "RECSYS_TRAIN_BUCKET_ROWS=-1: expected a positive number"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_settings(env)

@@ -216,7 +216,7 @@ def two_tower_model(
             trained = train_and_export(
                 split.train, tracks, params, split.protocol, model_dir, manifest, placement(training.strategy),
                 serving.ann_min_items, progress=lambda record: context.log.info(f"epoch {record}"),
-                window_days=window_days or 0, bucket_rows=training.bucket_rows, scratch=split_dir.parent,
+                window_days=window_days or 0, bucket_rows=training.bucket_rows,
             )  # fmt: skip
         registry.log_run(
             run_id,
