@@ -174,7 +174,8 @@ def bucket_splits(buckets: UserBuckets, protocol: str) -> Iterator[Split]:
         raise SplitError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     if protocol == "global":
         # 8 bytes an interaction: the one table that spans the buckets (the exact cutoff needs every time)
-        cutoff = global_cutoff(pl.concat([positives(b)["played_at"] for b in buckets]))
+        keys = ["user_id", "track_id", "played_at"]
+        cutoff = global_cutoff(pl.concat([b.select(keys).unique()["played_at"] for b in buckets]))
     held = 0
     for bucket in buckets:
         df = positives(bucket)

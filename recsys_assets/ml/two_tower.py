@@ -381,11 +381,13 @@ def _padded(lists: pl.Series, n: int) -> np.ndarray:
 def example_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
     """For each row of ``pairs`` (in its order), the user's last ``n`` distinct positive tracks whose
     first play is strictly before the pair's own (most recent first, 0-padded): only the past."""
-    from recsys_assets.ml.history import histories
+    from recsys_assets.ml.history import history_matrix
 
     frame = pairs.select("user_id", "track_id", pl.col("first_at").alias("played_at")).with_row_index("_i")
-    built = histories(frame, _track_index(vocab), n).sort("_i")
-    return _padded(built["history"], n)
+    ordered, matrix, _ = history_matrix(frame, _track_index(vocab), n)
+    out = np.empty_like(matrix)
+    out[ordered["_i"].to_numpy()] = matrix
+    return out
 
 
 def latest_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
@@ -854,10 +856,13 @@ Part = tuple[pl.DataFrame, pl.DataFrame | None, pl.DataFrame | None]
 
 
 def _parts(
-    train: pl.DataFrame | UserBuckets, validation_split: tuple[pl.DataFrame, pl.DataFrame] | str | None
+    train: pl.DataFrame | UserBuckets,
+    validation_split: tuple[pl.DataFrame, pl.DataFrame] | str | None,
+    scratch: Path | None = None,
 ) -> Callable[[], Iterable[Part]]:
-    """The training's input, one user bucket at a time, as often as it is asked for (a bucket is read
-    and split again each time; a single bucket once, kept in memory)."""
+    """The training's input, one user bucket at a time, as often as it is asked for: a single bucket is
+    split once and kept in memory; with several, the first reading splits each bucket and saves its
+    parts under ``scratch``, and the later ones read them back."""
     from recsys_assets.ml.split import bucket_splits
 
     if isinstance(validation_split, tuple):  # given whole: the train side is one bucket
@@ -874,7 +879,23 @@ def _parts(
     if len(buckets) == 1:
         cached = list(read())
         return lambda: cached
-    return read
+    if scratch is None or validation_split is None:
+        return read
+    saved: list[tuple[Path, Path]] = []
+
+    def read_saved() -> Iterator[Part]:
+        if saved:
+            for bucket, (fit, val) in zip(buckets, saved, strict=True):
+                yield bucket, pl.read_parquet(fit), pl.read_parquet(val)
+            return
+        for b, (bucket, fit, val) in enumerate(read()):
+            paths = (scratch / f"split-{b}-fit.parquet", scratch / f"split-{b}-validation.parquet")
+            fit.write_parquet(paths[0])
+            val.write_parquet(paths[1])
+            saved.append(paths)
+            yield bucket, fit, val
+
+    return read_saved
 
 
 @dataclass
@@ -1009,10 +1030,10 @@ def train_two_tower(
     """
     if params.refit not in REFIT_MODES:
         raise TrainingError(f"refit={params.refit!r}: expected one of {', '.join(REFIT_MODES)}")
-    parts = _parts(train, validation_split)
     streamed = isinstance(train, UserBuckets) and len(train) > 1 and not isinstance(validation_split, tuple)
     with tempfile.TemporaryDirectory(prefix="recsys-examples-", dir=scratch) as directory:
-        data = _prepare(parts, tracks, params, Path(directory) if streamed else None)
+        work = Path(directory) if streamed else None
+        data = _prepare(_parts(train, validation_split, work), tracks, params, work)
         return _train(data, params, progress, placement)
 
 
