@@ -116,11 +116,11 @@ def child(directory: Path, window: str, params: dict, protocol: str = "global", 
         work = Path(scratch.name)
         rows = bucket_rows or DEFAULT_BUCKET_ROWS
         everything = UserBuckets.scan(directory / "training_interactions.parquet", work / "all", rows)
-        parts, holdouts = [], []
+        parts = []
         for i, split in enumerate(bucket_splits(everything, protocol)):
             (work / "train" / str(i)).mkdir(parents=True)
             split.train.write_parquet(work / "train" / str(i) / "part.parquet")
-            holdouts.append(split.holdout)
+            split.holdout.write_parquet(work / f"holdout-{i}.parquet")
             parts.append(work / "train" / str(i))
         del split
         train_side = UserBuckets(tuple(parts))
@@ -130,7 +130,7 @@ def child(directory: Path, window: str, params: dict, protocol: str = "global", 
         seconds, peak = time.perf_counter() - t0, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         from recsys_assets.ml.split import Split
 
-        full = Split(protocol, train_side.collect(), pl.concat(holdouts), None)
+        full = Split(protocol, train_side.collect(), pl.read_parquet(work / "holdout-*.parquet"), None)
     scratch.cleanup()
     import numpy as np
 

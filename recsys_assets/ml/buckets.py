@@ -90,8 +90,16 @@ class UserBuckets:
         return lazy if self.where is None else lazy.filter(self.where)
 
     def __iter__(self) -> Iterator[pl.DataFrame]:
+        return self.read()
+
+    def read(self, columns: list[str] | None = None) -> Iterator[pl.DataFrame]:
+        """Each bucket in turn (only ``columns``, read from the files alone when given)."""
         for part in self.parts:
-            yield part if isinstance(part, pl.DataFrame) and self.where is None else self._lazy(part).collect()
+            if isinstance(part, pl.DataFrame) and self.where is None:
+                yield part if columns is None else part.select(columns)
+            else:
+                lazy = self._lazy(part)
+                yield (lazy if columns is None else lazy.select(columns)).collect()
 
     def last(self, column: str = "played_at") -> datetime | None:
         """The largest value of ``column`` over every bucket (``None`` when all are empty); reads that

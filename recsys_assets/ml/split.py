@@ -165,6 +165,36 @@ def validation_split(train: pl.DataFrame, protocol: str) -> Split:
     return temporal_split(train, protocol)
 
 
+def bucket_cutoff(buckets: UserBuckets, fraction: float = HOLDOUT_FRACTION_GLOBAL) -> datetime:
+    """:func:`global_cutoff` of a table cut into user buckets, exactly, without holding every timestamp:
+    the positives counted per hour over the buckets first, then the timestamps of the hour that holds
+    the cut gathered and ranked. Two readings of the buckets' keys; memory: an hour's interactions."""
+    keys = ["user_id", "track_id", "played_at"]
+    hour = pl.col("played_at").dt.truncate("1h").alias("hour")
+    counts = pl.concat([b.unique().group_by(hour).len() for b in buckets.read(keys)])
+    counts = (
+        counts.group_by("hour")
+        .agg(pl.col("len").sum())
+        .sort("hour")
+        .with_columns(pl.col("len").cum_sum().alias("upto"))
+    )
+    n = int(counts["len"].sum()) if counts.height else 0
+    if n < 2:
+        return global_cutoff(pl.Series("played_at", [], pl.Datetime("us")), fraction)  # its error
+    index = math.floor((1 - fraction) * n)
+    at = counts.filter(pl.col("upto") > index).row(0, named=True)
+    within = pl.concat([b.unique().filter(hour == at["hour"])["played_at"] for b in buckets.read(keys)]).sort()
+    cutoff = within[index - (at["upto"] - at["len"])]
+    first = counts["hour"][0]
+    earliest = pl.concat([b.filter(hour == first)["played_at"] for b in buckets.read(keys)]).min()
+    if earliest >= cutoff:
+        raise SplitError(
+            f"all {n} positive interactions are at or after the cutoff {cutoff} (identical timestamps?): "
+            "nothing is left to train on; use the per-user protocol"
+        )
+    return cutoff
+
+
 def bucket_splits(buckets: UserBuckets, protocol: str) -> Iterator[Split]:
     """The protocol's split of a table cut into user buckets, one bucket's :class:`Split` at a time: the
     same rows as :func:`temporal_split` of the whole table (the global protocol's cutoff is taken over
@@ -173,9 +203,7 @@ def bucket_splits(buckets: UserBuckets, protocol: str) -> Iterator[Split]:
     if protocol not in PROTOCOLS:
         raise SplitError(f"protocol={protocol!r}: expected one of {', '.join(PROTOCOLS)}")
     if protocol == "global":
-        # 8 bytes an interaction: the one table that spans the buckets (the exact cutoff needs every time)
-        keys = ["user_id", "track_id", "played_at"]
-        cutoff = global_cutoff(pl.concat([b.select(keys).unique()["played_at"] for b in buckets]))
+        cutoff = bucket_cutoff(buckets)
     held = 0
     for bucket in buckets:
         df = positives(bucket)

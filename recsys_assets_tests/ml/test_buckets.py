@@ -14,7 +14,15 @@ from polars.testing import assert_frame_equal
 from recsys_assets.ml import two_tower as T
 from recsys_assets.ml.buckets import UserBuckets, bucket_count
 from recsys_assets.ml.export import export_model
-from recsys_assets.ml.split import PROTOCOLS, bucket_splits, global_temporal_split, recent, temporal_split
+from recsys_assets.ml.split import (
+    PROTOCOLS,
+    SplitError,
+    bucket_cutoff,
+    bucket_splits,
+    global_temporal_split,
+    recent,
+    temporal_split,
+)
 from recsys_core.model_version import ModelArtifact
 
 pytestmark = pytest.mark.slow
@@ -58,24 +66,42 @@ def test_a_split_bucket_by_bucket_is_the_split_of_the_whole(train_side, protocol
         assert {p.cutoff for p in parts} == {whole.cutoff}
 
 
-def _saved_examples(examples) -> pl.DataFrame:
-    """Every example of a phase (in memory or read back from its buckets' snapshots), as one table."""
-    import tensorflow as tf
+def test_the_cutoff_over_buckets_is_the_cutoff_of_the_whole_even_with_coarse_or_equal_timestamps() -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    for unit in ("1s", "1d"):  # seconds, and day-granular timestamps that many events share
+        frame = pl.DataFrame(
+            {
+                "user_id": rng.integers(0, 300, n).astype(str),
+                "track_id": rng.integers(0, 500, n).astype(str),
+                "played_at": pl.Series(rng.integers(0, 40 * 86_400, n) * 1_000_000).cast(pl.Datetime("us")),
+            }
+        ).with_columns(pl.col("played_at").dt.truncate(unit))
+        expected = global_temporal_split(frame).cutoff
+        assert bucket_cutoff(UserBuckets.of(frame, n // 6)) == expected
+    same = frame.with_columns(pl.lit(frame["played_at"][0]).alias("played_at"))
+    with pytest.raises(SplitError, match="nothing is left to train on"):
+        bucket_cutoff(UserBuckets.of(same, n // 6))
+    with pytest.raises(SplitError, match="at least 2"):
+        bucket_cutoff(UserBuckets.of(same.head(1), 10))
 
-    if examples.arrays is not None:
-        columns = examples.arrays
-    else:
-        chunks = [chunk for d in examples.directories for chunk in tf.data.Dataset.load(d).as_numpy_iterator()]
-        columns = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
+
+def _table(chunks) -> pl.DataFrame:
+    columns = {name: np.concatenate([c[name] for c in chunks]) for name in chunks[0]}
     frame = pl.DataFrame({name: (v.astype(np.int64).tolist() if v.ndim > 1 else v) for name, v in columns.items()})
-    return frame.select(sorted(frame.columns))
+    return frame.select(sorted(frame.columns)).sort("user_row", "item_row")
+
+
+def _saved_examples(examples) -> pl.DataFrame:
+    """Every example of a phase (in memory, or read back from its buckets' files), as one table."""
+    return _table([examples.arrays] if examples.arrays is not None else list(T._chunks(examples.files, seed=0)))
 
 
 def test_the_buckets_build_the_training_data_of_the_whole_table(train_side, tmp_path: Path) -> None:
     one = T._prepare(T._parts(train_side, "global"), _tracks(train_side), PARAMS, None)
     five = T._prepare(T._parts(UserBuckets.of(train_side, train_side.height // 4), "global"), _tracks(train_side),
                       PARAMS, tmp_path)  # fmt: skip
-    assert len(five.full.examples.directories) == 5
+    assert len(five.full.examples.files) == 5
     assert one.full.examples.arrays is not None
     np.testing.assert_array_equal(one.vocab.users, five.vocab.users)
     np.testing.assert_array_equal(one.vocab.items, five.vocab.items)
@@ -84,8 +110,14 @@ def test_the_buckets_build_the_training_data_of_the_whole_table(train_side, tmp_
         np.testing.assert_array_equal(a.counts, b.counts)
         np.testing.assert_allclose(a.state["user_features"], b.state["user_features"], rtol=1e-6)
         np.testing.assert_array_equal(a.state["history"], b.state["history"])
-        order = ["user_row", "item_row"]
-        assert_frame_equal(_saved_examples(a.examples).sort(order), _saved_examples(b.examples).sort(order))
+        assert_frame_equal(_saved_examples(a.examples), _saved_examples(b.examples))
+    # Each epoch reads every record batch once, in another order; two workers' shards split them.
+    files = five.full.examples.files
+    first, second = list(T._chunks(files, seed=1)), list(T._chunks(files, seed=2))
+    assert not all(np.array_equal(a["item_row"], b["item_row"]) for a, b in zip(first, second, strict=True))
+    shards = list(T._chunks(files, seed=1, shard=0, shards=2)) + list(T._chunks(files, seed=1, shard=1, shards=2))
+    assert_frame_equal(_table(shards), _table(first))
+    assert_frame_equal(_table(first), _saved_examples(one.full.examples))
     # The validation: the same users drawn, the same tracks ranked, the same seen and relevant tracks.
     assert 0 < len(one.validation.users) == PARAMS.validation_users
     for name in ("users", "items", "seen_indptr", "seen_indices", "relevant_keys", "n_relevant"):
