@@ -117,8 +117,11 @@ def top_k(scores: np.ndarray, k: int) -> np.ndarray:
     return np.take_along_axis(part, order, axis=1)
 
 
-def recommend(scorer: Scorer, eval_set: EvalSet, k: int) -> np.ndarray:
-    """Top-``k`` ranked-track indices per evaluated user, their training tracks excluded."""
+def recommend(
+    scorer: Scorer, eval_set: EvalSet, k: int, top: Callable[[np.ndarray, int], np.ndarray] = top_k
+) -> np.ndarray:
+    """Top-``k`` ranked-track indices per evaluated user, their training tracks excluded (``top``: a
+    :func:`top_k` of the same contract, e.g. the training's TensorFlow one)."""
     out = np.empty((len(eval_set.users), min(k, eval_set.n_items)), dtype=np.int64)
     for start in range(0, len(eval_set.users), USER_CHUNK):
         stop = min(start + USER_CHUNK, len(eval_set.users))
@@ -128,7 +131,7 @@ def recommend(scorer: Scorer, eval_set: EvalSet, k: int) -> np.ndarray:
         for row in range(start, stop):
             seen = eval_set.seen_indices[eval_set.seen_indptr[row] : eval_set.seen_indptr[row + 1]]
             scores[row - start, seen] = -np.inf
-        out[start:stop] = top_k(scores, k)
+        out[start:stop] = top(scores, k)
     return out
 
 

@@ -774,11 +774,24 @@ def _pick_prior(model, vocab, items, state, validation: EvalSet, log_q: np.ndarr
     for alpha in PRIOR_GRID:
         u, v = with_prior(user_emb, item_emb, params.temperature * alpha, log_q)
         metrics = ranking_metrics(
-            recommend(_validation_scorer(vocab, u, v, validation.items), validation, 10), validation, ks=(10,)
+            recommend(_validation_scorer(vocab, u, v, validation.items), validation, 10, top=_top_k),
+            validation,
+            ks=(10,),
         )
         scores.append({"popularity_prior": alpha, "val_ndcg@10": metrics.metrics["ndcg@10"]})
     best = max(scores, key=lambda s: s["val_ndcg@10"])
     return best["popularity_prior"], scores
+
+
+def _top_k(scores: np.ndarray, k: int) -> np.ndarray:
+    """:func:`recsys_assets.ml.metrics.top_k` by TensorFlow, for the validations during training:
+    TensorFlow's threads are up anyway, and numpy's partition ran at half speed against them (0.7 s
+    against 0.35 s alone for 2,000 users × 60,000 tracks; TensorFlow's 0.21 s). The same indices on
+    continuous scores; among equal scores at the cut TensorFlow keeps the lower indices, where numpy's
+    partition keeps any."""
+    import tensorflow as tf
+
+    return tf.math.top_k(scores, k=min(k, scores.shape[1])).indices.numpy().astype(np.int64)
 
 
 def _validation_scorer(vocab: Vocabulary, user_emb: np.ndarray, item_emb: np.ndarray, eval_items: np.ndarray):
@@ -831,7 +844,8 @@ class _EpochEnd:
         if self.validation is not None:
             user_emb, item_emb = _embeddings(self.model, self.vocab, self.items, self.state, self.params)
             scorer = _validation_scorer(self.vocab, user_emb, item_emb, self.validation.items)
-            metrics = ranking_metrics(recommend(scorer, self.validation, 20), self.validation, ks=(20,)).metrics
+            recs = recommend(scorer, self.validation, 20, top=_top_k)
+            metrics = ranking_metrics(recs, self.validation, ks=(20,)).metrics
             record["val_recall@20"] = metrics["recall@20"]
             record["val_ndcg@20"] = metrics["ndcg@20"]
             if metrics["recall@20"] > self.best_score + 1e-6:
