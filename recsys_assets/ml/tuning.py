@@ -1,0 +1,160 @@
+"""Hyperparameters chosen at each training, on the validation split (plain module: no Dagster).
+
+Every default of :class:`~recsys_assets.ml.two_tower.TwoTowerParams` was chosen on one dataset's
+validation split. A platform that trains on many catalogues chooses them on each catalogue's own, at
+every training, as EASE chooses its λ: Optuna's TPE sampler proposes values of the knobs that matter
+(the history on or off and its length, its decay, the history mask, the embedding dimension, the
+temperature, the learning rate, the l2 penalty), a median pruner stops a trial whose validation
+recall@20 after an epoch is below the median of the earlier trials' at that epoch, and the search
+stops starting trials once its time budget is spent.
+
+- Each trial trains on the fit part and is scored by its best validation recall@20, the measure early
+  stopping uses; the holdout is never seen. Trials skip the refit and the popularity prior's and
+  session term's picks (they come after the measure), so a trial costs its epochs only.
+- The first trial is the warm start (the champion's values when there is one, else the defaults): a
+  retrain searches near what won last time, and the chosen values are never worse on validation than
+  the warm start's.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+
+import polars as pl
+
+from recsys_assets.ml.buckets import UserBuckets
+from recsys_assets.ml.split import SplitError
+from recsys_assets.ml.two_tower import TrainingError, TwoTowerParams, train_two_tower
+
+log = logging.getLogger(__name__)
+
+HISTORY_LENGTHS = (0, 10, 20, 50)  # 0: no history (the static query tower)
+EMBEDDING_DIMS = (32, 64, 128)
+L2 = (0.0, 1e-6, 1e-5, 1e-4)
+TUNED = ("history_length", "history_decay", "mask_history_negatives", "embedding_dim", "temperature",
+         "learning_rate", "l2")  # fmt: skip
+
+
+@dataclass
+class Tuning:
+    """The search's outcome: the chosen parameters and every trial (number, state, value, values, seconds)."""
+
+    params: TwoTowerParams
+    best_value: float | None
+    trials: list[dict] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def table(self) -> list[dict]:
+        """The trials as rows for the asset's metadata (the tuned values flattened)."""
+        return [
+            {"trial": t["number"], "state": t["state"], "val_recall@20": t["value"],
+             "seconds": round(t["seconds"], 1), **t["params"]}
+            for t in self.trials
+        ]  # fmt: skip
+
+
+def suggest(trial) -> dict:
+    """One trial's values of the tuned knobs (``TUNED``); the decay and the mask only with a history."""
+    history = trial.suggest_categorical("history_length", HISTORY_LENGTHS)
+    values = {
+        "history_length": history,
+        "embedding_dim": trial.suggest_categorical("embedding_dim", EMBEDDING_DIMS),
+        "temperature": trial.suggest_float("temperature", 0.02, 0.3, log=True),
+        "learning_rate": trial.suggest_float("learning_rate", 0.01, 0.3, log=True),
+        "l2": trial.suggest_categorical("l2", L2),
+    }
+    if history:
+        values["history_decay"] = trial.suggest_float("history_decay", 0.5, 1.0)
+        values["mask_history_negatives"] = trial.suggest_categorical("mask_history_negatives", (True, False))
+    return values
+
+
+def warm_values(params: Mapping) -> dict:
+    """The tuned knobs of ``params`` (a champion's logged parameters, or a ``TwoTowerParams``' dict), as
+    a first trial: values outside the search space are moved to its nearest point."""
+    base = asdict(TwoTowerParams())
+    values = {
+        k: _bool(params.get(k, base[k])) if isinstance(base[k], bool) else type(base[k])(params.get(k, base[k]))
+        for k in TUNED
+    }
+    values["history_length"] = min(HISTORY_LENGTHS, key=lambda n: abs(n - values["history_length"]))
+    values["embedding_dim"] = min(EMBEDDING_DIMS, key=lambda d: abs(d - values["embedding_dim"]))
+    values["l2"] = min(L2, key=lambda v: abs(v - values["l2"]))
+    values["temperature"] = min(max(values["temperature"], 0.02), 0.3)
+    values["learning_rate"] = min(max(values["learning_rate"], 0.01), 0.3)
+    values["history_decay"] = min(max(values["history_decay"], 0.5), 1.0)
+    if not values["history_length"]:
+        del values["history_decay"], values["mask_history_negatives"]
+    return values
+
+
+def _bool(value) -> bool:
+    return value if isinstance(value, bool) else str(value).strip().lower() in ("1", "true", "yes")
+
+
+def tune(
+    train: pl.DataFrame | UserBuckets,
+    tracks: pl.DataFrame,
+    protocol: str,
+    base: TwoTowerParams,
+    budget_seconds: float,
+    warm_start: Mapping | None = None,
+    max_trials: int | None = None,
+    on_trial: Callable[[dict], None] | None = None,
+) -> Tuning:
+    """Search the tuned knobs of ``base`` on ``train``'s validation split (``protocol``) for
+    ``budget_seconds`` (checked between trials) or ``max_trials``; every other field of ``base`` is
+    kept. Returns ``base`` with the best trial's values (the warm start's when nothing beat it).
+
+    Raises:
+        TrainingError: the warm start itself cannot train (the data are too small for any trial).
+    """
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    started = time.perf_counter()
+    study = optuna.create_study(
+        direction="maximize",
+        sampler=optuna.samplers.TPESampler(seed=base.seed, n_startup_trials=4),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1),
+    )
+    study.enqueue_trial(warm_values(warm_start or asdict(base)))
+    trials: list[dict] = []
+
+    def objective(trial) -> float:
+        values = suggest(trial)
+        params = replace(base, **values, refit="none", popularity_prior=False, session_length=0)
+        t0 = time.perf_counter()
+        state, value = "failed", None
+
+        def progress(record: dict) -> None:
+            if "val_recall@20" in record:
+                trial.report(record["val_recall@20"], record["epoch"])
+                if trial.should_prune():
+                    raise optuna.TrialPruned()
+
+        try:
+            trained = train_two_tower(train, tracks, protocol, params, progress=progress)
+            value = max(h["val_recall@20"] for h in trained.history if "val_recall@20" in h)
+            state = "complete"
+            return value
+        except optuna.TrialPruned:
+            state = "pruned"
+            raise
+        finally:
+            record = {"number": trial.number, "state": state, "value": value, "params": values,
+                      "seconds": time.perf_counter() - t0}  # fmt: skip
+            trials.append(record)
+            log.info("tuning trial %s", record)
+            if on_trial is not None:
+                on_trial(record)
+
+    study.optimize(objective, timeout=budget_seconds, n_trials=max_trials, catch=(TrainingError, SplitError))
+    done = [t for t in study.trials if t.state == optuna.trial.TrialState.COMPLETE]
+    if not done:
+        raise TrainingError("no tuning trial could train (the first one, the warm start, failed)")
+    best = study.best_trial
+    return Tuning(replace(base, **best.params), best.value, trials, time.perf_counter() - started)

@@ -1,0 +1,56 @@
+"""Hyperparameters chosen per training on the validation split: the warm start first, never worse than it,
+the trials recorded, and values from anywhere moved into the search space."""
+
+from __future__ import annotations
+
+import pytest
+
+from recsys_assets.ml.split import global_temporal_split
+from recsys_assets.ml.tuning import EMBEDDING_DIMS, HISTORY_LENGTHS, tune, warm_values
+from recsys_assets.ml.two_tower import TrainingError, TwoTowerParams
+
+pytestmark = pytest.mark.slow
+
+BASE = TwoTowerParams(embedding_dim=16, batch_size=256, max_epochs=4, patience=1, min_train_pairs=10, seed=7)
+
+
+def test_warm_values_come_from_logged_parameters_and_land_in_the_space() -> None:
+    # MLflow gives parameters back as strings; a champion may predate the search space.
+    logged = {"history_length": "25", "embedding_dim": "16", "temperature": "0.5", "learning_rate": "0.05",
+              "l2": "0.0", "history_decay": "0.9", "mask_history_negatives": "True", "batch_size": "2048"}  # fmt: skip
+    values = warm_values(logged)
+    assert values == {"history_length": 20, "embedding_dim": 32, "temperature": 0.3, "learning_rate": 0.05,
+                      "l2": 0.0, "history_decay": 0.9, "mask_history_negatives": True}  # fmt: skip
+    static = warm_values({**logged, "history_length": "0"})
+    assert static["history_length"] == 0
+    assert "history_decay" not in static
+    assert "mask_history_negatives" not in static
+    assert warm_values({})["history_length"] in HISTORY_LENGTHS
+    assert warm_values({})["embedding_dim"] in EMBEDDING_DIMS
+
+
+def test_the_search_starts_from_the_warm_start_and_never_ends_worse(tiny_world) -> None:
+    _, interactions, tracks = tiny_world
+    train = global_temporal_split(interactions).train
+    seen: list[dict] = []
+    warm = {"history_length": 0, "embedding_dim": 32, "temperature": 0.1, "learning_rate": 0.05, "l2": 0.0}
+    result = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=5, on_trial=seen.append)
+    assert len(result.trials) == len(seen) == 5
+    first = result.trials[0]
+    assert first["params"] == warm
+    assert first["state"] == "complete"
+    completed = [t["value"] for t in result.trials if t["state"] == "complete"]
+    assert result.best_value == max(completed) >= first["value"]
+    best = next(t for t in result.trials if t["value"] == result.best_value)
+    for name, value in best["params"].items():
+        assert getattr(result.params, name) == value
+    # The fields that are not searched are the base's.
+    assert (result.params.batch_size, result.params.refit, result.params.seed) == (256, "warm", 7)
+    assert [row["trial"] for row in result.table()] == [0, 1, 2, 3, 4]
+
+
+def test_data_too_small_for_any_trial_is_a_clear_error(tiny_world) -> None:
+    _, interactions, tracks = tiny_world
+    tiny = global_temporal_split(interactions).train.head(5)
+    with pytest.raises(TrainingError, match="no tuning trial could train"):
+        tune(tiny, tracks, "global", BASE, budget_seconds=60, max_trials=2)
