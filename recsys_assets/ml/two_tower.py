@@ -19,6 +19,10 @@ vocabularies (row 0 is the out-of-vocabulary slot), so they take exactly the str
 sends. Training is seeded; early stopping watches recall@20 on a validation split carved out of the
 training side the same temporal way as the holdout; the most recent interactions (the validation
 part) are then learned by a short refit on the whole training side.
+
+The training data are built one user bucket at a time (:mod:`recsys_assets.ml.buckets`): a train
+side of one bucket keeps its examples in memory; with several, each bucket's examples go to an Arrow
+IPC file and stream back a record batch at a time (:func:`_chunks`), so memory is that of a bucket.
 """
 
 from __future__ import annotations
