@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, help="override history_length (the query tower's last N tracks)")
     parser.add_argument("--decay", type=float, help="override history_decay (recency weighting of the history)")
     parser.add_argument("--history-attributes", type=int, choices=(0, 1), help="override history_attributes")
+    parser.add_argument("--tune", type=float, help="search the hyperparameters for this many seconds first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.suite:  # the other options (model overrides) go to every run
@@ -308,6 +309,13 @@ def main() -> None:
             if v is not None
         }  # fmt: skip
         params = TwoTowerParams(seed=args.seed, **overrides)
+        tuning = None
+        if args.tune:  # the per-training search on the train side's validation split (never the holdout)
+            from recsys_assets.ml.tuning import tune
+
+            tuning = tune(split.train, tracks, args.protocol, params, args.tune,
+                          on_trial=lambda r: print(f"  trial {r}", file=sys.stderr))  # fmt: skip
+            params = tuning.params
         t0 = time.perf_counter()
         trained = train_two_tower(
             split.train, tracks, (val.train, val.holdout), params,
@@ -337,6 +345,17 @@ def main() -> None:
             "val_recall@20": max((h["val_recall@20"] for h in trained.history if "val_recall@20" in h), default=None),
             "pairs": trained.pairs,
             "params": params.__dict__,
+            **(
+                {
+                    "tuning": {
+                        "seconds": tuning.seconds,
+                        "trials": len(tuning.trials),
+                        "best_val_recall@20": tuning.best_value,
+                    }
+                }
+                if tuning
+                else {}
+            ),  # fmt: skip
         }
     tt = summary["models"].get("two_tower", {})
     for peer in ("popularity", "ease"):
