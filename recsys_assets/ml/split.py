@@ -72,23 +72,31 @@ def global_temporal_split(interactions: pl.DataFrame, fraction: float = HOLDOUT_
 
 def global_cutoff(played_at: pl.Series, fraction: float = HOLDOUT_FRACTION_GLOBAL) -> datetime:
     """The global protocol's cutoff: the ``played_at`` at index ⌊(1 - fraction)·n⌋ of the positives'
-    timestamps (``played_at``: those of :func:`positives`, in any order; of every user bucket together
-    when the table is cut into buckets).
+    timestamps (``played_at``: those of :func:`positives`, in any order; :func:`bucket_cutoff` finds
+    the same over user buckets).
 
     Raises:
         SplitError: fewer than 2 interactions, or none before the cutoff (identical timestamps?).
     """
     n = len(played_at)
-    if n < 2:
-        raise SplitError(f"{n} positive interactions: at least 2 are needed to split train and holdout")
+    _check_size(n)
     ordered = played_at.sort()
     cutoff = ordered[math.floor((1 - fraction) * n)]
-    if ordered[0] >= cutoff:
+    _check_trainable(n, ordered[0], cutoff)
+    return cutoff
+
+
+def _check_size(n: int) -> None:
+    if n < 2:
+        raise SplitError(f"{n} positive interactions: at least 2 are needed to split train and holdout")
+
+
+def _check_trainable(n: int, earliest: datetime, cutoff: datetime) -> None:
+    if earliest >= cutoff:
         raise SplitError(
             f"all {n} positive interactions are at or after the cutoff {cutoff} (identical timestamps?): "
             "nothing is left to train on; use the per-user protocol"
         )
-    return cutoff
 
 
 def _at_cutoff(df: pl.DataFrame, cutoff: datetime) -> Split:
@@ -171,27 +179,24 @@ def bucket_cutoff(buckets: UserBuckets, fraction: float = HOLDOUT_FRACTION_GLOBA
     the cut gathered and ranked. Two readings of the buckets' keys; memory: an hour's interactions."""
     keys = ["user_id", "track_id", "played_at"]
     hour = pl.col("played_at").dt.truncate("1h").alias("hour")
-    counts = pl.concat([b.unique().group_by(hour).len() for b in buckets.read(keys)])
+    per_bucket = [
+        b.unique().group_by(hour).agg(pl.len().alias("len"), pl.col("played_at").min().alias("earliest"))
+        for b in buckets.read(keys)
+    ]
     counts = (
-        counts.group_by("hour")
-        .agg(pl.col("len").sum())
+        pl.concat(per_bucket)
+        .group_by("hour")
+        .agg(pl.col("len").sum(), pl.col("earliest").min())
         .sort("hour")
         .with_columns(pl.col("len").cum_sum().alias("upto"))
     )
     n = int(counts["len"].sum()) if counts.height else 0
-    if n < 2:
-        return global_cutoff(pl.Series("played_at", [], pl.Datetime("us")), fraction)  # its error
+    _check_size(n)
     index = math.floor((1 - fraction) * n)
     at = counts.filter(pl.col("upto") > index).row(0, named=True)
     within = pl.concat([b.unique().filter(hour == at["hour"])["played_at"] for b in buckets.read(keys)]).sort()
     cutoff = within[index - (at["upto"] - at["len"])]
-    first = counts["hour"][0]
-    earliest = pl.concat([b.filter(hour == first)["played_at"] for b in buckets.read(keys)]).min()
-    if earliest >= cutoff:
-        raise SplitError(
-            f"all {n} positive interactions are at or after the cutoff {cutoff} (identical timestamps?): "
-            "nothing is left to train on; use the per-user protocol"
-        )
+    _check_trainable(n, counts["earliest"][0], cutoff)
     return cutoff
 
 

@@ -136,6 +136,7 @@ def tune(
                 if trial.should_prune():
                     raise optuna.TrialPruned()
 
+        error = None
         try:
             trained = train_two_tower(train, tracks, protocol, params, progress=progress)
             value = max(h["val_recall@20"] for h in trained.history if "val_recall@20" in h)
@@ -144,9 +145,12 @@ def tune(
         except optuna.TrialPruned:
             state = "pruned"
             raise
+        except (TrainingError, SplitError) as exc:  # Optuna marks the trial failed; the record says why
+            error = str(exc)
+            raise
         finally:
             record = {"number": trial.number, "state": state, "value": value, "params": values,
-                      "seconds": time.perf_counter() - t0}  # fmt: skip
+                      "seconds": time.perf_counter() - t0, **({"error": error} if error else {})}  # fmt: skip
             trials.append(record)
             log.info("tuning trial %s", record)
             if on_trial is not None:

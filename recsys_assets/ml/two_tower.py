@@ -27,6 +27,7 @@ IPC file and stream back a record batch at a time (:func:`_chunks`), so memory i
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 import tempfile
@@ -158,6 +159,11 @@ def with_genre(interactions: pl.DataFrame, items: pl.DataFrame) -> pl.DataFrame:
     if "genre" in interactions.columns:
         return interactions
     return interactions.join(items.select("track_id", "genre"), on="track_id", how="left")
+
+
+def query_feature_count(genres: list[str]) -> int:
+    """The width of :func:`query_features`: a share per genre, "other", likes, activity."""
+    return len(genres) + 3
 
 
 def query_features(interactions: pl.DataFrame, users: np.ndarray, genres: list[str]) -> np.ndarray:
@@ -503,17 +509,22 @@ def _chunks(files: list[str], seed: int, shard: int = 0, shards: int = 1) -> Ite
     (2024, TensorFlow 2.16) and this stack pins 2.21; pyarrow's reader does the reading."""
     import pyarrow as pa
 
-    readers = [pa.ipc.open_file(pa.OSFile(path, "rb")) for path in files]
-    index = np.array([(f, b) for f, r in enumerate(readers) for b in range(r.num_record_batches)], dtype=np.int64)
-    for f, b in index[np.random.default_rng(seed).permutation(len(index))][shard::shards]:
-        batch = readers[f].get_batch(int(b))
-        out = {}
-        for name, column in zip(batch.schema.names, batch.columns, strict=True):
-            if pa.types.is_fixed_size_list(column.type):
-                out[name] = column.values.to_numpy().reshape(len(column), column.type.list_size)
-            else:
-                out[name] = column.to_numpy()
-        yield out
+    sources = [pa.OSFile(path, "rb") for path in files]
+    try:
+        readers = [pa.ipc.open_file(source) for source in sources]
+        index = np.array([(f, b) for f, r in enumerate(readers) for b in range(r.num_record_batches)], dtype=np.int64)
+        for f, b in index[np.random.default_rng(seed).permutation(len(index))][shard::shards]:
+            batch = readers[f].get_batch(int(b))
+            out = {}
+            for name, column in zip(batch.schema.names, batch.columns, strict=True):
+                if pa.types.is_fixed_size_list(column.type):
+                    out[name] = column.values.to_numpy().reshape(len(column), column.type.list_size)
+                else:
+                    out[name] = column.to_numpy()
+            yield out
+    finally:  # also when the reading stops early (the signature's first batch, an epoch cut short)
+        for source in sources:
+            source.close()
 
 
 @dataclass(frozen=True)
@@ -707,7 +718,7 @@ def _dataset(
         else:
             # A new order of the buckets' record batches each epoch (the generator runs again at each
             # pass over the dataset), then re-batched: memory is a few record batches.
-            epochs = iter(range(epoch_seed, epoch_seed + 1_000_000))
+            epochs = itertools.count(epoch_seed)
             shard = context.input_pipeline_id if shards > 1 else 0
             first = next(_chunks(examples.files[:1], 0))
             signature = {name: tf.TensorSpec((None, *v.shape[1:]), tf.as_dtype(v.dtype)) for name, v in first.items()}
@@ -1018,7 +1029,8 @@ def _prepare(parts: Callable[[], Iterable[Part]], tracks: pl.DataFrame, params: 
         chosen = chosen.gather(np.sort(keep))
 
     def empty_phase() -> _Phase:
-        state = {"user_features": np.zeros((len(vocab.users), len(vocab.query_genres) + 3), dtype=np.float32)}
+        width = query_feature_count(vocab.query_genres)
+        state = {"user_features": np.zeros((len(vocab.users), width), dtype=np.float32)}
         if params.history_length:
             state["history"] = np.zeros((len(vocab.users), params.history_length), dtype=np.int32)
         return _Phase(_Examples(), state, np.zeros(len(vocab.items), dtype=np.float64))
