@@ -240,6 +240,7 @@ def main() -> None:
     parser.add_argument("--history", type=int, help="override history_length (the query tower's last N tracks)")
     parser.add_argument("--decay", type=float, help="override history_decay (recency weighting of the history)")
     parser.add_argument("--history-attributes", type=int, choices=(0, 1), help="override history_attributes")
+    parser.add_argument("--params", default="{}", help="JSON of TwoTowerParams fields to override (any field)")
     parser.add_argument("--tune", type=float, help="search the hyperparameters for this many seconds first")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
@@ -308,7 +309,7 @@ def main() -> None:
             }.items()
             if v is not None
         }  # fmt: skip
-        params = TwoTowerParams(seed=args.seed, **overrides)
+        params = TwoTowerParams(**{"seed": args.seed, **overrides, **json.loads(args.params)})
         tuning = None
         if args.tune:  # the per-training search on the train side's validation split (never the holdout)
             from recsys_assets.ml.tuning import tune

@@ -23,7 +23,7 @@ from recsys_assets.data.store import PreparedStore
 from recsys_assets.ml.canary import CanaryRules
 from recsys_core.control import ControlPlane
 from recsys_core.registry import Registry
-from recsys_core.settings import DEFAULT_TRAIN_BUCKET_ROWS, Settings, storage_path
+from recsys_core.settings import DEFAULT_TRAIN_BUCKET_ROWS, DEFAULT_TUNING_BUDGET_SECONDS, Settings, storage_path
 from recsys_core.warehouse import Warehouse
 
 
@@ -326,6 +326,10 @@ class TrainingResource(dg.ConfigurableResource):
         description="Interactions per user bucket: a larger train side is read a bucket at a time and its "
         "examples stream from disk, so the training's memory does not grow with the events",
     )  # fmt: skip
+    tuning_budget_seconds: int = Field(
+        default=DEFAULT_TUNING_BUDGET_SECONDS, ge=0,
+        description="Seconds of the per-training hyperparameter search on the validation split (0: off)",
+    )  # fmt: skip
 
     @property
     def distributed(self) -> bool:
@@ -422,6 +426,7 @@ def build_resources(settings: Settings) -> dict[str, dg.ConfigurableResource]:
             workers=settings.training.workers,
             launcher=settings.training.launcher,
             bucket_rows=settings.training.bucket_rows,
+            tuning_budget_seconds=settings.training.tuning_budget_seconds,
         ),
         "recsys_home": RecsysHomeResource(
             home=env_or("RECSYS_HOME", str(settings.home)),

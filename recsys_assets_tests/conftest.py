@@ -55,6 +55,9 @@ def recsys_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Settings:
         ):
             monkeypatch.delenv(name)
     monkeypatch.setenv("RECSYS_HOME", str(tmp_path / "home"))
+    # The hyperparameter search is off unless a test turns it on (its own tests and the closed loop's):
+    # the other trainings' tests check what they train, not what the search would choose.
+    monkeypatch.setenv("RECSYS_TUNING_BUDGET_SECONDS", "0")
     settings = load_settings()
     for name, value in settings.child_env({}).items():
         monkeypatch.setenv(name, value)

@@ -139,9 +139,12 @@ class ControlPlane(Registry):
                 return experiment.experiment_id
             return client.create_experiment(EXPERIMENT, artifact_location=self.artifact_root)
 
-    def start_run(self, run_name: str, tags: dict[str, str]) -> str:
+    def start_run(self, run_name: str, tags: dict[str, str], parent: str | None = None) -> str:
+        """A new run of the experiment; with ``parent``, nested under that run (the MLflow UI shows it
+        there: the tag ``mlflow.parentRunId``, what ``mlflow.start_run(nested=True)`` sets)."""
+        nesting = {"mlflow.parentRunId": parent} if parent else {}
         with self._errors("creating the training run"):
-            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags=tags)
+            run = self.client().create_run(self.experiment_id(), run_name=run_name, tags={**tags, **nesting})
         return run.info.run_id
 
     def log_run(

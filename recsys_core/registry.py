@@ -241,6 +241,11 @@ class Registry:
         with self._errors(f"reading version {version}"):
             return self._version(self.client().get_model_version(MODEL_NAME, str(version)))
 
+    def run_params(self, run_id: str) -> dict[str, str]:
+        """The parameters a training run logged (strings, as MLflow keeps them)."""
+        with self._errors(f"reading run {run_id}"):
+            return dict(self.client().get_run(run_id).data.params)
+
     # --- artifacts ----------------------------------------------------------------------------
 
     def download(self, version: int) -> Path:

@@ -340,10 +340,15 @@ class TrainingSettings:
     # RECSYS_TRAIN_BUCKET_ROWS: interactions per user bucket, what the training holds in memory at once;
     # a larger train side is read a bucket at a time and its examples stream from disk
     bucket_rows: int
+    # RECSYS_TUNING_BUDGET_SECONDS: the per-training search of the model's hyperparameters on the
+    # validation split (recsys_assets.ml.tuning), stopped between trials once spent; 0 turns it off
+    tuning_budget_seconds: int
 
 
 TRAIN_STRATEGIES = ("auto", "one-device", "mirrored", "multi-worker")
 DEFAULT_TRAIN_BUCKET_ROWS = 2_000_000  # about 1 GB of examples and histories (docs/benchmarks.md)
+# The demo's retrain with the search stays within its minute (docs/benchmarks.md, "The per-training search")
+DEFAULT_TUNING_BUDGET_SECONDS = 30
 
 
 def _training(env: Mapping[str, str]) -> TrainingSettings:
@@ -357,6 +362,7 @@ def _training(env: Mapping[str, str]) -> TrainingSettings:
         workers=_positive_int(env, "RECSYS_TRAIN_WORKERS", 1),
         launcher=_choice(env, "RECSYS_TRAIN_LAUNCHER", "local", ("local", "kubernetes")),
         bucket_rows=_positive_int(env, "RECSYS_TRAIN_BUCKET_ROWS", DEFAULT_TRAIN_BUCKET_ROWS),
+        tuning_budget_seconds=_non_negative_int(env, "RECSYS_TUNING_BUDGET_SECONDS", DEFAULT_TUNING_BUDGET_SECONDS),
     )
 
 
@@ -417,6 +423,13 @@ def _positive_int(env: Mapping[str, str], name: str, default: int) -> int:
     value = _number(env, name, default, int)
     if value < 1:
         raise ValueError(f"{name}={value}: expected a positive number")
+    return value
+
+
+def _non_negative_int(env: Mapping[str, str], name: str, default: int) -> int:
+    value = _number(env, name, default, int)
+    if value < 0:
+        raise ValueError(f"{name}={value}: expected 0 or more")
     return value
 
 

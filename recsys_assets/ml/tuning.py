@@ -3,8 +3,9 @@
 Every default of :class:`~recsys_assets.ml.two_tower.TwoTowerParams` was chosen on one dataset's
 validation split. A platform that trains on many catalogues chooses them on each catalogue's own, at
 every training, as EASE chooses its λ: Optuna's TPE sampler proposes values of the knobs that matter
-(the history on or off and its length, its decay, the history mask, the embedding dimension, the
-temperature, the learning rate, the l2 penalty), a median pruner stops a trial whose validation
+(the history on or off and its length, its decay, the history mask, whether plays at the same instant
+count as history, the embedding dimension, the temperature, the learning rate, the l2 penalty), a
+median pruner stops a trial whose validation
 recall@20 after an epoch is below the median of the earlier trials' at that epoch, and the search
 stops starting trials once its time budget is spent.
 
@@ -34,8 +35,9 @@ log = logging.getLogger(__name__)
 HISTORY_LENGTHS = (0, 10, 20, 50)  # 0: no history (the static query tower)
 EMBEDDING_DIMS = (32, 64, 128)
 L2 = (0.0, 1e-6, 1e-5, 1e-4)
-TUNED = ("history_length", "history_decay", "mask_history_negatives", "embedding_dim", "temperature",
-         "learning_rate", "l2")  # fmt: skip
+TUNED = ("history_length", "history_decay", "mask_history_negatives", "history_ties", "embedding_dim",
+         "temperature", "learning_rate", "l2")  # fmt: skip
+_WITH_HISTORY = ("history_decay", "mask_history_negatives", "history_ties")  # searched only with a history
 
 
 @dataclass
@@ -69,6 +71,7 @@ def suggest(trial) -> dict:
     if history:
         values["history_decay"] = trial.suggest_float("history_decay", 0.5, 1.0)
         values["mask_history_negatives"] = trial.suggest_categorical("mask_history_negatives", (True, False))
+        values["history_ties"] = trial.suggest_categorical("history_ties", (False, True))
     return values
 
 
@@ -87,7 +90,8 @@ def warm_values(params: Mapping) -> dict:
     values["learning_rate"] = min(max(values["learning_rate"], 0.01), 0.3)
     values["history_decay"] = min(max(values["history_decay"], 0.5), 1.0)
     if not values["history_length"]:
-        del values["history_decay"], values["mask_history_negatives"]
+        for key in _WITH_HISTORY:
+            del values[key]
     return values
 
 

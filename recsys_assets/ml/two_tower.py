@@ -94,6 +94,11 @@ class TwoTowerParams:
     # simulated world of benchmarks/session_mood.py it lifts the history-aware model's simulated CTR@10
     # from 0.605 to 0.647 (static: 0.644); the quality table is with it (docs/benchmarks.md).
     mask_history_negatives: bool = True
+    # An example's history includes the plays at its own instant that sort before it (by a hash of the
+    # track, ml/history.py): with day-granular timestamps most plays share an instant, and "strictly
+    # before" leaves their training histories empty while the served one (every play so far) is full.
+    # Off by default (timestamps to the second); the per-training search chooses it (ml/tuning.py).
+    history_ties: bool = False
     # The session term (recsys_core.query_tower.QueryTower.with_session): the last session_length plays
     # since the cutoff pull the query; its weight is picked at training from SESSION_WEIGHTS on a
     # next-play validation (0 where the last plays do not predict the next one).
@@ -388,25 +393,29 @@ def _padded(lists: pl.Series, n: int) -> np.ndarray:
     return pl.select(padded.list.to_array(n)).to_series().to_numpy().astype(np.int32).reshape(len(lists), n)
 
 
-def example_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
+def example_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int, ties: bool = False) -> np.ndarray:
     """For each row of ``pairs`` (in its order), the user's last ``n`` distinct positive tracks whose
-    first play is strictly before the pair's own (most recent first, 0-padded): only the past."""
+    first play is strictly before the pair's own (most recent first, 0-padded): only the past. With
+    ``ties``, also those first played at the same instant that sort before it (by a hash of the track)."""
     from recsys_assets.ml.history import history_matrix
 
     frame = pairs.select("user_id", "track_id", pl.col("first_at").alias("played_at")).with_row_index("_i")
-    ordered, matrix, _ = history_matrix(frame, _track_index(vocab), n)
+    ordered, matrix, _ = history_matrix(frame, _track_index(vocab), n, ties=ties)
     out = np.empty_like(matrix)
     out[ordered["_i"].to_numpy()] = matrix
     return out
 
 
-def latest_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int) -> np.ndarray:
+def latest_histories(pairs: pl.DataFrame, vocab: Vocabulary, n: int, ties: bool = False) -> np.ndarray:
     """Each user's last ``n`` distinct positive tracks (by first play; most recent first, 0-padded),
-    in the rows of ``vocab.users``: the user's history at the end of ``pairs`` (row 0: empty)."""
+    in the rows of ``vocab.users``: the user's history at the end of ``pairs`` (row 0: empty). With
+    ``ties``, the plays of one instant in the order the training's histories gave them."""
+    from recsys_assets.ml.history import TIE_SEED
+
     last = (
         pairs.join(_track_index(vocab), on="track_id", how="left")
         .with_columns(pl.col("row").fill_null(0))
-        .sort("user_id", "first_at", "track_id")
+        .sort("user_id", "first_at", pl.col("track_id").hash(TIE_SEED) if ties else pl.col("track_id"))
         .group_by("user_id", maintain_order=True)
         .agg(pl.col("row").tail(n).reverse())
     )
@@ -443,11 +452,12 @@ class TrainedTwoTower:
         return numpy_query_tower(self.model, self.params, self.item_frame, self.vocab, self.session_weight)
 
 
-def _examples(pairs: pl.DataFrame, vocab: Vocabulary, history_length: int) -> dict[str, np.ndarray]:
+def _examples(pairs: pl.DataFrame, vocab: Vocabulary, params: TwoTowerParams) -> dict[str, np.ndarray]:
     """The training examples of ``pairs`` (one per distinct pair): what differs from pair to pair. What
     a row of the user or item tables gives (the user's features, the track's artist, genre and logQ
     probability) is gathered per batch by :func:`_dataset`, not stored per example."""
-    history = {"history": example_histories(pairs, vocab, history_length)} if history_length else {}
+    n = params.history_length
+    history = {"history": example_histories(pairs, vocab, n, ties=params.history_ties)} if n else {}
     return {
         **history,
         "user_row": Vocabulary.index(pairs["user_id"], vocab.users),
@@ -985,7 +995,7 @@ def _user_state(interactions: pl.DataFrame, pairs: pl.DataFrame, vocab: Vocabula
         with_genre(interactions, items), users.to_numpy().astype(str), vocab.query_genres
     )
     if params.history_length:
-        state["history"][rows] = latest_histories(pairs, vocab, params.history_length)[rows]
+        state["history"][rows] = latest_histories(pairs, vocab, params.history_length, params.history_ties)[rows]
 
 
 def _prepare(parts: Callable[[], Iterable[Part]], tracks: pl.DataFrame, params: TwoTowerParams,
@@ -1045,7 +1055,7 @@ def _prepare(parts: Callable[[], Iterable[Part]], tracks: pl.DataFrame, params: 
             _user_state(interactions, pairs, vocab, items, params, phase.state)
             phase.counts += _item_counts(pairs, vocab)
             path = None if scratch is None else scratch / f"examples-{name}-{b}.arrow"
-            phase.examples.add(_examples(pairs, vocab, params.history_length), path, params.seed + b)
+            phase.examples.add(_examples(pairs, vocab, params), path, params.seed + b)
         if validating:
             fit_sample.append(fit.join(chosen.to_frame("user_id"), on="user_id", how="semi"))
             val_sample.append(val.join(chosen.to_frame("user_id"), on="user_id", how="semi"))

@@ -9,6 +9,7 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
+from recsys_assets.ml.tuning import EMBEDDING_DIMS, warm_values
 from recsys_assets.resources import TrainingResource, build_resources
 from recsys_cli.runner import add_landed_partitions
 from recsys_core.registry import CHALLENGER, CHAMPION, MODEL_NAME
@@ -21,9 +22,11 @@ END = datetime(2026, 3, 1, tzinfo=UTC)
 FAST_TRAINING = {"embedding_dim": 16, "batch_size": 512, "max_epochs": 4, "patience": 1, "min_train_pairs": 10}
 
 
-def run(settings, instance, gate: dict | None = None, workers: int = 1) -> dg.ExecuteInProcessResult:
+def run(
+    settings, instance, gate: dict | None = None, workers: int = 1, tuning_seconds: int = 0
+) -> dg.ExecuteInProcessResult:
     """Prepare the partitions not prepared yet, then one run of the ``retrain`` job (what the retrain sensor
-    starts), its training on ``workers`` processes."""
+    starts), its training on ``workers`` processes after a search of ``tuning_seconds``."""
     from recsys_assets.definitions import defs
 
     loaded = defs()
@@ -31,7 +34,7 @@ def run(settings, instance, gate: dict | None = None, workers: int = 1) -> dg.Ex
     for key in add_landed_partitions(instance, Warehouse(settings.warehouse_uri)):
         selection = [dg.AssetKey("listening_events"), dg.AssetKey("clean_listening_events")]
         assert prepare.execute_in_process(instance=instance, partition_key=key, asset_selection=selection).success
-    config = {"ops": {"two_tower_model": {"config": FAST_TRAINING}}}
+    config = {"ops": {"two_tower_model": {"config": {**FAST_TRAINING, "tuning_budget_seconds": tuning_seconds}}}}
     if gate:
         config["ops"]["model_evaluation"] = {"config": gate}
     resources = build_resources(settings)
@@ -41,11 +44,20 @@ def run(settings, instance, gate: dict | None = None, workers: int = 1) -> dg.Ex
     )
 
 
+def nested_trials(client, parent) -> list:
+    """The search's trials: the MLflow runs nested under ``parent``, in trial order."""
+    found = client.search_runs(
+        [parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'", max_results=500
+    )
+    assert found, "no trial was logged under the training's run"
+    return sorted(found, key=lambda r: int(r.info.run_name.removeprefix("trial-")))
+
+
 def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
     warehouse = Warehouse(recsys_env.warehouse_uri)
     simulate_history(warehouse, recsys_env.home, users=150, tracks=500, days=21, seed=4, end=END)
     with dg.instance_for_test() as instance:
-        first = run(recsys_env, instance)
+        first = run(recsys_env, instance, tuning_seconds=6)
         assert first.success, [e.message for e in first.all_events if e.is_failure]
         model = first.output_for_node("two_tower_model")
         evaluation = first.output_for_node("model_evaluation")
@@ -67,7 +79,23 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
 
         client = MlflowClient(recsys_env.mlflow_tracking_uri)
         mlflow_run = client.get_run(model["mlflow_run_id"])
-        assert mlflow_run.data.params["embedding_dim"] == "16"
+        # The search chose the tuned knobs on the validation split, starting from the config's values (no
+        # champion yet; 16 dimensions moved to the space's nearest, 32); the rest is the config's.
+        trials = nested_trials(client, mlflow_run)
+        assert trials[0].data.params == {k: str(v) for k, v in warm_values(FAST_TRAINING).items()}
+        assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
+        assert mlflow_run.data.params["batch_size"] == "512"
+        assert int(mlflow_run.data.params["embedding_dim"]) in EMBEDDING_DIMS
+        best = max((t for t in trials if "val_recall_at_20" in t.data.metrics),
+                   key=lambda t: t.data.metrics["val_recall_at_20"])  # fmt: skip
+        for name, value in best.data.params.items():
+            assert mlflow_run.data.params[name] == value
+        assert mlflow_run.data.metrics["tuning_trials"] == len(trials)
+        trained = next(m for m in first.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
+        searched = trained.materialization.metadata["tuning"].value
+        assert searched["chosen"]["embedding_dim"] == int(mlflow_run.data.params["embedding_dim"])
+        assert sum(searched["trials"].values()) == len(trials)
+        assert "| trial |" in trained.materialization.metadata["tuning_trials"].value
         assert "eval_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
         assert "ease_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
         assert mlflow_run.data.tags["recsys.cutoff"] == model["lineage"]["cutoff"]
@@ -76,8 +104,12 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
 
         # Second round, same data, trained on two worker processes (MultiWorkerMirroredStrategy on
         # 127.0.0.1): the same model is not better than itself -> rejected, nothing registered.
-        second = run(recsys_env, instance, gate={"min_improvement": 0.05}, workers=2)
+        second = run(recsys_env, instance, gate={"min_improvement": 0.05}, workers=2, tuning_seconds=3)
         assert not second.success
+        # Its search started from the champion's values.
+        second_run = client.get_run(second.output_for_node("two_tower_model")["mlflow_run_id"])
+        champion_values = {k: str(v) for k, v in warm_values(mlflow_run.data.params).items()}
+        assert nested_trials(client, second_run)[0].data.params == champion_values
         trained = next(m for m in second.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
         placed = trained.materialization.metadata["training"].value
         assert placed == {"strategy": "multi-worker", "workers": 2, "replicas": 2}
@@ -89,6 +121,8 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         # Forced: registered as challenger, recorded as forced.
         third = run(recsys_env, instance, gate={"min_improvement": 0.05, "force": True})
         assert third.success
+        trained = next(m for m in third.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
+        assert trained.materialization.metadata["tuning"].value == "off (budget 0)"
         assert third.output_for_node("registered_model")["aliases"] == [CHALLENGER]
         version = client.get_model_version(MODEL_NAME, "2")
         assert version.tags["recsys.gate"] == "forced"

@@ -19,12 +19,15 @@ def test_warm_values_come_from_logged_parameters_and_land_in_the_space() -> None
     logged = {"history_length": "25", "embedding_dim": "16", "temperature": "0.5", "learning_rate": "0.05",
               "l2": "0.0", "history_decay": "0.9", "mask_history_negatives": "True", "batch_size": "2048"}  # fmt: skip
     values = warm_values(logged)
-    assert values == {"history_length": 20, "embedding_dim": 32, "temperature": 0.3, "learning_rate": 0.05,
-                      "l2": 0.0, "history_decay": 0.9, "mask_history_negatives": True}  # fmt: skip
+    # A champion from before history_ties was searched gets the default (False).
+    assert values == {"history_length": 20, "embedding_dim": 32, "temperature": 0.3, "learning_rate": 0.05, "l2": 0.0,
+                      "history_decay": 0.9, "mask_history_negatives": True, "history_ties": False}  # fmt: skip
+    assert warm_values({**logged, "history_ties": "True"})["history_ties"] is True
     static = warm_values({**logged, "history_length": "0"})
     assert static["history_length"] == 0
     assert "history_decay" not in static
     assert "mask_history_negatives" not in static
+    assert "history_ties" not in static
     assert warm_values({})["history_length"] in HISTORY_LENGTHS
     assert warm_values({})["embedding_dim"] in EMBEDDING_DIMS
 

@@ -5,6 +5,7 @@
 
 import json
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import dagster as dg
@@ -14,9 +15,11 @@ from pydantic import Field
 from recsys_assets.constants import MODEL_FRESHNESS, TRAINING, TRAINING_POD
 from recsys_assets.data.store import copy_tree, remove_tree, write_parquet_atomic
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
+from recsys_assets.ml.buckets import UserBuckets
 from recsys_assets.ml.distribute import placement
 from recsys_assets.ml.split import PROTOCOLS, data_hash, recent, temporal_split
 from recsys_assets.ml.train_worker import default_result, train_and_export
+from recsys_assets.ml.tuning import TUNED, Tuning, tune
 from recsys_assets.ml.two_tower import TwoTowerParams
 from recsys_assets.resources import (
     MLflowResource,
@@ -26,6 +29,7 @@ from recsys_assets.resources import (
     TrainingResource,
 )
 from recsys_assets.runs import dagster_run_active
+from recsys_core.registry import CHAMPION
 from recsys_core.settings import storage_path
 
 _DEFAULTS = TwoTowerParams()
@@ -87,11 +91,19 @@ class TwoTowerConfig(dg.Config):
         description="Train on the last N days before the holdout's cutoff (0: everything; unset: "
         "RECSYS_TRAIN_WINDOW_DAYS). The holdout is the same whatever the window.",
     )
+    tuning_budget_seconds: int | None = Field(
+        default=None,
+        ge=0,
+        description="Seconds of the hyperparameter search on the validation split before the training (0: off; "
+        "unset: RECSYS_TUNING_BUDGET_SECONDS). It starts from the champion's values (else this config's) and "
+        "chooses history_length, history_decay, mask_history_negatives, history_ties, embedding_dim, "
+        "temperature, learning_rate and l2.",
+    )
 
     def params(self) -> TwoTowerParams:
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"protocol={self.protocol!r}: expected one of {', '.join(PROTOCOLS)}")
-        fields = TwoTowerParams.__dataclass_fields__  # window_days is the data's, not the model's
+        fields = TwoTowerParams.__dataclass_fields__  # window_days and the budget are not the model's
         return TwoTowerParams(**{k: v for k, v in self.model_dump().items() if k in fields})
 
 
@@ -130,6 +142,41 @@ def _train_on_workers(
     for record in outcome["history"]:
         context.log.info(f"epoch {record}")
     return outcome
+
+
+def _search(
+    context: dg.AssetExecutionContext,
+    registry,
+    parent: str,
+    train,
+    tracks: pl.DataFrame,
+    protocol: str,
+    params: TwoTowerParams,
+    budget_seconds: int,
+) -> Tuning:
+    """The per-training search (``recsys_assets.ml.tuning``) on ``train``'s validation split, warm-started
+    from the champion's logged values; each trial is an MLflow run nested under ``parent``."""
+    champion = registry.by_alias(CHAMPION)
+    warm = registry.run_params(champion.run_id) if champion and champion.run_id else None
+    context.log.info(
+        f"searching the hyperparameters for {budget_seconds} s, from "
+        + (f"the champion's values (version {champion.version})" if warm else "this config's values")
+    )
+
+    def record(trial: dict) -> None:
+        context.log.info(f"tuning trial {trial}")
+        run_id = registry.start_run(
+            run_name=f"trial-{trial['number']}",
+            tags={"dagster.run_id": context.run.run_id, "dagster.asset": "two_tower_model",
+                  "recsys.tuning.state": trial["state"], **({"recsys.tuning.error": trial["error"][:4000]}
+                                                            if "error" in trial else {})},
+            parent=parent,
+        )  # fmt: skip
+        metrics = {"val_recall_at_20": trial["value"], "seconds": trial["seconds"]}  # no value: pruned or failed
+        registry.log_run(run_id, params=trial["params"], metrics=metrics)
+        registry.end_run(run_id, status={"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"))
+
+    return tune(train, tracks, protocol, params, budget_seconds, warm_start=warm, on_trial=record)
 
 
 def _loss_plot(history: list[dict]):
@@ -181,6 +228,7 @@ def two_tower_model(
     interactions = store.scan_table("training_interactions").collect()
     tracks = store.scan_table("track_features").select("track_id", "artist_id", "genre").collect()
     window_days = config.window_days if config.window_days is not None else training.window_days
+    budget = training.tuning_budget_seconds if config.tuning_budget_seconds is None else config.tuning_budget_seconds
     # The window is the model's training only: the split, the evaluation and the seen lists keep the whole
     # train side (ml/split.py, recent).
     split = temporal_split(interactions, config.protocol)
@@ -209,6 +257,15 @@ def two_tower_model(
         manifest = {"mlflow_run_id": run_id, "dagster_run_id": context.run.run_id, "data": lineage}
         write_parquet_atomic(split.train, split_dir / "train.parquet")
         write_parquet_atomic(split.holdout, split_dir / "holdout.parquet")
+        tuning = None
+        if budget:  # in this process, on the window the model trains on; the workers then train the choice
+            side = recent(split.train, window_days or 0)
+            if side.height > training.bucket_rows:
+                side = UserBuckets.of(side, training.bucket_rows)
+            tuning = _search(context, registry, run_id, side, tracks, split.protocol, params, budget)
+            params = tuning.params
+            context.log.info(f"chosen in {tuning.seconds:.0f} s over {len(tuning.trials)} trials: "
+                             f"{ {k: getattr(params, k) for k in TUNED} }")  # fmt: skip
         if training.distributed:
             trained = _train_on_workers(context, training, params, split_dir, tracks, split.protocol, model_dir,
                                         manifest, serving.ann_min_items, window_days or 0)  # fmt: skip
@@ -226,6 +283,7 @@ def two_tower_model(
                 "examples_per_second": trained["examples_per_second"],
                 "best_epoch": trained["best_epoch"],
                 "session_weight": trained["session_weight"],
+                **(_tuning_metrics(tuning) if tuning else {}),
             },
             history=trained["history"],
             tags={f"recsys.{k}": str(v) for k, v in lineage.items()},
@@ -270,5 +328,25 @@ def two_tower_model(
             "ann_index": dg.MetadataValue.json(
                 trained["ann"] or {"built": False, "items": trained["items"], "min_items": serving.ann_min_items}
             ),  # fmt: skip
+            **(_tuning_metadata(tuning, budget) if tuning else {"tuning": dg.MetadataValue.text("off (budget 0)")}),
         },
     )
+
+
+def _tuning_metrics(tuning: Tuning) -> dict[str, float]:
+    return {"tuning_seconds": tuning.seconds, "tuning_trials": len(tuning.trials),
+            "tuning_best_val_recall_at_20": tuning.best_value}  # fmt: skip
+
+
+def _tuning_metadata(tuning: Tuning, budget: int) -> dict:
+    """The search in the asset's metadata: the chosen values, its time and trials, and every trial."""
+    return {
+        "tuning": dg.MetadataValue.json({
+            "chosen": {k: getattr(tuning.params, k) for k in TUNED},
+            "best_val_recall@20": tuning.best_value,
+            "seconds": round(tuning.seconds, 1),
+            "budget_seconds": budget,
+            "trials": dict(Counter(t["state"] for t in tuning.trials)),
+        }),
+        "tuning_trials": markdown_table(pl.DataFrame(tuning.table()), limit=100),
+    }  # fmt: skip
