@@ -152,6 +152,7 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                     "seed": seed,
                     **{m: r["models"][m].get("ndcg@10") for m in r["models"]},
                     "two_tower_seconds": r["models"].get("two_tower", {}).get("train_seconds"),
+                    "tuning": r["models"].get("two_tower", {}).get("tuning"),
                 }
                 for seed, r in zip(seeds, runs, strict=True)
             ],
@@ -312,7 +313,7 @@ def main() -> None:
         params = TwoTowerParams(**{"seed": args.seed, **overrides, **json.loads(args.params)})
         tuning = None
         if args.tune:  # the per-training search on the train side's validation split (never the holdout)
-            from recsys_assets.ml.tuning import tune
+            from recsys_assets.ml.tuning import TUNED, tune
 
             tuning = tune(split.train, tracks, args.protocol, params, args.tune,
                           on_trial=lambda r: print(f"  trial {r}", file=sys.stderr))  # fmt: skip
@@ -352,6 +353,7 @@ def main() -> None:
                         "seconds": tuning.seconds,
                         "trials": len(tuning.trials),
                         "best_val_recall@20": tuning.best_value,
+                        "chosen": {k: getattr(params, k) for k in TUNED},
                     }
                 }
                 if tuning
