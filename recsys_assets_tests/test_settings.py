@@ -73,6 +73,10 @@ def test_serving_settings() -> None:
     assert knobs.fault_delay_seconds == pytest.approx(0.04)
     assert not knobs.warehouse_enabled
     assert load_settings({}).serving.model_poll_seconds == 5.0
+    home = load_settings({"RECSYS_HOME": "/srv/recsys"})
+    assert home.feedback_log_dir == Path("/srv/recsys/serving/spill")
+    volume = load_settings({"RECSYS_HOME": "/srv/recsys", "RECSYS_FEEDBACK_LOG_DIR": "/var/lib/recsys/wal"})
+    assert volume.feedback_log_dir == Path("/var/lib/recsys/wal")
     with pytest.raises(ValueError, match="RECSYS_MODEL_POLL_SECONDS='soon' is not a number"):
         load_settings({"RECSYS_MODEL_POLL_SECONDS": "soon"})
 
@@ -101,6 +105,8 @@ def test_training_settings() -> None:
     )
     assert load_settings({"RECSYS_TRAIN_WINDOW_DAYS": "ALL"}).training.window_days is None
     assert defaults.bucket_rows == 2_000_000
+    assert defaults.tuning_budget_seconds == 30
+    assert load_settings({"RECSYS_TUNING_BUDGET_SECONDS": "0"}).training.tuning_budget_seconds == 0
     assert load_settings({"RECSYS_TRAIN_BUCKET_ROWS": "50000"}).training.bucket_rows == 50_000
     for env, message in [
         (
@@ -112,6 +118,8 @@ def test_training_settings() -> None:
         ({"RECSYS_TRAIN_WORKERS": "0"}, "RECSYS_TRAIN_WORKERS=0: expected a positive number"),
         ({"RECSYS_TRAIN_LAUNCHER": "slurm"}, "RECSYS_TRAIN_LAUNCHER='slurm': expected one of local, kubernetes"),
         ({"RECSYS_TRAIN_BUCKET_ROWS": "-1"}, "RECSYS_TRAIN_BUCKET_ROWS=-1: expected a positive number"),
+        ({"RECSYS_TUNING_BUDGET_SECONDS": "-5"}, "RECSYS_TUNING_BUDGET_SECONDS=-5: expected 0 or more"),
+        ({"RECSYS_TUNING_BUDGET_SECONDS": "a minute"}, "RECSYS_TUNING_BUDGET_SECONDS='a minute' is not a number"),
     ]:
         with pytest.raises(ValueError, match=re.escape(message)):
             load_settings(env)

@@ -104,6 +104,11 @@ class Settings:
         return self.storage / "prepared"
 
     @property
+    def feedback_log_dir(self) -> Path:
+        """The service's write-ahead log (``RECSYS_FEEDBACK_LOG_DIR``, else under the home)."""
+        return self.serving.feedback_log_dir or self.home / "serving" / "spill"
+
+    @property
     def runs_dir(self) -> Path:
         """Files a training run hands to the steps after it (its train/holdout split)."""
         return self.storage / "runs"
@@ -467,6 +472,9 @@ class ServingSettings:
     fast_path: bool  # RECSYS_FAST_PATH=0: /recommend through BentoML's full request path (serving/fastpath.py)
     history_poll_seconds: float  # RECSYS_HISTORY_POLL_SECONDS: how often users' new plays are read from the warehouse
     history_max_users: int  # RECSYS_HISTORY_MAX_USERS: users whose recent plays a worker holds (LRU)
+    # RECSYS_FEEDBACK_LOG_DIR: the write-ahead log of feedback and impressions, on a volume that outlives
+    # the process (on Kubernetes, the replica's PersistentVolumeClaim); unset: $RECSYS_HOME/serving/spill
+    feedback_log_dir: Path | None
 
 
 def _serving(env: Mapping[str, str]) -> ServingSettings:
@@ -489,6 +497,7 @@ def _serving(env: Mapping[str, str]) -> ServingSettings:
         fast_path=env.get("RECSYS_FAST_PATH", "1") != "0",
         history_poll_seconds=number("RECSYS_HISTORY_POLL_SECONDS", 10.0),
         history_max_users=_positive_int(env, "RECSYS_HISTORY_MAX_USERS", 200_000),
+        feedback_log_dir=Path(env["RECSYS_FEEDBACK_LOG_DIR"]) if env.get("RECSYS_FEEDBACK_LOG_DIR") else None,
     )
 
 

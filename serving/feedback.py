@@ -63,6 +63,47 @@ CONVERT_SECONDS = 0.2
 SYNC_SECONDS = 0.2  # impressions written since the last fsync are synced at least this often
 
 
+class LogUnavailable(OSError):
+    """The write-ahead log could not take an event (the disk is full, a quota, an I/O error): nothing of
+    it is in the log, so it must not be acknowledged."""
+
+
+class _Segment:
+    """The live write-ahead segment: an append-only descriptor, locked by this process, that never keeps
+    half a line. A write the disk refuses part-way (``ENOSPC`` after some bytes, ``EDQUOT``, ``EIO``) is
+    cut back to the last whole line: a cut line in the middle would send the whole segment, the
+    acknowledged events after it too, to the quarantine. Hand-written: Python's buffered files keep the
+    refused bytes and write them later, after lines that came in between."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(self.fd)
+            raise
+        self.size = 0
+
+    def append(self, data: bytes) -> None:
+        """Write ``data`` whole, or raise with the segment as it was."""
+        written = 0
+        try:
+            while written < len(data):
+                written += os.write(self.fd, data[written:])
+        except OSError:
+            if written:
+                os.ftruncate(self.fd, self.size)  # giving space back: no new block needed
+            raise
+        self.size += written
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
 class FeedbackWriter:
     def __init__(
         self,
@@ -73,9 +114,14 @@ class FeedbackWriter:
         on_backlog: Callable[[int], None] | None = None,
         lander: bool = False,
         on_lander_restart: Callable[[], None] | None = None,
+        on_impressions_dropped: Callable[[int], None] | None = None,
     ):
         """``lander``: land from a child process (the service's mode, see the module's docstring)
-        instead of this process's background thread."""
+        instead of this process's background thread. ``on_impressions_dropped``: told how many
+        impressions could not be logged (the log's disk is full: they are dropped, the list is served)."""
+        self.on_impressions_dropped = on_impressions_dropped
+        self.log_error: str | None = None  # why the log refused the last write; None once one succeeds
+        self.dropped_impressions = 0
         self.on_backlog = on_backlog
         self.lander = lander
         self._lander: subprocess.Popen | None = None
@@ -108,18 +154,21 @@ class FeedbackWriter:
 
     # --- the write-ahead log of acknowledged feedback -------------------------------------------------
 
-    def _new_segment(self) -> tuple:
+    def _new_segment(self) -> tuple[_Segment, Path]:
         """A new segment: created, locked, and its name synced (so that it survives a crash too)."""
         self.spill_dir.mkdir(parents=True, exist_ok=True)
         path = self.spill_dir / f"feedback-wal-{os.getpid()}-{time.time_ns()}.jsonl"
-        handle = open(path, "a", encoding="utf-8")  # noqa: SIM115  (held open: the live segment)
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        segment = _Segment(path)
         directory = os.open(self.spill_dir, os.O_RDONLY)
         try:
             os.fsync(directory)
+        except OSError:
+            segment.close()
+            path.unlink(missing_ok=True)
+            raise
         finally:
             os.close(directory)
-        return handle, path
+        return segment, path
 
     def _open_segment(self) -> None:
         self._segment, self._segment_path = self._new_segment()
@@ -130,7 +179,7 @@ class FeedbackWriter:
         thread). When this returns, the events survive a crash of the process or of the machine.
 
         Raises:
-            OSError: the log could not be written or synced (the caller must not acknowledge).
+            LogUnavailable: the log could not be written or synced (the caller must not acknowledge).
         """
         if self.warehouse is None:
             return
@@ -161,9 +210,11 @@ class FeedbackWriter:
                     self._commit.notify_all()
             for (first, last), failure in list(self._sync_failures.items()):
                 if first <= mine <= last:
-                    raise OSError(f"the feedback log could not be written: {failure}") from failure
+                    self.log_error = _reason(failure)
+                    raise LogUnavailable(f"the feedback log could not be written: {self.log_error}") from failure
                 if last < self._synced - 10_000:
                     del self._sync_failures[first, last]  # long answered
+        self.log_error = None
 
     def append_impressions(self, request_id: str, user_id: str, at: datetime, items: list[tuple]) -> None:
         """Append one served list's impressions to the log (``items``: ``(track_id, artist_id,
@@ -171,14 +222,25 @@ class FeedbackWriter:
         batches (see the module's docstring). Their event ids are ``imp-<request id>-<rank>``."""
         if self.warehouse is None:
             return
-        line = json.dumps(["i", request_id, user_id, at.isoformat(), items]) + "\n"
-        with self._wal_lock:
-            if self._segment is None:
-                self._open_segment()
-            self._segment.write(line)
-            self._segment.flush()  # in the kernel's hands: survives the death of this process
-            self._segment_rows += len(items)
-            self._unsynced = True
+        line = (json.dumps(["i", request_id, user_id, at.isoformat(), items]) + "\n").encode()
+        try:
+            with self._wal_lock:
+                if self._segment is None:
+                    self._open_segment()
+                self._segment.append(line)  # in the kernel's hands: survives the death of this process
+                self._segment_rows += len(items)
+                self._unsynced = True
+        except OSError as exc:  # a full disk: the list is served, its impressions dropped and counted
+            self.dropped_impressions += len(items)
+            if self.log_error is None:
+                log.error("the write-ahead log refuses writes (%s): impressions are dropped", _reason(exc))
+            self.log_error = _reason(exc)
+            if self.on_impressions_dropped is not None:
+                self.on_impressions_dropped(len(items))
+            return
+        if self.log_error is not None:
+            log.warning("the write-ahead log takes writes again")
+            self.log_error = None
 
     # Every fsync runs outside the segment's lock, on a duplicate of its descriptor: a request that
     # appends its impressions never waits for the disk (a sync under the lock was measured as the
@@ -203,8 +265,7 @@ class FeedbackWriter:
         with self._wal_lock:
             if self._segment is None:
                 self._open_segment()
-            self._segment.write(lines)
-            self._segment.flush()
+            self._segment.append(lines.encode())
             self._segment_rows += rows
             self._unsynced = False
             fd = os.dup(self._segment.fileno())
@@ -486,6 +547,15 @@ class FeedbackWriter:
                     self._segment_path.unlink()
         if self._rows:
             self._spill()
+
+
+def _reason(exc: BaseException) -> str:
+    """Why the log refused a write, as an operator reads it (``ENOSPC: No space left on device``)."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        import errno
+
+        return f"{errno.errorcode.get(exc.errno, exc.errno)}: {exc.strerror}"
+    return f"{type(exc).__name__}: {exc}"
 
 
 def _row_to_json(row: tuple) -> str:

@@ -64,13 +64,13 @@ def _nullable(node: Any) -> Any:
     return node
 
 
-def contract(spec: dict, *, accepted: set[str], admin: set[str], unavailable: set[str]) -> dict:
+def contract(spec: dict, *, accepted: set[str], admin: set[str], unavailable: dict[str, str]) -> dict:
     """BentoML's generated document, amended to what the routes answer.
 
     Args:
         accepted: routes that answer 202 rather than 200.
         admin: routes behind the bearer token (401 without it).
-        unavailable: routes that answer 503 while no model is loaded.
+        unavailable: routes that answer 503, and when.
     """
     spec = _nullable(copy.deepcopy(spec))
     for path, item in spec["paths"].items():
@@ -95,7 +95,7 @@ def contract(spec: dict, *, accepted: set[str], admin: set[str], unavailable: se
             responses["401"] = _response("no or a wrong 'Authorization: Bearer <token>'", ERROR_BODY)
             operation["security"] = [{"bearer": []}]
         if path in unavailable:
-            responses["503"] = _response("no champion model is loaded yet", ERROR_BODY)
+            responses["503"] = _response(unavailable[path], ERROR_BODY)
     spec.setdefault("components", {}).setdefault("securitySchemes", {})["bearer"] = {
         "type": "http",
         "scheme": "bearer",

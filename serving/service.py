@@ -44,16 +44,18 @@ import prometheus_client
 from annotated_types import Ge, Le
 from bentoml.exceptions import BentoMLException, InvalidArgument, ServiceUnavailable
 from pydantic import Field
+from starlette.responses import JSONResponse
 
 from recsys_core.contracts import POSITIVE_EVENT_TYPES
 from recsys_core.registry import Registry
 from recsys_core.scoring import single_threaded_blas
 from recsys_core.settings import admin_token, load_settings
 from recsys_core.warehouse import Warehouse
-from serving import fastpath
+from serving import fastpath, health
 from serving.canary import variant_for
 from serving.fastpath import FastPath
-from serving.feedback import FeedbackWriter, event_row
+from serving.feedback import FeedbackWriter, LogUnavailable, event_row
+from serving.health import DegradedReadiness
 from serving.interleaving import CHALLENGER_TEAM, team_draft
 from serving.limits import RequestLimits, log_client_errors_at_info
 from serving.metrics import RequestMetrics
@@ -113,6 +115,16 @@ FEEDBACK_BACKLOG = prometheus_client.Gauge(
     "(a served list's impressions count as one)",
     multiprocess_mode="livesum",
 )
+IMPRESSIONS_DROPPED = prometheus_client.Counter(
+    name="recsys_impressions_dropped",
+    documentation="Impressions of served lists that the write-ahead log could not take (its disk is full): "
+    "the lists were served, the impressions are lost",
+)
+FEEDBACK_REFUSED = prometheus_client.Counter(
+    name="recsys_feedback_refused",
+    documentation="/feedback calls answered 503 because the write-ahead log could not take them (nothing "
+    "acknowledged); the client retries",
+)
 LANDER_RESTARTS = prometheus_client.Counter(
     name="recsys_feedback_lander_restarts",
     documentation="Feedback landers (the child process landing the write-ahead log) that died and were restarted",
@@ -132,6 +144,8 @@ MODEL_INFO = prometheus_client.Gauge(
     name="recsys_model_version", documentation="Version served per variant (0: none)", labelnames=["variant"]
 )
 
+
+FEEDBACK_RETRY_AFTER_SECONDS = 5  # a full log's disk: the lander frees space as it lands
 
 # The routes of the contract, timed by serving.metrics (every other path is labelled "other").
 ENDPOINTS = ("/recommend", "/feedback", "/admin/canary", "/admin/reload")
@@ -177,11 +191,12 @@ class Recommender:
         warehouse = Warehouse(settings.warehouse_uri) if knobs.warehouse_enabled else None
         self.feedback_writer = FeedbackWriter(
             warehouse,
-            spill_dir=settings.home / "serving" / "spill",
+            spill_dir=settings.feedback_log_dir,
             flush_seconds=knobs.feedback_flush_seconds,
             on_backlog=FEEDBACK_BACKLOG.set,
             lander=True,  # landing in a child process: its pauses stay out of this one's requests
             on_lander_restart=LANDER_RESTARTS.inc,
+            on_impressions_dropped=IMPRESSIONS_DROPPED.inc,
         )
         self.feedback_writer.start()
         # The users' plays since the champion's cutoff: /feedback's and the warehouse's (serving/user_state.py).
@@ -200,6 +215,7 @@ class Recommender:
             self.user_poll.start(knobs.history_poll_seconds)
         if knobs.fast_path:
             fastpath.bind("/recommend", self.recommend.local)
+        health.bind(self._degraded)
         # Everything loaded so far (the libraries, the models) lives as long as the process: out of the
         # collector's generations, so that a full collection does not walk it while requests wait.
         gc.freeze()
@@ -212,6 +228,14 @@ class Recommender:
         champion = self.slots.current.champion
         cutoff = champion.artifact.cutoff if champion is not None else None
         return datetime.fromisoformat(cutoff) if cutoff else None
+
+    def _degraded(self) -> str | None:
+        """Why this replica serves in a degraded way (``/readyz`` says it, still 200), or ``None``."""
+        error = self.feedback_writer.log_error
+        if error is None:
+            return None
+        return (f"the write-ahead log refuses writes ({error}): lists are served without their impressions "
+                "and /feedback answers 503")  # fmt: skip
 
     def __is_ready__(self) -> bool:
         """``/readyz``: not ready once a background loop (registry poll, feedback landing, the user
@@ -226,6 +250,7 @@ class Recommender:
     @bentoml.on_shutdown
     def _shutdown(self) -> None:
         fastpath.bind("/recommend", None)
+        health.bind(None)
         self.slots.close()
         self.siblings.close()
         if self.user_poll is not None:
@@ -344,8 +369,16 @@ class Recommender:
             model_version=model_version,
             variant=variant,
         )
-        # Durable before it is acknowledged: the write-ahead log, fsync-ed off the event loop.
-        await asyncio.to_thread(self.feedback_writer.log, [row])
+        # Durable before it is acknowledged: the write-ahead log, fsync-ed off the event loop. A log that
+        # cannot take it (a full disk) acknowledges nothing: 503 and when to retry, never a 500.
+        try:
+            await asyncio.to_thread(self.feedback_writer.log, [row])
+        except LogUnavailable as exc:
+            FEEDBACK_REFUSED.inc()
+            log.warning("/feedback refused: %s", exc)
+            error = f"{exc}: nothing was recorded; retry later (with the same event_id, to count it once)"
+            return JSONResponse({"error": error}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
+                                headers={"Retry-After": str(FEEDBACK_RETRY_AFTER_SECONDS)})  # fmt: skip
         if event_type in POSITIVE_EVENT_TYPES:  # the user's next list follows what they just liked or played
             self.recent.add(user_id, (track_id,))
         FEEDBACK.labels(
@@ -402,13 +435,20 @@ class Recommender:
         return self._result("swapped" if swapped else "already up to date")
 
 
+UNAVAILABLE = {  # the routes that answer 503, and when (the OpenAPI document says it)
+    "/recommend": "no champion model is loaded yet",
+    "/admin/reload": "no champion model is loaded yet",
+    "/feedback": "the write-ahead log cannot take the event (its disk is full): nothing was recorded; retry after "
+    "the Retry-After header's seconds",
+}
 # The first added is the outer one: the request metrics time the limits' 413 and 415 answers too.
 Recommender.add_asgi_middleware(
     OpenAPIContract,
     document=lambda: contract(Recommender.openapi_spec.asdict(), accepted={"/feedback"},
-                              admin={"/admin/canary", "/admin/reload"}, unavailable={"/recommend", "/admin/reload"}),
+                              admin={"/admin/canary", "/admin/reload"}, unavailable=UNAVAILABLE),
 )  # fmt: skip
 Recommender.add_asgi_middleware(RequestMetrics, endpoints=ENDPOINTS)
+Recommender.add_asgi_middleware(DegradedReadiness)
 Recommender.add_asgi_middleware(RequestLimits, max_bytes=KNOBS.max_body_bytes)
 # The innermost: /recommend in one ASGI step (serving/fastpath.py), after the limits and inside the metrics.
 Recommender.add_asgi_middleware(FastPath, service=Recommender)

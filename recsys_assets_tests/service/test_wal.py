@@ -18,7 +18,7 @@ from recsys_cli.stack.services import bento_spec
 from recsys_cli.stack.supervisor import Stack, free_port
 from recsys_core.settings import load_settings
 from recsys_core.warehouse import Warehouse
-from serving.feedback import FeedbackWriter, event_row
+from serving.feedback import FeedbackWriter, LogUnavailable, event_row
 
 
 def row(i: int, prefix: str = "w") -> tuple:
@@ -54,7 +54,7 @@ def test_a_torn_last_line_is_set_aside_and_the_rest_lands(tmp_path: Path) -> Non
     warehouse.init_schema()
     dead = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
     dead.log([row(i, "torn") for i in range(3)])
-    dead._segment.write('["torn-3", "u1", "t1"')  # cut mid-line
+    os.write(dead._segment.fileno(), b'["torn-3", "u1", "t1"')  # cut mid-line, as the kernel leaves it
     dead._segment.close()
     survivor = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600)
     assert survivor.flush() == 3
@@ -213,3 +213,49 @@ def test_a_lander_whose_worker_died_lands_what_is_left_and_exits(tmp_path: Path)
     shell.wait()
     lander.wait(timeout=60)  # exits by itself, though its flush interval is an hour
     assert landed_ids(warehouse, "orphan") == {f"orphan-{i}" for i in range(7)}
+
+
+def test_a_write_the_disk_refuses_part_way_leaves_whole_lines_and_acknowledges_nothing(tmp_path, monkeypatch) -> None:
+    """ENOSPC injected at the os.write boundary, after part of the bytes (what a filling disk does):
+    the impressions are dropped and counted, the feedback is refused, the segment is cut back to its
+    whole lines, and once writes succeed again everything acknowledged lands, nothing refused does."""
+    import errno
+
+    import serving.feedback as feedback
+
+    warehouse = Warehouse(f"duckdb:///{tmp_path / 'w.duckdb'}")
+    warehouse.init_schema()
+    dropped: list[int] = []
+    writer = FeedbackWriter(warehouse, spill_dir=tmp_path / "spill", flush_seconds=3600,
+                            on_impressions_dropped=dropped.append)  # fmt: skip
+    at = row(0)[4]
+    writer.log([row(i, "full") for i in range(3)])
+    writer.append_impressions("r1", "u1", at, [("t1", "a1", 1, "champion")] * 3)
+    real_write = os.write
+
+    def full_disk(fd: int, data) -> int:
+        if fd == writer._segment.fileno():
+            if len(data) > 8:
+                return real_write(fd, bytes(data[:8]))  # part of it fits
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real_write(fd, data)
+
+    monkeypatch.setattr(feedback.os, "write", full_disk)
+    writer.append_impressions("r2", "u1", at, [("t2", "a1", 1, "champion")] * 4)  # no exception: dropped
+    assert dropped == [4]
+    assert writer.log_error == "ENOSPC: No space left on device"
+    with pytest.raises(LogUnavailable, match="No space left on device"):
+        writer.log([row(i, "refused") for i in range(2)])
+    size = writer._segment.size
+    assert writer._segment_path.stat().st_size == size  # cut back: no half line
+    assert writer._segment_path.read_bytes().endswith(b"\n")
+
+    monkeypatch.setattr(feedback.os, "write", real_write)  # space is back
+    writer.log([row(3, "full")])
+    assert writer.log_error is None
+    writer.append_impressions("r3", "u1", at, [("t3", "a1", 1, "champion")])
+    assert writer.flush() == 3 + 1 + 3 + 1
+    assert landed_ids(warehouse, "full") == {f"full-{i}" for i in range(4)}
+    assert not landed_ids(warehouse, "refused")
+    assert landed_ids(warehouse, "imp") == {"imp-r1-0", "imp-r1-1", "imp-r1-2", "imp-r3-0"}
+    assert not list((tmp_path / "spill" / "quarantine").glob("*"))  # nothing was set aside

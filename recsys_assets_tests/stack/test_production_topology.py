@@ -103,6 +103,7 @@ def test_the_daemon_retrains_on_postgres_and_object_storage_and_the_service_load
         "RECSYS_DAGSTER_STORAGE_URI": postgres_server.get_uri(database="pe_dagster"),
         "RECSYS_SENSOR_INTERVAL_SECONDS": "5",
         "RECSYS_RETRAIN_RUN_CONFIG": json.dumps(permissive_gate),
+        "RECSYS_TUNING_BUDGET_SECONDS": "5",  # the search's nested runs in the PostgreSQL-backed MLflow store
         "RECSYS_STORAGE_URI": f"s3://{BUCKET}/prod",
         **s3_server.env,
     }
@@ -141,6 +142,10 @@ def test_the_daemon_retrains_on_postgres_and_object_storage_and_the_service_load
         reader.join(timeout=10)
     assert [run.tags["recsys/trigger"] for run in runs] == ["bootstrap"]
     assert registry.by_alias(CHAMPION).version == 1  # in MLflow's PostgreSQL backend store
+    parent = registry.by_alias(CHAMPION).run_id  # the search's trials are nested under its training run
+    trials = registry.client().search_runs([registry.experiment_id()], f"tags.mlflow.parentRunId = '{parent}'")
+    assert trials
+    assert all(t.data.tags["dagster.asset"] == "two_tower_model" for t in trials)
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
         sensor = next(s for s in instance.all_instigator_state() if s.name == "retrain_sensor")
