@@ -656,11 +656,29 @@ def _land_until_orphaned(spill_dir: Path, flush_seconds: float, parent: int) -> 
     writer.flush()
 
 
+def land_once(spill_dir: Path) -> int:
+    """Land every file of a write-ahead log no live process holds (a replica's volume whose pod is gone:
+    ``deploy/k8s/wal-recovery.yaml``); the number of events left, 0 when all of it landed."""
+    from recsys_core.settings import load_settings
+
+    writer = FeedbackWriter(Warehouse(load_settings().warehouse_uri), spill_dir, flush_seconds=0)
+    writer.warehouse.init_schema()
+    landed = writer.flush()
+    left = writer.backlog()
+    log.info("landed %d events from %s; %d left", landed, spill_dir, left)
+    return left
+
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description="Land the service's write-ahead log (started by a worker).")
     parser.add_argument("spill_dir", type=Path)
     parser.add_argument("--flush-seconds", type=float, default=2.0)
-    parser.add_argument("--parent", type=int, required=True, help="the worker: exit when it is gone")
+    parser.add_argument("--parent", type=int, help="the worker: exit when it is gone")
+    parser.add_argument("--once", action="store_true", help="land what is there and exit (1 if some is left)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s lander %(levelname)s %(message)s")
+    if args.once:
+        sys.exit(1 if land_once(args.spill_dir) else 0)
+    if args.parent is None:
+        parser.error("--parent is required (or --once)")
     _land_until_orphaned(args.spill_dir, args.flush_seconds, args.parent)

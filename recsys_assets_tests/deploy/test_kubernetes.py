@@ -17,7 +17,7 @@ from recsys_assets_tests.conftest import REPO_ROOT
 
 KUBERNETES = "1.37"
 SAMPLE = {"IMAGE": "registry.example.com/recommender:1", "BENTO_TAG": "recommender:abc", "CHAMPION_VERSION": "3",
-          "CHALLENGER_VERSION": "4"}  # fmt: skip
+          "CHALLENGER_VERSION": "4", "WAL_CLAIM": "wal-recommender-4"}  # fmt: skip
 MANIFESTS = sorted((REPO_ROOT / "deploy" / "k8s").glob("*.yaml"))
 
 
@@ -36,12 +36,32 @@ def test_every_manifest_is_valid_kubernetes(path: Path) -> None:
 
 def test_the_service_has_probes_an_autoscaler_and_a_disruption_budget() -> None:
     kinds = {doc["kind"]: doc for doc in documents(REPO_ROOT / "deploy" / "k8s" / "recommender.yaml")}
-    assert {"Deployment", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
-    pod = kinds["Deployment"]["spec"]["template"]
+    assert {"StatefulSet", "Service", "HorizontalPodAutoscaler", "PodDisruptionBudget"} <= set(kinds)
+    pod = kinds["StatefulSet"]["spec"]["template"]
     container = pod["spec"]["containers"][0]
     assert {"readinessProbe", "livenessProbe", "startupProbe"} <= set(container)
     assert pod["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
-    assert kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == kinds["Deployment"]["metadata"]["name"]
+    target = kinds["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("StatefulSet", kinds["StatefulSet"]["metadata"]["name"])
+
+
+def test_each_replica_keeps_its_write_ahead_log_on_a_volume_that_outlives_the_pod() -> None:
+    """The log on the replica's own claim (retained on scale-down), where the service writes it, and a
+    grace period for the last landing; the recovery Job mounts such a claim and lands it."""
+    kinds = {doc["kind"]: doc for doc in documents(REPO_ROOT / "deploy" / "k8s" / "recommender.yaml")}
+    spec = kinds["StatefulSet"]["spec"]
+    claim = spec["volumeClaimTemplates"][0]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert spec["persistentVolumeClaimRetentionPolicy"]["whenScaled"] == "Retain"
+    container = spec["template"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container["env"]}
+    mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+    assert env["RECSYS_FEEDBACK_LOG_DIR"] == mounts[claim["metadata"]["name"]]
+    assert spec["template"]["spec"]["terminationGracePeriodSeconds"] >= 30
+    job = documents(REPO_ROOT / "deploy" / "k8s" / "wal-recovery.yaml")[0]
+    land = job["spec"]["template"]["spec"]["containers"][0]
+    assert land["command"][-2:] == [env["RECSYS_FEEDBACK_LOG_DIR"], "--once"]
+    assert land["volumeMounts"][0]["mountPath"] == env["RECSYS_FEEDBACK_LOG_DIR"]
 
 
 def test_the_registry_runs_behind_basic_auth() -> None:

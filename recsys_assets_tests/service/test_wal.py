@@ -77,12 +77,16 @@ def test_a_live_writers_segment_is_left_to_it(tmp_path: Path) -> None:
 @pytest.mark.slow
 def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path) -> None:
     """`bentoml serve` acknowledges feedback from many clients, is killed with SIGKILL (every process)
-    before any flush, and is started again: every acknowledged event lands, once. So does every
-    impression of the lists it answered (in the log before the answer)."""
+    before any flush, and its log's volume is given to another replica (another home, another port: a
+    new pod that takes the claim): every acknowledged event lands, once. So does every impression of the
+    lists it answered (in the log before the answer)."""
     home = tmp_path / "home"
     shutil.copytree(serving_home.home, home, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
-    settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port())})
-    env = {**serving_home.env, **settings.child_env({}), "RECSYS_FEEDBACK_FLUSH_SECONDS": "3600"}
+    volume = tmp_path / "volume"  # the replica's volume claim
+    settings = load_settings({"RECSYS_HOME": str(home), "RECSYS_BENTO_PORT": str(free_port()),
+                              "RECSYS_FEEDBACK_LOG_DIR": str(volume)})  # fmt: skip
+    env = {**serving_home.env, **settings.child_env({}), "RECSYS_FEEDBACK_FLUSH_SECONDS": "3600",
+           "RECSYS_FEEDBACK_LOG_DIR": str(volume)}  # fmt: skip
     stack = Stack(tmp_path / "run", env=env, cwd=REPO_ROOT)
     stack.start([bento_spec(settings)], timeout=180)
     acknowledged: list[str] = []
@@ -117,10 +121,17 @@ def test_no_acknowledged_feedback_is_lost_to_kill_9(serving_home, tmp_path: Path
     assert len(acknowledged) == 2000
     warehouse = Warehouse(settings.warehouse_uri)
     assert not landed_ids(warehouse, "kill9")  # nothing had landed: all of it was only in the log
+    assert list(volume.glob("feedback-wal-*.jsonl"))
 
-    env["RECSYS_FEEDBACK_FLUSH_SECONDS"] = "0.5"
+    other = tmp_path / "home-b"  # the next pod: its own home and port, the same volume and warehouse
+    shutil.copytree(serving_home.home, other, ignore=shutil.ignore_patterns("warehouse.duckdb*", "serving"))
+    successor = load_settings({"RECSYS_HOME": str(other), "RECSYS_BENTO_PORT": str(free_port()),
+                               "RECSYS_WAREHOUSE_URI": settings.warehouse_uri,
+                               "RECSYS_FEEDBACK_LOG_DIR": str(volume)})  # fmt: skip
+    env = {**serving_home.env, **successor.child_env({}), "RECSYS_FEEDBACK_FLUSH_SECONDS": "0.5",
+           "RECSYS_FEEDBACK_LOG_DIR": str(volume)}  # fmt: skip
     again = Stack(tmp_path / "run-again", env=env, cwd=REPO_ROOT)
-    again.start([bento_spec(settings)], timeout=180)
+    again.start([bento_spec(successor)], timeout=180)
     try:
         until(lambda: len(landed_ids(warehouse, "kill9")) >= 2000, 60, "the logged feedback to land")
         assert landed_ids(warehouse, "kill9") == set(acknowledged)
