@@ -377,6 +377,9 @@ class Recommender:
             FEEDBACK_REFUSED.inc()
             log.warning("/feedback refused: %s", exc)
             error = f"{exc}: nothing was recorded; retry later (with the same event_id, to count it once)"
+            if ctx is not None:  # BentoML sets the answer's status and headers from the context
+                ctx.response.status_code = HTTPStatus.SERVICE_UNAVAILABLE
+                ctx.response.headers["Retry-After"] = str(FEEDBACK_RETRY_AFTER_SECONDS)
             return JSONResponse({"error": error}, status_code=HTTPStatus.SERVICE_UNAVAILABLE,
                                 headers={"Retry-After": str(FEEDBACK_RETRY_AFTER_SECONDS)})  # fmt: skip
         if event_type in POSITIVE_EVENT_TYPES:  # the user's next list follows what they just liked or played
