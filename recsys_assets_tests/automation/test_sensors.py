@@ -236,6 +236,44 @@ def test_warehouse_sensor_adds_a_partition_per_new_range_of_batches(recsys_env, 
     assert result.skip_message == f"no new batch since batch {second.batch_id}"
 
 
+def test_an_extraction_that_failed_in_a_warehouse_outage_fails_clearly_and_the_next_tick_retries_it(
+    recsys_env, instance, monkeypatch
+) -> None:
+    """The warehouse stops answering while a partition is extracted: the run fails naming the warehouse
+    and why; once it answers again, the sensor asks for that partition again (a new run_key), and the
+    retry extracts it."""
+    from recsys_assets.definitions import defs
+
+    warehouse = Warehouse(recsys_env.warehouse_uri)
+    warehouse.init_schema()
+    warehouse.land_events(plays(5, CUTOFF), source="test", origin="t")
+    result, _ = tick("warehouse_sensor", instance, recsys_env)
+    (request,) = result.run_requests
+    instance.add_dynamic_partitions("ingest_batches", [request.partition_key])
+    selection = [dg.AssetKey("listening_events")]
+    with monkeypatch.context() as outage:  # the code location's warehouse does not answer during the run
+        outage.setenv("RECSYS_WAREHOUSE_URI", f"postgresql://nobody@127.0.0.1:{free_port()}/gone")
+        job = defs().resolve_implicit_global_asset_job_def()
+        failed = job.execute_in_process(instance=instance, partition_key=request.partition_key,
+                                        asset_selection=selection, raise_on_error=False)  # fmt: skip
+    assert not failed.success
+    (failure,) = [e for e in failed.all_events if e.event_type_value == "STEP_FAILURE"]
+    assert "WarehouseError" in str(failure.event_specific_data.error)
+    assert "Connection refused" in str(failure.event_specific_data.error)
+
+    retry, _ = tick("warehouse_sensor", instance, recsys_env)  # the warehouse answers again
+    (again,) = retry.run_requests
+    assert again.partition_key == request.partition_key
+    assert again.run_key != request.run_key
+    assert again.tags["recsys/retry"] == "true"
+    assert not retry.dynamic_partitions_requests  # nothing new
+    job = defs().resolve_implicit_global_asset_job_def()
+    done = job.execute_in_process(instance=instance, partition_key=again.partition_key, asset_selection=selection)
+    assert done.success
+    result, _ = tick("warehouse_sensor", instance, recsys_env)
+    assert isinstance(result, dg.SkipReason)  # retried once: nothing failed is left
+
+
 def test_a_drifted_report_retrains_once(recsys_env, instance, tmp_path) -> None:
     register_champion(recsys_env, tmp_path, train_interactions=1000)
     Warehouse(recsys_env.warehouse_uri).init_schema()

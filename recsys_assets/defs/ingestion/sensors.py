@@ -18,6 +18,13 @@ from recsys_core.warehouse import WarehouseError
 EXTRACTION_TRIGGER = "new-batches"
 
 
+def failed_extractions(instance: dg.DagsterInstance) -> list[str]:
+    """The partitions whose last extraction failed (a warehouse outage during the run, say)."""
+    keys = instance.get_dynamic_partitions(ingest_batches.name)
+    statuses = instance.get_status_by_partition(dg.AssetKey("listening_events"), keys, ingest_batches) or {}
+    return sorted(k for k, status in statuses.items() if status == dg.AssetPartitionStatus.FAILED)
+
+
 def warehouse_sensor_fn(
     context: dg.SensorEvaluationContext, warehouse: WarehouseResource, retrain_policy: RetrainPolicyResource
 ):
@@ -26,9 +33,14 @@ def warehouse_sensor_fn(
         new_keys = new_batch_ranges(warehouse.get_warehouse(), seen)
     except WarehouseError as exc:
         return dg.SkipReason(f"the warehouse cannot be read: {exc}")
-    if not new_keys:
+    # A failed extraction is asked again (its run_key is new) once the warehouse answers, at the pace of
+    # new ones: the failure is the run's, with its reason; the retry is the next trigger's.
+    retries = failed_extractions(context.instance)
+    if not new_keys and not retries:
         return dg.SkipReason(f"no new batch since batch {seen}")
-    waiting = f"batches {seen + 1}..{parse_batch_range_key(new_keys[-1])[1]} wait"
+    pending = [f"batches {seen + 1}..{parse_batch_range_key(new_keys[-1])[1]}"] if new_keys else []
+    pending += [f"{len(retries)} failed extraction(s)"] if retries else []
+    waiting = " and ".join(pending) + " wait"
     active = context.instance.get_runs(
         filters=dg.RunsFilter(tags={"recsys/trigger": EXTRACTION_TRIGGER}, statuses=ACTIVE), limit=1
     )
@@ -40,18 +52,17 @@ def warehouse_sensor_fn(
     if last_request and (now - datetime.fromisoformat(last_request)).total_seconds() < interval:
         return dg.SkipReason(f"{waiting}: at most one new partition every {interval}s")
     context.update_cursor(json.dumps({"requested_at": now.isoformat()}))
-    return dg.SensorResult(
-        run_requests=[
-            dg.RunRequest(
-                run_key=key,
-                partition_key=key,
-                asset_selection=[dg.AssetKey("listening_events")],
-                tags={"recsys/trigger": EXTRACTION_TRIGGER},
-            )
-            for key in new_keys
-        ],
-        dynamic_partitions_requests=[ingest_batches.build_add_request(new_keys)],
-    )
+    requests = [
+        dg.RunRequest(
+            run_key=key if key in new_keys else f"{key}:retry:{now.isoformat()}",
+            partition_key=key,
+            asset_selection=[dg.AssetKey("listening_events")],
+            tags={"recsys/trigger": EXTRACTION_TRIGGER, **({"recsys/retry": "true"} if key in retries else {})},
+        )
+        for key in [*retries, *new_keys]
+    ]
+    adds = [ingest_batches.build_add_request(new_keys)] if new_keys else []
+    return dg.SensorResult(run_requests=requests, dynamic_partitions_requests=adds)
 
 
 @dg.definitions
