@@ -121,7 +121,6 @@ class FeedbackWriter:
         impressions could not be logged (the log's disk is full: they are dropped, the list is served)."""
         self.on_impressions_dropped = on_impressions_dropped
         self.log_error: str | None = None  # why the log refused the last write; None once one succeeds
-        self.dropped_impressions = 0
         self.on_backlog = on_backlog
         self.lander = lander
         self._lander: subprocess.Popen | None = None
@@ -231,7 +230,6 @@ class FeedbackWriter:
                 self._segment_rows += len(items)
                 self._unsynced = True
         except OSError as exc:  # a full disk: the list is served, its impressions dropped and counted
-            self.dropped_impressions += len(items)
             if self.log_error is None:
                 log.error("the write-ahead log refuses writes (%s): impressions are dropped", _reason(exc))
             self.log_error = _reason(exc)
