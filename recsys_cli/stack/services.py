@@ -28,6 +28,10 @@ run_coordinator:
     tag_concurrency_limits:
       - key: recsys/retrain
         limit: 1
+# DefaultRunLauncher plus a health check, so that run monitoring fails a run whose process died.
+run_launcher:
+  module: recsys_cli.stack.run_launcher
+  class: LocalRunLauncher
 run_monitoring:
   enabled: true
   start_timeout_seconds: 180
