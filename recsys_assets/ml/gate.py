@@ -1,6 +1,7 @@
 """The promotion gate: does the candidate beat the champion (or, for the first model, popularity)?
 
-Promote when the primary metric improves on the reference by at least ``min_improvement`` (relative)
+Promote when the primary metric is at least the reference's × (1 + ``min_improvement``), and strictly
+better when that margin is 0 or more (a negative one lets a somewhat worse candidate reach the canary),
 and no guard metric falls more than its tolerance (relative) below the reference's. Every metric
 gets its delta with a bootstrap confidence interval over the evaluated users, so the decision report
 says how sure the numbers are. ``force`` promotes regardless and is recorded as forced.
@@ -86,12 +87,21 @@ def decide(candidate: Evaluation, champion: Evaluation | None, popularity: Evalu
     by_metric = {d.metric: d for d in deltas}
     primary = by_metric[rules.primary_metric]
     reasons = []
-    improved = primary.delta > 0 and (primary.relative is None or primary.relative >= rules.min_improvement)
+    # The threshold is the reference × (1 + min_improvement), as the asset check reports it. At 0 or
+    # more the candidate must also be strictly better (an equal model is not promoted); a negative
+    # margin lets a candidate within it through to the canary, where the online metrics decide.
+    threshold = primary.reference * (1 + rules.min_improvement)
+    improved = primary.candidate >= threshold and (primary.delta > 0 or rules.min_improvement < 0)
     ci = f", 95% CI [{primary.ci_low:+.4f}, {primary.ci_high:+.4f}]" if primary.ci_low is not None else ""
+    if not improved:
+        verdict = f"does not improve by the required {rules.min_improvement:.1%}"
+    elif primary.delta > 0:
+        verdict = "improves"
+    else:
+        verdict = f"within the allowed {rules.min_improvement:.1%}"
     reasons.append(
         f"{rules.primary_metric} {primary.candidate:.4f} vs {primary.reference:.4f} ({primary.delta:+.4f}"
-        f"{'' if primary.relative is None else f', {primary.relative:+.1%}'}{ci}): "
-        + ("improves" if improved else f"does not improve by the required {rules.min_improvement:.1%}")
+        f"{'' if primary.relative is None else f', {primary.relative:+.1%}'}{ci}): {verdict}"
     )
     guards_ok = True
     for guard, tolerance in rules.guards:

@@ -32,6 +32,18 @@ def test_primary_metric_needs_the_margin() -> None:
     assert decide(ev(0.32), ev(0.30), ev(0.1), rules, "champion v1").promote  # +6.7%
 
 
+def test_a_negative_margin_lets_a_somewhat_worse_candidate_through_and_says_so() -> None:
+    # The closed loop's and the benchmarks' permissive gate: the canary, not the holdout, decides.
+    rules = GateRules(min_improvement=-0.5)
+    within = decide(ev(0.20), ev(0.30), ev(0.1), rules, "champion v1")  # -33% ≥ -50%
+    assert within.promote
+    assert "within the allowed -50.0%" in within.reasons[0]
+    assert not decide(ev(0.14), ev(0.30), ev(0.1), rules, "champion v1").promote  # -53%
+    assert "improves" in decide(ev(0.31), ev(0.30), ev(0.1), rules, "champion v1").reasons[0]
+    # At 0 an equal candidate is not promoted.
+    assert not decide(ev(0.30), ev(0.30), ev(0.1), GateRules()).promote
+
+
 def test_a_guard_regression_blocks_even_with_a_better_primary() -> None:
     rules = GateRules(guards=(("recall@10", 0.05), ("coverage@10", 0.1)))
     decision = decide(ev(0.40, coverage=0.30), ev(0.30, coverage=0.50), ev(0.1), rules)

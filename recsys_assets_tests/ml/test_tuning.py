@@ -20,8 +20,12 @@ def test_warm_values_come_from_logged_parameters_and_land_in_the_space() -> None
               "l2": "0.0", "history_decay": "0.9", "mask_history_negatives": "True", "batch_size": "2048"}  # fmt: skip
     values = warm_values(logged)
     # A champion from before history_ties was searched gets the default (False).
+    # So does one from before the batch size and the logQ correction were (the default, True).
     assert values == {"history_length": 20, "embedding_dim": 32, "temperature": 0.3, "learning_rate": 0.05, "l2": 0.0,
-                      "history_decay": 0.9, "mask_history_negatives": True, "history_ties": False}  # fmt: skip
+                      "history_decay": 0.9, "mask_history_negatives": True, "history_ties": False,
+                      "batch_size": 2048, "logq_correction": True}  # fmt: skip
+    assert warm_values({**logged, "batch_size": "3000", "logq_correction": "False"})["batch_size"] == 2048
+    assert warm_values({**logged, "logq_correction": "False"})["logq_correction"] is False
     assert warm_values({**logged, "history_ties": "True"})["history_ties"] is True
     static = warm_values({**logged, "history_length": "0"})
     assert static["history_length"] == 0
@@ -36,7 +40,8 @@ def test_the_search_starts_from_the_warm_start_and_never_ends_worse(tiny_world) 
     _, interactions, tracks = tiny_world
     train = global_temporal_split(interactions).train
     seen: list[dict] = []
-    warm = {"history_length": 0, "embedding_dim": 32, "temperature": 0.1, "learning_rate": 0.05, "l2": 0.0}
+    warm = {"history_length": 0, "embedding_dim": 32, "temperature": 0.1, "learning_rate": 0.05, "l2": 0.0,
+            "batch_size": 256, "logq_correction": True}
     result = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=5, on_trial=seen.append)
     assert len(result.trials) == len(seen) == 5
     first = result.trials[0]
@@ -48,7 +53,7 @@ def test_the_search_starts_from_the_warm_start_and_never_ends_worse(tiny_world) 
     for name, value in best["params"].items():
         assert getattr(result.params, name) == value
     # The fields that are not searched are the base's.
-    assert (result.params.batch_size, result.params.refit, result.params.seed) == (256, "warm", 7)
+    assert (result.params.max_epochs, result.params.refit, result.params.seed) == (4, "warm", 7)
     assert [row["trial"] for row in result.table()] == [0, 1, 2, 3, 4]
 
 
