@@ -136,7 +136,7 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                 raise SystemExit(f"{name}, seed {seed}: failed\n{done.stderr[-3000:]}")
             runs.append(json.loads(done.stdout.strip().splitlines()[-1]))
         models = {}
-        for model in ("two_tower", "ease", "popularity"):
+        for model in ("two_tower", "ranked", "ease", "popularity"):
             values = [r["models"].get(model, {}) for r in runs]
             if all("ndcg@10" in v for v in values):
                 models[model] = {m: float(np.mean([v[m] for v in values])) for m in ("ndcg@10", "recall@10")}
@@ -157,11 +157,60 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                 for seed, r in zip(seeds, runs, strict=True)
             ],
         }
-        tt = models.get("two_tower")
-        for peer in ("ease", "popularity"):
-            if tt and peer in models:
-                line[f"two_tower_vs_{peer}"] = {m: tt[m] / models[peer][m] for m in tt if models[peer][m]}
+        for mine in ("two_tower", "ranked"):
+            for peer in ("ease", "popularity"):
+                if mine in models and peer in models:
+                    line[f"{mine}_vs_{peer}"] = {m: models[mine][m] / models[peer][m] for m in models[mine]
+                                                 if models[peer][m]}  # fmt: skip
         print(json.dumps(line), flush=True)
+
+
+def _heard(eval_set) -> list:
+    return [
+        eval_set.seen_indices[a:b] for a, b in zip(eval_set.seen_indptr[:-1], eval_set.seen_indptr[1:], strict=True)
+    ]
+
+
+def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_model, seed) -> dict:
+    """The ranking stage (ml/ranker.py) trained on the validation split's candidates of the model before
+    its refit, then reranking the final model's top candidates on the holdout: the metrics, and the
+    ranker's own validation."""
+    import numpy as np
+    import polars as pl
+
+    from recsys_assets.ml.metrics import evaluate
+    from recsys_assets.ml.ranker import candidates_of, ranker_examples, ranker_tables, train_ranker
+    from recsys_assets.ml.two_tower import Vocabulary
+    from recsys_core.ranking import rerank
+
+    t0 = time.perf_counter()
+    fit_users, fit_items = trained.fit_embeddings
+    user_rows = Vocabulary.index(pl.Series(val_set.users), trained.vocab.users)
+    item_rows = Vocabulary.index(pl.Series(val_set.items), trained.vocab.items)
+    val_scores = fit_users[user_rows] @ fit_items[item_rows].T
+    val_scores[:, item_rows == 0] = -np.inf
+    users_of = val_set.relevant_keys // val_set.n_items
+    relevant = np.split(
+        val_set.relevant_keys % val_set.n_items, np.searchsorted(users_of, np.arange(1, len(val_set.users)))
+    )
+    tables = ranker_tables(val.train, tracks, val_set.items)
+    x, labels, _ = ranker_examples(val_scores, _heard(val_set), relevant, tables)
+    fitted = train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed,
+                          progress=lambda r: print(f"  ranker {r}", file=sys.stderr))  # fmt: skip
+    train_seconds = time.perf_counter() - t0
+    eval_tables = ranker_tables(split.train, tracks, eval_set.items)
+    heard = _heard(eval_set)
+    scores = score(eval_set.users)
+    candidates, picked = candidates_of(scores, heard)
+    order = rerank(fitted.ranker, eval_tables, heard, candidates, picked)
+    final = np.full(scores.shape, -np.inf, dtype=np.float32)
+    np.put_along_axis(
+        final, order, np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0), axis=1
+    )
+    position = {u: i for i, u in enumerate(eval_set.users)}
+    result = evaluate(lambda users: final[[position[u] for u in users]], eval_set, click_model=click_model)
+    return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,
+            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": len(fitted.history)}  # fmt: skip
 
 
 def plays_since_cutoff(split) -> dict[str, list[str]]:
@@ -243,6 +292,7 @@ def main() -> None:
     parser.add_argument("--history-attributes", type=int, choices=(0, 1), help="override history_attributes")
     parser.add_argument("--params", default="{}", help="JSON of TwoTowerParams fields to override (any field)")
     parser.add_argument("--tune", type=float, help="search the hyperparameters for this many seconds first")
+    parser.add_argument("--ranker", action="store_true", help="also rerank the two-tower's top candidates")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
     if args.suite:  # the other options (model overrides) go to every run
@@ -334,6 +384,9 @@ def main() -> None:
             return trained.user_embeddings[user_rows] @ candidates.T
 
         result = evaluate(score, eval_set, click_model=click_model)
+        if args.ranker:
+            summary["models"]["ranked"] = ranked_metrics(trained, tracks, split, val, val_set, eval_set, score,
+                                                         click_model, args.seed)  # fmt: skip
         summary["models"]["two_tower"] = {
             **result.metrics,
             **(served_ctr(trained, split, eval_set, click_model) if click_model else {}),

@@ -446,6 +446,9 @@ class TrainedTwoTower:
     user_history: np.ndarray | None = None  # rows of vocab.users × history_length, at the training cutoff
     session_weight: float = 0.0
     session_scores: list[dict] = field(default_factory=list)
+    # The user and item embeddings (prior included) before the refit: the model the validation split
+    # scored, from which the ranking stage learns (``ml/ranker.py``). ``None`` without a validation split.
+    fit_embeddings: tuple[np.ndarray, np.ndarray] | None = field(default=None, repr=False)
 
     def query_tower(self) -> QueryTower:
         """The history-aware query tower's weights for the numpy twin (``recsys_core.query_tower``)."""
@@ -1123,6 +1126,7 @@ def _train(data: _Prepared, params: TwoTowerParams, progress, placement: Placeme
     runs: list[_EpochEnd] = []
     prior, prior_scores = 0.0, []
     session_weight, session_scores = 0.0, []
+    fit_embeddings = None
     if data.fit is None:
         runs.append(_fit(model, full, items, vocab, params, params.max_epochs, None, progress, placement=placement))
         best_epoch = runs[-1].best_epoch
@@ -1143,6 +1147,8 @@ def _train(data: _Prepared, params: TwoTowerParams, progress, placement: Placeme
                 model, vocab, items, data.fit.state, training_pairs(data.fit_sample), data.val_sample, validation,
                 params, prior, log_q,
             )  # fmt: skip
+        fit_embeddings = with_prior(*_embeddings(model, vocab, items, data.fit.state, params),
+                                    params.temperature * prior, log_q)  # fmt: skip
         if params.refit == "warm":
             epochs = params.refit_epochs
             runs.append(_fit(model, full, items, vocab, params, epochs, None, progress, "refit", placement))
@@ -1172,6 +1178,7 @@ def _train(data: _Prepared, params: TwoTowerParams, progress, placement: Placeme
         user_history=full.state.get("history"),
         session_weight=session_weight,
         session_scores=session_scores,
+        fit_embeddings=fit_embeddings,
     )
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 import subprocess
 import time
@@ -267,6 +268,26 @@ def test_an_extraction_that_failed_in_a_warehouse_outage_fails_clearly_and_the_n
     assert again.run_key != request.run_key
     assert again.tags["recsys/retry"] == "true"
     assert not retry.dynamic_partitions_requests  # nothing new
+
+    # The retry fails too: the next one waits (one extraction interval, then 2, 4 … 64).
+    with monkeypatch.context() as outage:
+        outage.setenv("RECSYS_WAREHOUSE_URI", f"postgresql://nobody@127.0.0.1:{free_port()}/gone")
+        job = defs().resolve_implicit_global_asset_job_def()
+        assert not job.execute_in_process(instance=instance, partition_key=again.partition_key,
+                                          asset_selection=selection, raise_on_error=False).success  # fmt: skip
+    waiting, _ = tick("warehouse_sensor", instance, recsys_env)
+    assert isinstance(waiting, dg.SkipReason)
+    wait = re.search(rf"{again.partition_key} is retried in (\d+)s", waiting.skip_message)
+    assert wait is not None, waiting.skip_message
+    assert 240 < int(wait.group(1)) <= 300  # the default interval
+    monkeypatch.setenv("RECSYS_EXTRACT_MIN_INTERVAL_SECONDS", "1")
+    deadline = time.monotonic() + 30
+    while isinstance(retry := tick("warehouse_sensor", instance, recsys_env)[0], dg.SkipReason):
+        assert time.monotonic() < deadline, retry.skip_message
+        time.sleep(0.2)
+    (again,) = retry.run_requests
+    assert again.partition_key == request.partition_key
+
     job = defs().resolve_implicit_global_asset_job_def()
     done = job.execute_in_process(instance=instance, partition_key=again.partition_key, asset_selection=selection)
     assert done.success

@@ -1,0 +1,198 @@
+"""The ranking stage's training (plain module: no Dagster): tables from the train side, a DCN in Keras.
+
+The ranker learns from the retrieval model as it was before its refit, the one scored on the
+validation split: its top ``K_CANDIDATES`` for each validation user, with the features of
+:mod:`recsys_core.ranking` computed from the fit part, labelled by the validation holdout. Its own
+early stopping holds out a quarter of those users (by a hash of the id) and keeps the epoch with the
+best NDCG@10 of the reranked lists. The loss is a softmax over each user's candidates (listwise, as
+the metric ranks). The holdout of the evaluation is never seen.
+"""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import numpy as np
+import polars as pl
+
+from recsys_core.ranking import K_CANDIDATES, NEIGHBOURS, RECENT_DAYS, DcnRanker, RankerTables, features
+
+log = logging.getLogger(__name__)
+
+HIDDEN = 32
+
+
+def ranker_tables(
+    pairs: pl.DataFrame, tracks: pl.DataFrame, items: np.ndarray, neighbours: int = NEIGHBOURS
+) -> RankerTables:
+    """The per-track tables of ``pairs`` (``user_id``, ``track_id``, ``played_at``) over the tracks
+    ``items`` (the scores' columns); ``tracks`` gives each track's ``artist_id``."""
+    from scipy import sparse
+
+    index = pl.DataFrame({"track_id": pl.Series(items).cast(pl.String), "col": np.arange(len(items))})
+    known = pairs.select("user_id", pl.col("track_id").cast(pl.String), "played_at").join(index, on="track_id")
+    users = known["user_id"].cast(pl.String).rank("dense").to_numpy().astype(np.int64) - 1
+    cols = known["col"].to_numpy()
+    matrix = sparse.csr_matrix((np.ones(len(cols), dtype=np.float32), (users, cols)),
+                               shape=(int(users.max()) + 1 if len(users) else 0, len(items)))  # fmt: skip
+    matrix.data[:] = 1.0  # a pair counts once, however often it was played (the constructor sums them)
+    listeners = np.asarray(matrix.sum(axis=0)).ravel()
+    last = known["played_at"].max()
+    recent = known.filter(pl.col("played_at") > last - timedelta(days=RECENT_DAYS)) if last is not None else known
+    recent_counts = (
+        np.bincount(recent["col"].to_numpy(), minlength=len(items)) if recent.height else np.zeros(len(items))
+    )
+    co = (matrix.T @ matrix).tocsr()  # users in common
+    co.setdiag(0)
+    co.eliminate_zeros()
+    norm = np.sqrt(np.maximum(listeners, 1.0))
+    near = np.full((len(items), neighbours), -1, dtype=np.int64)
+    sims = np.zeros((len(items), neighbours), dtype=np.float32)
+    for i in range(len(items)):
+        start, end = co.indptr[i], co.indptr[i + 1]
+        if start == end:
+            continue
+        cols_i = co.indices[start:end]
+        values = co.data[start:end] / (norm[i] * norm[cols_i])
+        keep = np.argsort(-values, kind="stable")[:neighbours]
+        near[i, : len(keep)] = cols_i[keep]
+        sims[i, : len(keep)] = values[keep]
+    artists = pl.DataFrame({"track_id": index["track_id"]}).join(
+        tracks.select(pl.col("track_id").cast(pl.String), "artist_id"), on="track_id", how="left", maintain_order="left"
+    )["artist_id"]
+    artist = artists.fill_null("").rank("dense").to_numpy().astype(np.int64) - 1
+    return RankerTables(
+        log_popularity=np.log1p(listeners).astype(np.float32),
+        log_recent=np.log1p(recent_counts).astype(np.float32),
+        neighbours=near,
+        similarity=sims,
+        artist=artist,
+    )
+
+
+def candidates_of(scores: np.ndarray, heard: list[np.ndarray], k: int = K_CANDIDATES) -> tuple[np.ndarray, np.ndarray]:
+    """Each user's top ``k`` columns of ``scores`` (users × items), heard tracks left out, best first;
+    and their scores."""
+    scores = scores.copy()
+    for u, rows in enumerate(heard):
+        scores[u, rows] = -np.inf
+    k = min(k, scores.shape[1])
+    top = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    picked = np.take_along_axis(scores, top, axis=1)
+    order = np.argsort(-picked, axis=1, kind="stable")
+    top = np.take_along_axis(top, order, axis=1)
+    picked = np.take_along_axis(picked, order, axis=1)
+    finite = np.isfinite(picked)
+    floor = picked[finite].min() - 1.0 if finite.any() else 0.0
+    return top, np.where(finite, picked, floor)  # a user with fewer than k unheard tracks: the rest last
+
+
+def _ndcg10(ranked: np.ndarray, labels: np.ndarray, n_relevant: np.ndarray) -> float:
+    """Mean NDCG@10 of scores ``ranked`` (users × K) against binary ``labels``; the ideal DCG over
+    min(10, |relevant|), relevant tracks outside the candidates included."""
+    order = np.argsort(-ranked, axis=1, kind="stable")[:, :10]
+    gains = np.take_along_axis(labels, order, axis=1)
+    discounts = 1.0 / np.log2(np.arange(2, 12))
+    dcg = (gains * discounts[: gains.shape[1]]).sum(axis=1)
+    ideal = np.array([discounts[: min(10, int(n))].sum() for n in n_relevant])
+    return float(np.mean(np.where(ideal > 0, dcg / np.maximum(ideal, 1e-9), 0.0)))
+
+
+@dataclass
+class TrainedRanker:
+    ranker: DcnRanker
+    history: list[dict] = field(default_factory=list)
+    val_ndcg_retrieval: float = 0.0  # the held-out users' NDCG@10 of the retrieval order
+    val_ndcg: float = 0.0  # and of the ranker's, at its best epoch
+
+
+def train_ranker(
+    x: np.ndarray,
+    labels: np.ndarray,
+    n_relevant: np.ndarray,
+    user_ids: np.ndarray,
+    seed: int = 42,
+    max_epochs: int = 60,
+    patience: int = 8,
+    learning_rate: float = 0.01,
+    progress: Callable[[dict], None] | None = None,
+) -> TrainedRanker:
+    """Train the DCN on candidate lists: ``x`` users × K × features, ``labels`` users × K (1: in the
+    user's validation holdout), ``n_relevant`` per user (the NDCG's ideal), ``user_ids`` (the split of
+    the ranker's own validation)."""
+    import tensorflow as tf
+    import tensorflow_recommenders as tfrs
+
+    held = np.array([zlib.crc32(str(u).encode()) % 4 == 0 for u in user_ids])
+    fit = ~held & (labels.sum(axis=1) > 0)  # a list without a positive teaches a softmax nothing
+    if fit.sum() < 10 or held.sum() < 5:
+        raise ValueError(f"{int(fit.sum())} training lists and {int(held.sum())} held-out: too few to train a ranker")
+    flat = x[fit].reshape(-1, x.shape[-1])
+    mean, std = flat.mean(axis=0), flat.std(axis=0) + 1e-6
+    tf.keras.utils.set_random_seed(seed)
+    cross = tfrs.layers.dcn.Cross()
+    hidden = tf.keras.layers.Dense(HIDDEN, activation="relu")
+    out = tf.keras.layers.Dense(1)
+    inputs = tf.keras.Input((None, x.shape[-1]))
+    x0 = (inputs - mean) / std
+    model = tf.keras.Model(inputs, tf.squeeze(out(hidden(cross(x0))), -1))
+    optimizer = tf.keras.optimizers.Adam(learning_rate)
+    target = labels[fit] / labels[fit].sum(axis=1, keepdims=True)
+    data = tf.data.Dataset.from_tensor_slices((x[fit], target.astype(np.float32)))
+
+    @tf.function
+    def step(batch_x, batch_y):
+        with tf.GradientTape() as tape:
+            logits = model(batch_x, training=True)
+            loss = tf.reduce_mean(tf.nn.softmax_cross_entropy_with_logits(batch_y, logits))
+        optimizer.apply_gradients(
+            zip(tape.gradient(loss, model.trainable_variables), model.trainable_variables, strict=True)
+        )
+        return loss
+
+    baseline = _ndcg10(-np.arange(x.shape[1], dtype=np.float32)[None].repeat(held.sum(), 0), labels[held],
+                       n_relevant[held])  # fmt: skip
+    best, best_weights, waited, history = -1.0, None, 0, []
+    for epoch in range(1, max_epochs + 1):
+        losses = [float(step(bx, by)) for bx, by in data.shuffle(len(target), seed=seed + epoch).batch(64)]
+        value = _ndcg10(model.predict(x[held], verbose=0), labels[held], n_relevant[held])
+        record = {"epoch": epoch, "loss": float(np.mean(losses)), "val_ndcg@10": value}
+        history.append(record)
+        if progress is not None:
+            progress(record)
+        if value > best:
+            best, best_weights, waited = value, [w.copy() for w in model.get_weights()], 0
+        else:
+            waited += 1
+            if waited >= patience:
+                break
+    model.set_weights(best_weights)
+    ranker = DcnRanker(
+        mean=mean.astype(np.float32),
+        std=std.astype(np.float32),
+        cross_kernel=cross._dense.kernel.numpy(),
+        cross_bias=cross._dense.bias.numpy(),
+        hidden_kernel=hidden.kernel.numpy(),
+        hidden_bias=hidden.bias.numpy(),
+        out_kernel=out.kernel.numpy(),
+        out_bias=out.bias.numpy(),
+    )
+    log.info("ranker: held-out NDCG@10 %.4f (retrieval order %.4f)", best, baseline)
+    return TrainedRanker(ranker, history, baseline, best)
+
+
+def ranker_examples(
+    scores: np.ndarray, heard: list[np.ndarray], relevant: list[np.ndarray], tables: RankerTables, k: int = K_CANDIDATES
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Features, labels and candidates of each user's top ``k`` (``relevant``: the columns of each
+    user's holdout tracks)."""
+    candidates, picked = candidates_of(scores, heard, k)
+    x = features(tables, heard, candidates, picked)
+    labels = np.zeros(candidates.shape, dtype=np.float32)
+    for u, rows in enumerate(relevant):
+        labels[u] = np.isin(candidates[u], rows)
+    return x, labels, candidates
