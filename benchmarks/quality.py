@@ -153,6 +153,7 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                     **{m: r["models"][m].get("ndcg@10") for m in r["models"]},
                     "two_tower_seconds": r["models"].get("two_tower", {}).get("train_seconds"),
                     "tuning": r["models"].get("two_tower", {}).get("tuning"),
+                    "ranker_kept": r["models"].get("ranked", {}).get("ranker_kept"),
                 }
                 for seed, r in zip(seeds, runs, strict=True)
             ],
@@ -202,7 +203,8 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     heard = _heard(eval_set)
     scores = score(eval_set.users)
     candidates, picked = candidates_of(scores, heard)
-    order = rerank(fitted.ranker, eval_tables, heard, candidates, picked)
+    # Not kept (its gain on its own validation is within the noise): the retrieval order is served.
+    order = rerank(fitted.ranker, eval_tables, heard, candidates, picked) if fitted.useful else candidates
     final = np.full(scores.shape, -np.inf, dtype=np.float32)
     np.put_along_axis(
         final, order, np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0), axis=1
@@ -210,7 +212,8 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     position = {u: i for i, u in enumerate(eval_set.users)}
     result = evaluate(lambda users: final[[position[u] for u in users]], eval_set, click_model=click_model)
     return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,
-            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": len(fitted.history)}  # fmt: skip
+            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": len(fitted.history),
+            "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful}  # fmt: skip
 
 
 def plays_since_cutoff(split) -> dict[str, list[str]]:

@@ -6,6 +6,11 @@ validation split: its top ``K_CANDIDATES`` for each validation user, with the fe
 early stopping holds out a quarter of those users (by a hash of the id) and keeps the epoch with the
 best NDCG@10 of the reranked lists. The loss is a softmax over each user's candidates (listwise, as
 the metric ranks). The holdout of the evaluation is never seen.
+
+The stage is kept only where it pays: when the lower bound of the 95% bootstrap interval of its
+held-out users' NDCG@10 gain over the retrieval order is above 0 (``TrainedRanker.useful``). On a
+sparse catalogue whose validation users hold a few plays each, its own validation is too noisy to
+trust a gain, and the retrieval order is served as it is.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from datetime import timedelta
 import numpy as np
 import polars as pl
 
+from recsys_assets.ml.metrics import bootstrap_delta
 from recsys_core.ranking import K_CANDIDATES, NEIGHBOURS, RECENT_DAYS, DcnRanker, RankerTables, features
 
 log = logging.getLogger(__name__)
@@ -94,12 +100,16 @@ def candidates_of(scores: np.ndarray, heard: list[np.ndarray], k: int = K_CANDID
 def _ndcg10(ranked: np.ndarray, labels: np.ndarray, n_relevant: np.ndarray) -> float:
     """Mean NDCG@10 of scores ``ranked`` (users × K) against binary ``labels``; the ideal DCG over
     min(10, |relevant|), relevant tracks outside the candidates included."""
+    return float(np.mean(_ndcg10_per_user(ranked, labels, n_relevant)))
+
+
+def _ndcg10_per_user(ranked: np.ndarray, labels: np.ndarray, n_relevant: np.ndarray) -> np.ndarray:
     order = np.argsort(-ranked, axis=1, kind="stable")[:, :10]
     gains = np.take_along_axis(labels, order, axis=1)
     discounts = 1.0 / np.log2(np.arange(2, 12))
     dcg = (gains * discounts[: gains.shape[1]]).sum(axis=1)
     ideal = np.array([discounts[: min(10, int(n))].sum() for n in n_relevant])
-    return float(np.mean(np.where(ideal > 0, dcg / np.maximum(ideal, 1e-9), 0.0)))
+    return np.where(ideal > 0, dcg / np.maximum(ideal, 1e-9), 0.0)
 
 
 @dataclass
@@ -108,6 +118,12 @@ class TrainedRanker:
     history: list[dict] = field(default_factory=list)
     val_ndcg_retrieval: float = 0.0  # the held-out users' NDCG@10 of the retrieval order
     val_ndcg: float = 0.0  # and of the ranker's, at its best epoch
+    gain_ci: tuple[float, float] = (0.0, 0.0)  # the 95% bootstrap interval of the gain, over those users
+
+    @property
+    def useful(self) -> bool:
+        """Whether the gain is more than the held-out users' noise: the stage is kept only then."""
+        return self.gain_ci[0] > 0
 
 
 def train_ranker(
@@ -171,6 +187,9 @@ def train_ranker(
             if waited >= patience:
                 break
     model.set_weights(best_weights)
+    order = -np.arange(x.shape[1], dtype=np.float32)[None].repeat(held.sum(), 0)
+    _, low, high = bootstrap_delta(_ndcg10_per_user(model.predict(x[held], verbose=0), labels[held], n_relevant[held]),
+                                   _ndcg10_per_user(order, labels[held], n_relevant[held]), seed=seed)  # fmt: skip
     ranker = DcnRanker(
         mean=mean.astype(np.float32),
         std=std.astype(np.float32),
@@ -181,8 +200,8 @@ def train_ranker(
         out_kernel=out.kernel.numpy(),
         out_bias=out.bias.numpy(),
     )
-    log.info("ranker: held-out NDCG@10 %.4f (retrieval order %.4f)", best, baseline)
-    return TrainedRanker(ranker, history, baseline, best)
+    log.info("ranker: held-out NDCG@10 %.4f (retrieval order %.4f, gain CI [%.4f, %.4f])", best, baseline, low, high)
+    return TrainedRanker(ranker, history, baseline, best, (low, high))
 
 
 def ranker_examples(

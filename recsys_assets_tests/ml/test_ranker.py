@@ -33,6 +33,15 @@ def _world(seed: int = 0, users: int = 240, clusters: int = 8, per_cluster: int 
     return pl.DataFrame(rows), pl.DataFrame(holdout), tracks
 
 
+def test_a_ranker_that_learns_nothing_is_not_kept() -> None:
+    rng = np.random.default_rng(5)
+    users = np.array([f"u{u}" for u in range(200)])
+    x = rng.normal(size=(200, 40, len(FEATURES))).astype(np.float32)  # features unrelated to the labels
+    labels = (rng.random((200, 40)) < 0.05).astype(np.float32)
+    fitted = train_ranker(x, labels, labels.sum(axis=1).astype(np.int64), users, seed=1, max_epochs=10)
+    assert not fitted.useful, fitted.gain_ci
+
+
 def test_the_tables_count_listeners_and_users_in_common() -> None:
     pairs = pl.DataFrame({
         "user_id": ["a", "a", "b", "b", "c", "a"],
@@ -66,6 +75,8 @@ def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike()
     n_relevant = np.array([len(r) for r in relevant])
     fitted = train_ranker(x, labels, n_relevant, users, seed=3, max_epochs=30)
     assert fitted.val_ndcg > 2 * fitted.val_ndcg_retrieval + 0.1, (fitted.val_ndcg, fitted.val_ndcg_retrieval)
+    assert fitted.useful  # the gain's interval is above 0
+    assert fitted.gain_ci[0] > 0.05
 
     # The numpy twin gives the Keras network's held-out NDCG (the same users, the same arithmetic).
     held = np.array([zlib.crc32(u.encode()) % 4 == 0 for u in users])
