@@ -20,6 +20,7 @@ Keras) as numpy, the same arithmetic, so that the offline evaluation and ``/reco
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
@@ -33,6 +34,7 @@ FEATURES = (
     "artist_share",
     "log_user_tracks",
 )
+RANKER_FILE = "ranker.npz"
 K_CANDIDATES = 100
 NEIGHBOURS = 50
 RECENT_DAYS = 7
@@ -134,3 +136,20 @@ def rerank(ranker: DcnRanker, tables: RankerTables, heard: list[np.ndarray], can
     ranked = ranker.score(features(tables, heard, candidates, scores))
     order = np.argsort(-ranked, axis=1, kind="stable")
     return np.take_along_axis(candidates, order, axis=1)
+
+
+def save(directory: Path, ranker: DcnRanker, tables: RankerTables) -> None:
+    """Write the stage into a version directory (``ranker.npz``; the tables over the version's item rows)."""
+    np.savez(Path(directory) / RANKER_FILE, **{f"net_{k}": v for k, v in ranker.as_arrays().items()},
+             **{f"table_{k}": getattr(tables, k) for k in tables.__dataclass_fields__})  # fmt: skip
+
+
+def load(directory: Path) -> tuple[DcnRanker, RankerTables] | None:
+    """The version's ranking stage, or ``None`` when it has none (a version served in retrieval order)."""
+    path = Path(directory) / RANKER_FILE
+    if not path.exists():
+        return None
+    with np.load(path) as stored:
+        net = DcnRanker(**{k: stored[f"net_{k}"] for k in DcnRanker.__dataclass_fields__})
+        tables = RankerTables(**{k: stored[f"table_{k}"] for k in RankerTables.__dataclass_fields__})
+    return net, tables

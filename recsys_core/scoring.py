@@ -15,6 +15,10 @@ moved towards those plays by the version's session term, and those plays are fil
 training's. The offline evaluation scores the same vectors:
 what it measures is what a user without new plays is served.
 
+With a ranking stage (``ranker.npz``, :mod:`recsys_core.ranking`), the retrieval's top
+``K_CANDIDATES`` (or ``k``, if more) are reordered by the version's ranker, and the scores are the
+ranker's; the offline scorer reorders the same candidates the same way.
+
 The hot path of ``/recommend``: one matrix-vector product over the item embeddings, the user's
 already-heard tracks masked out, and a partition for the k-th best score. It allocates two vectors of
 the catalogue's size per request (the scores and the partition's copy) and nothing else. Measured on
@@ -36,6 +40,8 @@ import polars as pl
 from recsys_core.ann import DEFAULT_MIN_ITEMS, INDEX_FILE, AnnIndex
 from recsys_core.model_version import ModelArtifact
 from recsys_core.query_tower import QueryTower, merged_history, unit_directions
+from recsys_core.ranking import K_CANDIDATES, features
+from recsys_core.ranking import load as load_ranking_stage
 
 # A user who heard more tracks than this is ranked exactly even when an index is there: the index
 # would have to over-fetch them all.
@@ -137,6 +143,10 @@ class Ranker:
                                               self._history)  # fmt: skip
             self._item_rows = {t: i for i, t in enumerate(self.item_ids) if i}
             self._directions = unit_directions(artifact.item_embeddings) if self.tower.session_weight else None
+        self.stage = load_ranking_stage(artifact.path)
+        if self.stage is not None and self.stage[1].n_items != len(self.item_ids):
+            raise ValueError(f"model version {version}: ranker.npz has {self.stage[1].n_items} item rows, "
+                             f"items.parquet {len(self.item_ids)}")  # fmt: skip
 
     @classmethod
     def load(cls, path: Path, version: int, ann_min_items: int = DEFAULT_MIN_ITEMS) -> Ranker:
@@ -183,6 +193,18 @@ class Ranker:
         seen = self.artifact.seen(self.artifact.user_row(user_id))
         if len(played):
             seen = np.union1d(seen, played)
+        if self.stage is None:
+            return (*self._retrieve(query, seen, k), False)
+        rows, scores = self._retrieve(query, seen, max(k, K_CANDIDATES))
+        if not len(rows):
+            return rows, scores, False
+        net, tables = self.stage
+        ranked = net.score(features(tables, [seen], rows[None], scores[None]))[0]
+        order = np.argsort(-ranked, kind="stable")[:k]
+        return rows[order], ranked[order].astype(np.float32), False
+
+    def _retrieve(self, query: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The retrieval's top ``k`` rows and scores for ``query``, ``seen`` left out."""
         if self.ann is not None and len(seen) <= MAX_ANN_OVERFETCH:
             return self._top_rows_ann(query, seen, k)
         scores = self._items_t.T @ query
@@ -190,20 +212,20 @@ class Ranker:
         scores[seen] = -np.inf
         k = min(k, self.n_items - len(seen))
         if k <= 0:
-            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), False
+            return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32)
         kth = np.partition(scores, -k)[-k]
         candidates = np.flatnonzero(scores >= kth)  # k rows, more on ties with the k-th
         top = candidates[np.argsort(-scores[candidates], kind="stable")[:k]]  # ties: the lower row first
-        return top, scores[top], False
+        return top, scores[top]
 
-    def _top_rows_ann(self, query: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, bool]:
+    def _top_rows_ann(self, query: np.ndarray, seen: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The index's candidates, over-fetched by the heard tracks, those filtered out, the rest
         re-scored exactly (so what is served is ordered and scored as brute force would)."""
         found = self.ann.search(query, k + len(seen))
         found = found[~np.isin(found, seen)][:k]
         scores = query @ self._items_t[:, found]
         order = np.lexsort((found, -scores))  # ties: the lower row first, as brute force
-        return found[order], scores[order], False
+        return found[order], scores[order]
 
     def scorer(self, eval_items: np.ndarray):
         """The scores of ``eval_items`` (track ids) for :func:`recsys_assets.ml.metrics.evaluate`: the
@@ -231,9 +253,26 @@ class Ranker:
             unknown_user = user_rows == 0
             if unknown_user.any():
                 scores[unknown_user] = popularity
+            if self.stage is not None:
+                for i in np.flatnonzero(~unknown_user):
+                    self._rerank_row(scores[i], rows, self.artifact.seen(user_rows[i]))
             return scores
 
         return score
+
+    def _rerank_row(self, scores: np.ndarray, rows: np.ndarray, seen: np.ndarray) -> None:
+        """Reorder, in place, one user's offline scores (columns: item ``rows``) as :meth:`top_rows` would:
+        the ranker's order of the retrieval's top ``K_CANDIDATES`` unheard columns, above every other."""
+        free = np.isfinite(scores) & ~np.isin(rows, seen) & (rows > 0)
+        columns = np.flatnonzero(free)
+        if not len(columns):
+            return
+        columns = columns[np.lexsort((rows[columns], -scores[columns]))[:K_CANDIDATES]]  # as _retrieve
+        net, tables = self.stage
+        ranked = net.score(features(tables, [seen], rows[columns][None], scores[columns][None]))[0]
+        order = np.argsort(-ranked, kind="stable")
+        top = scores[free].max() + 1.0
+        scores[columns[order]] = top + np.arange(len(order), 0, -1, dtype=np.float32)
 
     def recommend(self, user_id: str, k: int, recent: Sequence[str] = ()) -> Recommendation:
         rows, scores, fallback = self.top_rows(user_id, k, recent)

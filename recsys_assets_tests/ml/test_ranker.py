@@ -1,5 +1,6 @@
 """The ranking stage: its tables count what they say, it learns what the retrieval misses, and its numpy
-twin scores as the Keras network it was trained as."""
+twin scores as the Keras network it was trained as; the one scorer applies a version's stage online
+and offline alike."""
 
 from __future__ import annotations
 
@@ -10,8 +11,11 @@ import numpy as np
 import polars as pl
 import pytest
 
+from recsys_assets.ml.metrics import build_eval_set, recommend
 from recsys_assets.ml.ranker import _ndcg10, candidates_of, ranker_examples, ranker_tables, train_ranker
+from recsys_assets_tests.service.versions import tiny_version, write_version
 from recsys_core.ranking import FEATURES, rerank
+from recsys_core.scoring import Ranker
 
 pytestmark = pytest.mark.slow
 
@@ -90,3 +94,63 @@ def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike()
     assert (np.sort(order, axis=1) == np.sort(candidates, axis=1)).all()
     hits = np.mean([np.isin(order[u, :10], relevant[u]).mean() for u in range(len(users))])
     assert hits > 0.05  # chance: 4 of ~308 unheard tracks
+
+
+def _with_ranking_stage(directory, n_rows: int, seed: int = 0) -> None:
+    """A ranking stage of random weights and tables over ``n_rows`` item rows (row 0 the padding slot)."""
+    from recsys_core.ranking import FEATURES, DcnRanker, RankerTables, save
+
+    rng = np.random.default_rng(seed)
+    f = len(FEATURES)
+    net = DcnRanker(
+        mean=np.zeros(f, np.float32), std=np.ones(f, np.float32),
+        cross_kernel=rng.normal(size=(f, f)).astype(np.float32) / 4, cross_bias=np.zeros(f, np.float32),
+        hidden_kernel=rng.normal(size=(f, 16)).astype(np.float32), hidden_bias=np.zeros(16, np.float32),
+        out_kernel=rng.normal(size=(16, 1)).astype(np.float32), out_bias=np.zeros(1, np.float32),
+    )  # fmt: skip
+    neighbours = rng.integers(1, n_rows, size=(n_rows, 5))
+    tables = RankerTables(
+        log_popularity=rng.random(n_rows).astype(np.float32), log_recent=rng.random(n_rows).astype(np.float32),
+        neighbours=neighbours, similarity=rng.random((n_rows, 5)).astype(np.float32),
+        artist=rng.integers(0, 7, size=n_rows),
+    )  # fmt: skip
+    save(directory, net, tables)
+
+
+def test_a_ranking_stage_reorders_the_retrievals_candidates_offline_as_online(tmp_path) -> None:
+    rng = np.random.default_rng(8)
+    item_emb = rng.integers(-3, 4, size=(301, 8)).astype(np.float32)  # small integers: exact scores
+    user_emb = rng.integers(-3, 4, size=(7, 8)).astype(np.float32)
+    seen = [[], *[sorted(rng.choice(np.arange(1, 301), 20, replace=False).tolist()) for _ in range(6)]]
+    directory = write_version(tmp_path / "v", user_emb, item_emb, seen)
+    plain = Ranker.load(directory, version=1)
+    _with_ranking_stage(directory, 301)
+    staged = Ranker.load(directory, version=1)
+
+    for user in range(1, 7):
+        rows, scores, _ = staged.top_rows(f"u{user}", 10)
+        candidates, _, _ = plain.top_rows(f"u{user}", 100)
+        assert set(rows.tolist()) <= set(candidates.tolist())  # reordered, never a track from elsewhere
+        assert np.all(np.diff(scores) <= 0)
+        assert not set(rows.tolist()) & set(seen[user])
+    assert any(staged.top_rows(f"u{u}", 10)[0].tolist() != plain.top_rows(f"u{u}", 10)[0].tolist()
+               for u in range(1, 7))  # fmt: skip
+
+    # The offline evaluation's scorer ranks the same ten, in the same order.
+    pairs = pl.DataFrame(
+        [(f"u{u}", staged.item_ids[r]) for u in range(1, 7) for r in seen[u]], schema=["user_id", "track_id"],
+        orient="row",
+    )  # fmt: skip
+    holdout = pl.DataFrame({"user_id": [f"u{u}" for u in range(1, 7)], "track_id": ["t1"] * 6})
+    eval_set = build_eval_set(pairs, holdout, items=pl.Series(staged.item_ids[1:].astype(str)).sort())
+    offline = recommend(staged.scorer(eval_set.items), eval_set, 10)
+    for i, user in enumerate(eval_set.users):
+        online = staged.top_rows(str(user), 10)[0]
+        assert eval_set.items[offline[i]].tolist() == staged.item_ids[online].tolist()
+
+
+def test_a_ranking_stage_that_does_not_fit_the_version_is_refused(tmp_path) -> None:
+    directory = tiny_version(tmp_path / "v")
+    _with_ranking_stage(directory, 12)
+    with pytest.raises(ValueError, match=r"ranker\.npz has 12 item rows, items\.parquet 31"):
+        Ranker.load(directory, version=1)
