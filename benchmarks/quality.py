@@ -166,38 +166,19 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
         print(json.dumps(line), flush=True)
 
 
-def _heard(eval_set) -> list:
-    return [
-        eval_set.seen_indices[a:b] for a, b in zip(eval_set.seen_indptr[:-1], eval_set.seen_indptr[1:], strict=True)
-    ]
-
-
 def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_model, seed) -> dict:
     """The ranking stage (ml/ranker.py) trained on the validation split's candidates of the model before
-    its refit, then reranking the final model's top candidates on the holdout: the metrics, and the
-    ranker's own validation."""
+    its refit, then reranking the final model's top candidates on the holdout (unless it was not kept):
+    the metrics, and the ranker's own validation."""
     import numpy as np
-    import polars as pl
 
     from recsys_assets.ml.metrics import evaluate
-    from recsys_assets.ml.ranker import candidates_of, ranker_examples, ranker_tables, train_ranker
-    from recsys_assets.ml.two_tower import Vocabulary
+    from recsys_assets.ml.ranker import _heard, candidates_of, learn_on_validation, ranker_tables
     from recsys_core.ranking import rerank
 
     t0 = time.perf_counter()
-    fit_users, fit_items = trained.fit_embeddings
-    user_rows = Vocabulary.index(pl.Series(val_set.users), trained.vocab.users)
-    item_rows = Vocabulary.index(pl.Series(val_set.items), trained.vocab.items)
-    val_scores = fit_users[user_rows] @ fit_items[item_rows].T
-    val_scores[:, item_rows == 0] = -np.inf
-    users_of = val_set.relevant_keys // val_set.n_items
-    relevant = np.split(
-        val_set.relevant_keys % val_set.n_items, np.searchsorted(users_of, np.arange(1, len(val_set.users)))
-    )
-    tables = ranker_tables(val.train, tracks, val_set.items)
-    x, labels, _ = ranker_examples(val_scores, _heard(val_set), relevant, tables)
-    fitted = train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed,
-                          progress=lambda r: print(f"  ranker {r}", file=sys.stderr))  # fmt: skip
+    fitted = learn_on_validation(trained, val.train, val_set, tracks, seed,
+                                 progress=lambda r: print(f"  ranker {r}", file=sys.stderr))  # fmt: skip
     train_seconds = time.perf_counter() - t0
     eval_tables = ranker_tables(split.train, tracks, eval_set.items)
     heard = _heard(eval_set)
@@ -206,9 +187,8 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     # Not kept (its gain on its own validation is within the noise): the retrieval order is served.
     order = rerank(fitted.ranker, eval_tables, heard, candidates, picked) if fitted.useful else candidates
     final = np.full(scores.shape, -np.inf, dtype=np.float32)
-    np.put_along_axis(
-        final, order, np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0), axis=1
-    )
+    places = np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0)
+    np.put_along_axis(final, order, places, axis=1)
     position = {u: i for i, u in enumerate(eval_set.users)}
     result = evaluate(lambda users: final[[position[u] for u in users]], eval_set, click_model=click_model)
     return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,

@@ -99,6 +99,28 @@ def write_version(
     return directory
 
 
+def add_ranking_stage(directory: Path, items: int, seed: int = 0) -> None:
+    """A ranking stage of random weights and tables, the trained one's sizes (``NEIGHBOURS`` neighbours a
+    track, a 32-unit hidden layer): reranking costs the same on any values."""
+    from recsys_assets.ml.ranker import HIDDEN
+    from recsys_core.ranking import FEATURES, NEIGHBOURS, DcnRanker, RankerTables, save
+
+    rng = np.random.default_rng(seed)
+    f = len(FEATURES)
+    net = DcnRanker(
+        mean=np.zeros(f, np.float32), std=np.ones(f, np.float32),
+        cross_kernel=rng.normal(size=(f, f)).astype(np.float32), cross_bias=np.zeros(f, np.float32),
+        hidden_kernel=rng.normal(size=(f, HIDDEN)).astype(np.float32), hidden_bias=np.zeros(HIDDEN, np.float32),
+        out_kernel=rng.normal(size=(HIDDEN, 1)).astype(np.float32), out_bias=np.zeros(1, np.float32),
+    )  # fmt: skip
+    tables = RankerTables(
+        log_popularity=rng.random(items + 1).astype(np.float32), log_recent=rng.random(items + 1).astype(np.float32),
+        neighbours=rng.integers(1, items + 1, size=(items + 1, NEIGHBOURS)),
+        similarity=rng.random((items + 1, NEIGHBOURS)).astype(np.float32), artist=rng.integers(0, 1000, items + 1),
+    )  # fmt: skip
+    save(directory, net, tables)
+
+
 def scoring_microbenchmark(
     model_dir: Path, users: int, calls: int = 4_000, rounds: int = 5, ann_min_items: int = 100_000
 ) -> dict:
@@ -202,6 +224,7 @@ def main() -> None:
     parser.add_argument("--steps", action="store_true", help="one service run per lever (see the docstring)")
     parser.add_argument("--ann-min-items", type=int, default=None, help="RECSYS_ANN_MIN_ITEMS (default: the product's)")
     parser.add_argument("--route", choices=("recommend", "feedback"), default="recommend")
+    parser.add_argument("--ranker", action="store_true", help="the version carries a ranking stage (top 100 reranked)")
     args = parser.parse_args()
     ROUTE["name"] = args.route
     if shutil.which("wrk") is None:
@@ -218,6 +241,8 @@ def main() -> None:
 
         ann_min_items = args.ann_min_items or DEFAULT_MIN_ITEMS
         model_dir = write_version(tmp / "version", args.items, args.dim, args.users, ann_min_items=ann_min_items)
+        if args.ranker:
+            add_ranking_stage(model_dir, args.items)
         micro = scoring_microbenchmark(model_dir, args.users, ann_min_items=ann_min_items)
         print(
             f"scoring + top-k ({micro['path']}): {micro['ms_per_call']:.4f} ms per request "
@@ -226,7 +251,8 @@ def main() -> None:
             file=sys.stderr,
         )
         if args.scoring_only:
-            print(json.dumps({"machine": MACHINE, "items": args.items, "dim": args.dim, "scoring": micro}))
+            print(json.dumps({"machine": MACHINE, "items": args.items, "dim": args.dim, "ranker": args.ranker,
+                              "scoring": micro}))  # fmt: skip
             return
 
         settings = load_settings({"RECSYS_HOME": str(tmp / "home"), "RECSYS_BENTO_PORT": str(free_port())})

@@ -12,7 +12,7 @@ import numpy as np
 import polars as pl
 
 from recsys_assets.ml.buckets import UserBuckets
-from recsys_core import ann
+from recsys_core import ann, ranking
 from recsys_core.ann import DEFAULT_MIN_ITEMS
 from recsys_core.model_version import FORMAT_VERSION, ModelArtifact
 
@@ -24,6 +24,7 @@ def export_model(
     path: Path,
     k: int = 100,
     ann_min_items: int = DEFAULT_MIN_ITEMS,
+    ranking_stage: tuple | None = None,
 ) -> ModelArtifact:
     """Write a trained two-tower model as one version directory, atomically.
 
@@ -36,6 +37,8 @@ def export_model(
         k: the top-k of the exported BruteForce index.
         ann_min_items: from this many tracks on, an ANN index is built into the version
             (:mod:`recsys_core.ann`).
+        ranking_stage: the trained ranker (a :class:`recsys_core.ranking.DcnRanker`) and its tables over
+            the version's item rows, written as ``ranker.npz``; ``None``: served in retrieval order.
     """
     from recsys_assets.ml.two_tower import Vocabulary
 
@@ -90,6 +93,9 @@ def export_model(
         "session_length": int(trained.params.session_length if trained.session_weight else 0),
         "index_k": k,
     }
+    if ranking_stage is not None:
+        ranking.save(tmp, *ranking_stage)
+        full["ranker"] = True
     if len(vocab.items) - 1 >= ann_min_items:
         full["ann"] = ann.build(trained.item_embeddings, tmp)
     (tmp / "manifest.json").write_text(json.dumps(full, indent=2, default=str))

@@ -215,3 +215,77 @@ def ranker_examples(
     for u, rows in enumerate(relevant):
         labels[u] = np.isin(candidates[u], rows)
     return x, labels, candidates
+
+
+def _heard(eval_set) -> list[np.ndarray]:
+    """Each evaluated user's train-side tracks, as columns of ``eval_set.items``."""
+    bounds = zip(eval_set.seen_indptr[:-1], eval_set.seen_indptr[1:], strict=True)
+    return [eval_set.seen_indices[a:b] for a, b in bounds]
+
+
+def _relevant(eval_set) -> list[np.ndarray]:
+    """Each evaluated user's relevant tracks that can be ranked, as columns."""
+    users = eval_set.relevant_keys // eval_set.n_items
+    starts = np.searchsorted(users, np.arange(1, len(eval_set.users)))
+    return np.split(eval_set.relevant_keys % eval_set.n_items, starts)
+
+
+def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.DataFrame, seed: int,
+                        progress: Callable[[dict], None] | None = None) -> TrainedRanker:  # fmt: skip
+    """Train the ranker on the validation split: the candidates of ``trained``'s model before its refit
+    (``fit_embeddings``) for the users of ``val_set``, the features from ``fit_pairs`` (the fit part)."""
+    from recsys_assets.ml.two_tower import Vocabulary
+
+    fit_users, fit_items = trained.fit_embeddings
+    user_rows = Vocabulary.index(pl.Series(val_set.users), trained.vocab.users)
+    item_rows = Vocabulary.index(pl.Series(val_set.items), trained.vocab.items)
+    items_t = np.ascontiguousarray(fit_items[item_rows].T)
+    heard, relevant = _heard(val_set), _relevant(val_set)
+    tables = ranker_tables(fit_pairs, tracks, val_set.items)
+    parts = []
+    for start in range(0, len(user_rows), 256):  # users × items scores a chunk at a time
+        chunk = slice(start, start + 256)
+        scores = fit_users[user_rows[chunk]] @ items_t
+        scores[:, item_rows == 0] = -np.inf
+        parts.append(ranker_examples(scores, heard[chunk], relevant[chunk], tables))
+    x = np.concatenate([p[0] for p in parts])
+    labels = np.concatenate([p[1] for p in parts])
+    return train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed, progress=progress)
+
+
+def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protocol: str,
+                      progress: Callable[[dict], None] | None = None) -> tuple[tuple | None, dict]:  # fmt: skip
+    """The ranking stage of a trained model, for its version: ``(ranker, tables over the version's item
+    rows)``, or ``None`` when it is not kept; and what to record about it.
+
+    ``window``: what the model trained on (its validation split is cut again, as the training cut it);
+    ``train_side``: the whole train side, from which the served features are computed."""
+    from recsys_assets.ml.buckets import UserBuckets
+    from recsys_assets.ml.metrics import build_eval_set
+    from recsys_assets.ml.split import bucket_splits
+
+    if trained.fit_embeddings is None:
+        return None, {"trained": False, "reason": "the model trained without a validation split"}
+    if any(isinstance(t, UserBuckets) and len(t) > 1 for t in (window, train_side)):
+        return None, {"trained": False, "reason": "the train side is cut into user buckets; the ranking stage "
+                      "needs it in memory (RECSYS_TRAIN_BUCKET_ROWS)"}  # fmt: skip
+    window = window.collect() if isinstance(window, UserBuckets) else window
+    train_side = train_side.collect() if isinstance(train_side, UserBuckets) else train_side
+    split = next(bucket_splits(UserBuckets((window,)), protocol))  # the training's own validation split
+    val_set = build_eval_set(split.train, split.holdout)
+    try:
+        fitted = learn_on_validation(trained, split.train, val_set, tracks, trained.params.seed, progress)
+    except ValueError as exc:  # too few validation users with a positive among their candidates
+        return None, {"trained": False, "reason": str(exc)}
+    summary = {
+        "trained": True,
+        "kept": fitted.useful,
+        "val_ndcg@10": round(fitted.val_ndcg, 5),
+        "retrieval_val_ndcg@10": round(fitted.val_ndcg_retrieval, 5),
+        "gain_ci": [round(v, 5) for v in fitted.gain_ci],
+        "epochs": len(fitted.history),
+        "validation_users": len(val_set.users),
+    }
+    if not fitted.useful:
+        return None, summary
+    return (fitted.ranker, ranker_tables(train_side, tracks, trained.vocab.items)), summary

@@ -83,6 +83,7 @@ def train_and_export(
 
     from recsys_assets.ml.buckets import UserBuckets
     from recsys_assets.ml.export import export_model
+    from recsys_assets.ml.ranker import fit_ranking_stage
     from recsys_assets.ml.split import recent
     from recsys_assets.ml.two_tower import train_two_tower
 
@@ -93,9 +94,13 @@ def train_and_export(
     placed = {"strategy": where.name, "workers": where.workers, "replicas": where.replicas}
     manifest = {**manifest, "params": params.__dict__, "best_epoch": trained.best_epoch,
                 "train_seconds": trained.train_seconds, "training": placed}  # fmt: skip
+    stage, summary = None, None
+    if params.ranker and where.chief:
+        stage, summary = fit_ranking_stage(trained, recent(train_side, window_days), train_side, tracks, protocol)
     target = Path(out) if where.chief else Path(tempfile.mkdtemp(prefix="recsys-worker-")) / "version"
     try:
-        exported = export_model(trained, train_side, manifest, target, ann_min_items=ann_min_items)
+        exported = export_model(trained, train_side, manifest, target, ann_min_items=ann_min_items,
+                                ranking_stage=stage)  # fmt: skip
     finally:
         if not where.chief:
             shutil.rmtree(target.parent, ignore_errors=True)
@@ -113,6 +118,7 @@ def train_and_export(
         "popularity_prior": trained.popularity_prior,
         "items": len(trained.vocab.items) - 1,
         "ann": exported.manifest.get("ann"),
+        "ranker": summary,
     }
 
 

@@ -103,6 +103,9 @@ class TwoTowerParams:
     # since the cutoff pull the query; its weight is picked at training from SESSION_WEIGHTS on a
     # next-play validation (0 where the last plays do not predict the next one).
     session_length: int = 5
+    # The ranking stage (ml/ranker.py): a DCN trained on the validation split's candidates reorders the
+    # top 100, kept in the version only when its gain on its own validation is above the noise.
+    ranker: bool = True
     seed: int = 42
 
 

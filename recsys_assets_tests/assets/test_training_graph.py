@@ -96,6 +96,12 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         assert searched["chosen"]["embedding_dim"] == int(mlflow_run.data.params["embedding_dim"])
         assert sum(searched["trials"].values()) == len(trials)
         assert "| trial |" in trained.materialization.metadata["tuning_trials"].value
+        # The ranking stage was trained on the validation split; the version carries it only if it was kept.
+        stage = trained.materialization.metadata["ranking_stage"].value
+        assert stage["trained"], stage
+        assert stage["kept"] == (Path(model["model_dir"]) / "ranker.npz").exists()
+        assert stage["kept"] == (stage["gain_ci"][0] > 0)
+        assert mlflow_run.data.metrics["ranker_val_ndcg_at_10"] == stage["val_ndcg@10"]
         assert "eval_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
         assert "ease_ndcg@10".replace("@", "_at_") in mlflow_run.data.metrics
         assert mlflow_run.data.tags["recsys.cutoff"] == model["lineage"]["cutoff"]

@@ -40,8 +40,15 @@ def test_the_search_starts_from_the_warm_start_and_never_ends_worse(tiny_world) 
     _, interactions, tracks = tiny_world
     train = global_temporal_split(interactions).train
     seen: list[dict] = []
-    warm = {"history_length": 0, "embedding_dim": 32, "temperature": 0.1, "learning_rate": 0.05, "l2": 0.0,
-            "batch_size": 256, "logq_correction": True}
+    warm = {
+        "history_length": 0,
+        "embedding_dim": 32,
+        "temperature": 0.1,
+        "learning_rate": 0.05,
+        "l2": 0.0,
+        "batch_size": 256,
+        "logq_correction": True,
+    }
     result = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=5, on_trial=seen.append)
     assert len(result.trials) == len(seen) == 5
     first = result.trials[0]

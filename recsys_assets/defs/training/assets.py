@@ -84,6 +84,11 @@ class TwoTowerConfig(dg.Config):
         description="The session term: the query moves towards the user's last N plays since the cutoff, by a "
         "weight picked on a next-play validation (0: no session term).",
     )
+    ranker: bool = Field(
+        default=_DEFAULTS.ranker,
+        description="Train the ranking stage (a DCN over the retrieval's top 100, on the validation split's "
+        "candidates); the version carries it only when its gain on its own validation is above the noise.",
+    )
     seed: int = Field(default=_DEFAULTS.seed, description="Seed of every random choice.")
     window_days: int | None = Field(
         default=None,
@@ -97,7 +102,7 @@ class TwoTowerConfig(dg.Config):
         description="Seconds of the hyperparameter search on the validation split before the training (0: off; "
         "unset: RECSYS_TUNING_BUDGET_SECONDS). It starts from the champion's values (else this config's) and "
         "chooses history_length, history_decay, mask_history_negatives, history_ties, embedding_dim, "
-        "temperature, learning_rate and l2.",
+        "temperature, learning_rate, l2, batch_size and logq_correction.",
     )
 
     def params(self) -> TwoTowerParams:
@@ -284,6 +289,7 @@ def two_tower_model(
                 "best_epoch": trained["best_epoch"],
                 "session_weight": trained["session_weight"],
                 **(_tuning_metrics(tuning) if tuning else {}),
+                **_ranker_metrics(trained.get("ranker")),
             },
             history=trained["history"],
             tags={f"recsys.{k}": str(v) for k, v in lineage.items()},
@@ -329,8 +335,17 @@ def two_tower_model(
                 trained["ann"] or {"built": False, "items": trained["items"], "min_items": serving.ann_min_items}
             ),  # fmt: skip
             **(_tuning_metadata(tuning, budget) if tuning else {"tuning": dg.MetadataValue.text("off (budget 0)")}),
+            # The ranking stage: kept or not, and its validation against the retrieval order.
+            "ranking_stage": dg.MetadataValue.json(trained.get("ranker") or {"trained": False}),
         },
     )
+
+
+def _ranker_metrics(stage: dict | None) -> dict[str, float]:
+    if not stage or "val_ndcg@10" not in stage:
+        return {}
+    return {"ranker_kept": float(stage["kept"]), "ranker_val_ndcg_at_10": stage["val_ndcg@10"],
+            "ranker_retrieval_val_ndcg_at_10": stage["retrieval_val_ndcg@10"]}  # fmt: skip
 
 
 def _tuning_metrics(tuning: Tuning) -> dict[str, float]:
