@@ -125,7 +125,9 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         assert len(client.search_model_versions(f"name='{MODEL_NAME}'")) == 1
 
         # Forced: registered as challenger, recorded as forced.
-        third = run(recsys_env, instance, gate={"min_improvement": 0.05, "force": True})
+        # A margin no candidate meets (+1000%), so the verdict is the operator's whatever this training
+        # scores (its ranking stage may be kept or not).
+        third = run(recsys_env, instance, gate={"min_improvement": 10.0, "force": True})
         assert third.success
         trained = next(m for m in third.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
         assert trained.materialization.metadata["tuning"].value == "off (budget 0)"
