@@ -173,7 +173,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     import numpy as np
 
     from recsys_assets.ml.metrics import evaluate
-    from recsys_assets.ml.ranker import _heard, candidates_of, learn_on_validation, ranker_tables
+    from recsys_assets.ml.ranker import candidates_of, heard_columns, learn_on_validation, ranker_tables
     from recsys_core.ranking import rerank
 
     t0 = time.perf_counter()
@@ -181,7 +181,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
                                  progress=lambda r: print(f"  ranker {r}", file=sys.stderr))  # fmt: skip
     train_seconds = time.perf_counter() - t0
     eval_tables = ranker_tables(split.train, tracks, eval_set.items)
-    heard = _heard(eval_set)
+    heard = heard_columns(eval_set)
     scores = score(eval_set.users)
     candidates, picked = candidates_of(scores, heard)
     # Not kept (its gain on its own validation is within the noise): the retrieval order is served.

@@ -217,13 +217,13 @@ def ranker_examples(
     return x, labels, candidates
 
 
-def _heard(eval_set) -> list[np.ndarray]:
+def heard_columns(eval_set) -> list[np.ndarray]:
     """Each evaluated user's train-side tracks, as columns of ``eval_set.items``."""
     bounds = zip(eval_set.seen_indptr[:-1], eval_set.seen_indptr[1:], strict=True)
     return [eval_set.seen_indices[a:b] for a, b in bounds]
 
 
-def _relevant(eval_set) -> list[np.ndarray]:
+def relevant_columns(eval_set) -> list[np.ndarray]:
     """Each evaluated user's relevant tracks that can be ranked, as columns."""
     users = eval_set.relevant_keys // eval_set.n_items
     starts = np.searchsorted(users, np.arange(1, len(eval_set.users)))
@@ -240,7 +240,7 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
     user_rows = Vocabulary.index(pl.Series(val_set.users), trained.vocab.users)
     item_rows = Vocabulary.index(pl.Series(val_set.items), trained.vocab.items)
     items_t = np.ascontiguousarray(fit_items[item_rows].T)
-    heard, relevant = _heard(val_set), _relevant(val_set)
+    heard, relevant = heard_columns(val_set), relevant_columns(val_set)
     tables = ranker_tables(fit_pairs, tracks, val_set.items)
     parts = []
     for start in range(0, len(user_rows), 256):  # users × items scores a chunk at a time
