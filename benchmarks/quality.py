@@ -154,6 +154,9 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                     "two_tower_seconds": r["models"].get("two_tower", {}).get("train_seconds"),
                     "tuning": r["models"].get("two_tower", {}).get("tuning"),
                     "ranker_kept": r["models"].get("ranked", {}).get("ranker_kept"),
+                    "ranker_gain_ci": r["models"].get("ranked", {}).get("ranker_gain_ci"),
+                    "ranked_if_applied": r["models"].get("ranked", {}).get("ndcg@10_if_applied"),
+                    "ranker_seconds": r["models"].get("ranked", {}).get("train_seconds"),
                 }
                 for seed, r in zip(seeds, runs, strict=True)
             ],
@@ -173,7 +176,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     import numpy as np
 
     from recsys_assets.ml.metrics import evaluate
-    from recsys_assets.ml.ranker import candidates_of, heard_columns, learn_on_validation, ranker_tables
+    from recsys_assets.ml.ranker import FOLDS, candidates_of, heard_columns, learn_on_validation, ranker_tables
     from recsys_core.ranking import rerank
 
     t0 = time.perf_counter()
@@ -184,16 +187,22 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     heard = heard_columns(eval_set)
     scores = score(eval_set.users)
     candidates, picked = candidates_of(scores, heard)
-    # Not kept (its gain on its own validation is within the noise): the retrieval order is served.
-    order = rerank(fitted.ranker, eval_tables, heard, candidates, picked) if fitted.useful else candidates
-    final = np.full(scores.shape, -np.inf, dtype=np.float32)
-    places = np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0)
-    np.put_along_axis(final, order, places, axis=1)
+    reranked = rerank(fitted.ranker, eval_tables, heard, candidates, picked)
     position = {u: i for i, u in enumerate(eval_set.users)}
-    result = evaluate(lambda users: final[[position[u] for u in users]], eval_set, click_model=click_model)
+
+    def result_of(order: np.ndarray):
+        final = np.full(scores.shape, -np.inf, dtype=np.float32)
+        places = np.arange(order.shape[1], 0, -1, dtype=np.float32)[None].repeat(len(order), 0)
+        np.put_along_axis(final, order, places, axis=1)
+        return evaluate(lambda users: final[[position[u] for u in users]], eval_set, click_model=click_model)
+
+    # Not kept (its gain on its own validation is within the noise): the retrieval order is served.
+    result = result_of(reranked if fitted.useful else candidates)
+    epochs = [sum(1 for h in fitted.history if h["fold"] == f) for f in range(FOLDS)]
     return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,
-            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": len(fitted.history),
-            "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful}  # fmt: skip
+            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": epochs,
+            "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful,
+            "ndcg@10_if_applied": result_of(reranked).metrics["ndcg@10"]}  # fmt: skip
 
 
 def plays_since_cutoff(split) -> dict[str, list[str]]:

@@ -101,20 +101,23 @@ def write_version(
 
 def add_ranking_stage(directory: Path, items: int, seed: int = 0) -> None:
     """A ranking stage of random weights and tables, the trained one's sizes (``NEIGHBOURS`` neighbours a
-    track, a 32-unit hidden layer): reranking costs the same on any values."""
-    from recsys_assets.ml.ranker import HIDDEN
+    track, a 32-unit hidden layer, one network per fold of the cross-fit): reranking costs the same on any
+    values."""
+    from recsys_assets.ml.ranker import FOLDS, HIDDEN
     from recsys_core.ranking import FEATURES, NEIGHBOURS, DcnRanker, RankerTables, save
 
     rng = np.random.default_rng(seed)
     f = len(FEATURES)
     net = DcnRanker(
         mean=np.zeros(f, np.float32), std=np.ones(f, np.float32),
-        cross_kernel=rng.normal(size=(f, f)).astype(np.float32), cross_bias=np.zeros(f, np.float32),
-        hidden_kernel=rng.normal(size=(f, HIDDEN)).astype(np.float32), hidden_bias=np.zeros(HIDDEN, np.float32),
-        out_kernel=rng.normal(size=(HIDDEN, 1)).astype(np.float32), out_bias=np.zeros(1, np.float32),
+        cross_kernel=rng.normal(size=(FOLDS, f, f)).astype(np.float32), cross_bias=np.zeros((FOLDS, f), np.float32),
+        hidden_kernel=rng.normal(size=(FOLDS, f, HIDDEN)).astype(np.float32),
+        hidden_bias=np.zeros((FOLDS, HIDDEN), np.float32),
+        out_kernel=rng.normal(size=(FOLDS, HIDDEN, 1)).astype(np.float32), out_bias=np.zeros((FOLDS, 1), np.float32),
     )  # fmt: skip
     tables = RankerTables(
-        log_popularity=rng.random(items + 1).astype(np.float32), log_recent=rng.random(items + 1).astype(np.float32),
+        popularity=rng.random(items + 1).astype(np.float32),
+        recent_popularity=rng.random(items + 1).astype(np.float32),
         neighbours=rng.integers(1, items + 1, size=(items + 1, NEIGHBOURS)),
         similarity=rng.random((items + 1, NEIGHBOURS)).astype(np.float32), artist=rng.integers(0, 1000, items + 1),
     )  # fmt: skip

@@ -4,7 +4,11 @@ The two-tower model retrieves; a ranker reorders its top ``K`` candidates with w
 see (the pattern of TFRS's DCN ranking examples):
 
 - the retrieval score, as a z-score within the user's candidates, and its rank;
-- the track's popularity on the train side, overall and over its last ``RECENT_DAYS``;
+- the track's popularity on the train side, overall and over its last ``RECENT_DAYS``, as percentiles
+  of the catalogue: the ranker learns from tables of the fit part and is served tables of the whole
+  train side, which holds more plays, and more recent ones (the validation users' last plays). A
+  count's level shifts between the two; its place in the catalogue much less (on a simulated catalogue,
+  log counts turned a validation gain of the stage into a 4% loss on the holdout: docs/benchmarks.md);
 - item-to-item co-occurrence with what the user heard: the sum and the largest of the cosine
   similarities (users in common) between the candidate and each heard track, over each track's
   ``NEIGHBOURS`` nearest (the signal an item-based model such as EASE ranks by);
@@ -13,22 +17,26 @@ see (the pattern of TFRS's DCN ranking examples):
 
 :class:`RankerTables` holds the per-track tables a version exports; :func:`features` computes a
 candidate list's features from them and the user's heard tracks; :class:`DcnRanker` is the trained
-network (one cross layer, a ReLU layer, a linear output: ``recsys_assets/ml/ranker.py`` trains it in
-Keras) as numpy, the same arithmetic, so that the offline evaluation and ``/recommend`` score alike.
+networks (one cross layer, a ReLU layer, a linear output; the mean of the cross-fit's networks, which
+``recsys_assets/ml/ranker.py`` trains in Keras) as numpy, the same arithmetic, so that the offline
+evaluation and ``/recommend`` score alike.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+log = logging.getLogger(__name__)
+
 FEATURES = (
     "retrieval_z",
     "retrieval_rank",
-    "log_popularity",
-    "log_recent_popularity",
+    "popularity",
+    "recent_popularity",
     "cooccurrence_sum",
     "cooccurrence_max",
     "artist_share",
@@ -45,15 +53,15 @@ class RankerTables:
     """Per-track tables over a list of tracks (the columns of the scores), from one side of the data.
 
     Attributes:
-        log_popularity: log1p of each track's listeners.
-        log_recent: log1p of its listeners in the last ``RECENT_DAYS`` of the data.
+        popularity: each track's listeners, as its percentile in the catalogue (0 to 1).
+        recent_popularity: its listeners in the last ``RECENT_DAYS`` of the data, as a percentile.
         neighbours: each track's most similar tracks, as column numbers (-1: none), ``NEIGHBOURS`` wide.
         similarity: their cosine similarities (users in common / √(listeners × listeners)).
         artist: each track's artist, as a code.
     """
 
-    log_popularity: np.ndarray
-    log_recent: np.ndarray
+    popularity: np.ndarray
+    recent_popularity: np.ndarray
     neighbours: np.ndarray
     similarity: np.ndarray
     artist: np.ndarray
@@ -78,8 +86,8 @@ def features(tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarr
     std = scores.std(axis=1, keepdims=True) + 1e-6
     out[..., 0] = (scores - mean) / std
     out[..., 1] = np.arange(k, dtype=np.float32) / k
-    out[..., 2] = tables.log_popularity[candidates]
-    out[..., 3] = tables.log_recent[candidates]
+    out[..., 2] = tables.popularity[candidates]
+    out[..., 3] = tables.recent_popularity[candidates]
     total = np.zeros(tables.n_items + 1, dtype=np.float32)  # the last slot takes the -1 padding
     best = np.zeros(tables.n_items + 1, dtype=np.float32)
     n_artists = int(tables.artist.max()) + 1 if tables.n_items else 1
@@ -104,30 +112,49 @@ def features(tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarr
 
 @dataclass(frozen=True)
 class DcnRanker:
-    """A trained deep & cross network as numpy: standardise, one cross layer, ReLU, linear.
+    """Trained deep & cross networks as numpy, averaged: standardise, one cross layer, ReLU, linear.
 
-    ``x0 = (x - mean) / std``; ``x1 = x0 * (x0 @ cross_kernel + cross_bias) + x0``;
-    ``score = relu(x1 @ hidden_kernel + hidden_bias) @ out_kernel + out_bias``.
+    For each member ``m`` (the leading axis of every weight but ``mean`` and ``std``):
+    ``x0 = (x - mean) / std``; ``x1 = x0 * (x0 @ cross_kernel[m] + cross_bias[m]) + x0``;
+    ``score_m = relu(x1 @ hidden_kernel[m] + hidden_bias[m]) @ out_kernel[m] + out_bias[m]``; the score
+    is the members' mean (the cross-fit's networks, one per fold: ``recsys_assets/ml/ranker.py``).
     """
 
     mean: np.ndarray
     std: np.ndarray
-    cross_kernel: np.ndarray
-    cross_bias: np.ndarray
-    hidden_kernel: np.ndarray
-    hidden_bias: np.ndarray
-    out_kernel: np.ndarray
-    out_bias: np.ndarray
+    cross_kernel: np.ndarray  # members × F × F
+    cross_bias: np.ndarray  # members × F
+    hidden_kernel: np.ndarray  # members × F × H
+    hidden_bias: np.ndarray  # members × H
+    out_kernel: np.ndarray  # members × H × 1
+    out_bias: np.ndarray  # members × 1
+
+    @property
+    def members(self) -> int:
+        return len(self.out_bias)
+
+    def member(self, m: int) -> DcnRanker:
+        """The ``m``-th network alone."""
+        return DcnRanker(self.mean, self.std, **{k: getattr(self, k)[m : m + 1] for k in _MEMBER_WEIGHTS})
 
     def score(self, x: np.ndarray) -> np.ndarray:
         """Scores of features ``x`` (... × ``len(FEATURES)``): one per candidate, higher first."""
-        x0 = (x - self.mean) / self.std
-        x1 = x0 * (x0 @ self.cross_kernel + self.cross_bias) + x0
-        hidden = np.maximum(x1 @ self.hidden_kernel + self.hidden_bias, 0.0)
-        return (hidden @ self.out_kernel)[..., 0] + self.out_bias[0]
+        x0 = ((x - self.mean) / self.std)[None]  # 1 × ... × F, against the members' axis
+        axes = (1,) * (x.ndim - 1)  # a member's weights broadcast over the leading axes of x
+
+        def dense(inputs: np.ndarray, kernel: np.ndarray, bias: np.ndarray) -> np.ndarray:
+            m, f, h = kernel.shape
+            return inputs @ kernel.reshape(m, *axes[:-1], f, h) + bias.reshape(m, *axes, h)
+
+        x1 = x0 * dense(x0, self.cross_kernel, self.cross_bias) + x0
+        hidden = np.maximum(dense(x1, self.hidden_kernel, self.hidden_bias), 0.0)
+        return dense(hidden, self.out_kernel, self.out_bias)[..., 0].mean(axis=0)
 
     def as_arrays(self) -> dict[str, np.ndarray]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
+
+
+_MEMBER_WEIGHTS = ("cross_kernel", "cross_bias", "hidden_kernel", "hidden_bias", "out_kernel", "out_bias")
 
 
 def rerank(ranker: DcnRanker, tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarray,
@@ -150,6 +177,11 @@ def load(directory: Path) -> tuple[DcnRanker, RankerTables] | None:
     if not path.exists():
         return None
     with np.load(path) as stored:
+        if "table_popularity" not in stored:
+            # The stage's first format (one network, log counts for the popularity features) is not
+            # what this code computes: such a version is served in retrieval order, and says so.
+            log.warning("%s: a ranking stage of an older format; serving the retrieval order", path)
+            return None
         net = DcnRanker(**{k: stored[f"net_{k}"] for k in DcnRanker.__dataclass_fields__})
         tables = RankerTables(**{k: stored[f"table_{k}"] for k in RankerTables.__dataclass_fields__})
     return net, tables

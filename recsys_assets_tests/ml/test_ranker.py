@@ -12,7 +12,7 @@ import polars as pl
 import pytest
 
 from recsys_assets.ml.metrics import build_eval_set, recommend
-from recsys_assets.ml.ranker import _ndcg10, candidates_of, ranker_examples, ranker_tables, train_ranker
+from recsys_assets.ml.ranker import FOLDS, _ndcg10, candidates_of, ranker_examples, ranker_tables, train_ranker
 from recsys_assets_tests.service.versions import tiny_version, write_version
 from recsys_core.ranking import FEATURES, rerank
 from recsys_core.scoring import Ranker
@@ -54,8 +54,9 @@ def test_the_tables_count_listeners_and_users_in_common() -> None:
     })  # fmt: skip
     tracks = pl.DataFrame({"track_id": ["x", "y", "z"], "artist_id": ["p", "p", "q"]})
     tables = ranker_tables(pairs, tracks, np.array(["x", "y", "z"]), neighbours=2)
-    assert np.expm1(tables.log_popularity).round().tolist() == [3, 2, 0]
-    assert np.expm1(tables.log_recent).round().tolist() == [1, 1, 0]  # the last 7 days: c's x and b's y
+    # Listeners 3, 2 and 0, as percentiles of the catalogue; in the last 7 days 1, 1 and 0 (c's x, b's y).
+    assert tables.popularity.tolist() == pytest.approx([1, 2 / 3, 1 / 3])
+    assert tables.recent_popularity.tolist() == pytest.approx([2.5 / 3, 2.5 / 3, 1 / 3])
     # x and y share a and b: 2 / √(3 × 2); z has no neighbour.
     assert tables.neighbours[0, 0] == 1
     assert tables.similarity[0, 0] == pytest.approx(2 / np.sqrt(6), rel=1e-6)
@@ -82,11 +83,16 @@ def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike()
     assert fitted.useful  # the gain's interval is above 0
     assert fitted.gain_ci[0] > 0.05
 
-    # The numpy twin gives the Keras network's held-out NDCG (the same users, the same arithmetic).
-    held = np.array([zlib.crc32(u.encode()) % 4 == 0 for u in users])
-    assert _ndcg10(fitted.ranker.score(x[held]), labels[held], n_relevant[held]) == pytest.approx(
-        fitted.val_ndcg, abs=1e-6
-    )
+    # One network a fold, each judged on the fold it did not train on; the numpy twin of each scores its
+    # fold as the Keras network did (the same arithmetic), and the served ranker is their mean.
+    assert fitted.ranker.members == FOLDS
+    assert (fitted.folds == np.array([zlib.crc32(u.encode()) % FOLDS for u in users])).all()
+    for f in range(FOLDS):
+        held = fitted.folds == f
+        np.testing.assert_allclose(fitted.ranker.member(f).score(x[held]), fitted.out_of_fold[held], atol=1e-4)
+    assert _ndcg10(fitted.out_of_fold, labels, n_relevant) == pytest.approx(fitted.val_ndcg, abs=1e-6)
+    mean = np.mean([fitted.ranker.member(f).score(x[:5]) for f in range(FOLDS)], axis=0)
+    np.testing.assert_allclose(fitted.ranker.score(x[:5]), mean, rtol=1e-5, atol=1e-5)
 
     # Reranked lists are the candidates in the ranker's order.
     _, picked = candidates_of(retrieval, heard, 60)
@@ -97,20 +103,21 @@ def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike()
 
 
 def _with_ranking_stage(directory, n_rows: int, seed: int = 0) -> None:
-    """A ranking stage of random weights and tables over ``n_rows`` item rows (row 0 the padding slot)."""
+    """A ranking stage of two networks of random weights and tables over ``n_rows`` item rows (row 0 the
+    padding slot)."""
     from recsys_core.ranking import FEATURES, DcnRanker, RankerTables, save
 
     rng = np.random.default_rng(seed)
     f = len(FEATURES)
     net = DcnRanker(
         mean=np.zeros(f, np.float32), std=np.ones(f, np.float32),
-        cross_kernel=rng.normal(size=(f, f)).astype(np.float32) / 4, cross_bias=np.zeros(f, np.float32),
-        hidden_kernel=rng.normal(size=(f, 16)).astype(np.float32), hidden_bias=np.zeros(16, np.float32),
-        out_kernel=rng.normal(size=(16, 1)).astype(np.float32), out_bias=np.zeros(1, np.float32),
+        cross_kernel=rng.normal(size=(2, f, f)).astype(np.float32) / 4, cross_bias=np.zeros((2, f), np.float32),
+        hidden_kernel=rng.normal(size=(2, f, 16)).astype(np.float32), hidden_bias=np.zeros((2, 16), np.float32),
+        out_kernel=rng.normal(size=(2, 16, 1)).astype(np.float32), out_bias=np.zeros((2, 1), np.float32),
     )  # fmt: skip
     neighbours = rng.integers(1, n_rows, size=(n_rows, 5))
     tables = RankerTables(
-        log_popularity=rng.random(n_rows).astype(np.float32), log_recent=rng.random(n_rows).astype(np.float32),
+        popularity=rng.random(n_rows).astype(np.float32), recent_popularity=rng.random(n_rows).astype(np.float32),
         neighbours=neighbours, similarity=rng.random((n_rows, 5)).astype(np.float32),
         artist=rng.integers(0, 7, size=n_rows),
     )  # fmt: skip
@@ -154,3 +161,16 @@ def test_a_ranking_stage_that_does_not_fit_the_version_is_refused(tmp_path) -> N
     _with_ranking_stage(directory, 12)
     with pytest.raises(ValueError, match=r"ranker\.npz has 12 item rows, items\.parquet 31"):
         Ranker.load(directory, version=1)
+
+
+def test_a_stage_of_the_first_format_is_served_in_retrieval_order(tmp_path, caplog) -> None:
+    from recsys_core import ranking
+
+    _with_ranking_stage(tmp_path, 11)
+    assert ranking.load(tmp_path) is not None
+    with np.load(tmp_path / ranking.RANKER_FILE) as stored:  # one network, log counts: the first format
+        old = {k.replace("table_popularity", "table_log_popularity"): v[0] if k.startswith("net_c") else v
+               for k, v in stored.items() if k != "table_recent_popularity"}  # fmt: skip
+    np.savez(tmp_path / ranking.RANKER_FILE, **old)
+    assert ranking.load(tmp_path) is None
+    assert "older format" in caplog.text
