@@ -81,8 +81,8 @@ def variant(raw, catalogue, spec: str):
     """The raw events and the catalogue made like a dataset with other properties (``spec``:
     comma-separated, applied in this order): ``implicit``, plays only (no likes, so no ratings either);
     ``day``, timestamps truncated to the day (many events share an instant); ``nogenre``, the catalogue
-    without genres; ``sparse:N``, at most N events a user, drawn at random (seed 0: the same sample for
-    every model seed), which leaves a long tail of tracks heard by one or two users."""
+    without genres; ``sparse:N``, at most N events a user, drawn by a hash of the event (the same sample in
+    every run), which leaves a long tail of tracks heard by one or two users."""
     import polars as pl
 
     for part in filter(None, (p.strip() for p in spec.split(","))):
@@ -94,11 +94,10 @@ def variant(raw, catalogue, spec: str):
             catalogue = catalogue.with_columns(pl.lit(None, pl.String).alias("genre"))
         elif part.startswith("sparse:"):
             keep = int(part.split(":", 1)[1])
-            raw = (
-                raw.with_columns(pl.int_range(pl.len()).shuffle(seed=0).over("user_id").alias("_draw"))
-                .filter(pl.col("_draw") < keep)
-                .drop("_draw")
-            )
+            # A hash of the event, not a shuffle of the rows: the warehouse returns them in no fixed
+            # order, and a shuffle over them drew another sample in every process.
+            event = pl.struct("user_id", "track_id", "event_type", "played_at").hash(seed=0)
+            raw = raw.filter(event.rank("ordinal").over("user_id") <= keep)
         else:
             raise SystemExit(f"--variant {part!r}: expected some of {', '.join(VARIANTS)}")
     return raw, catalogue
