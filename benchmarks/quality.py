@@ -175,7 +175,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     import numpy as np
 
     from recsys_assets.ml.metrics import evaluate
-    from recsys_assets.ml.ranker import FOLDS, candidates_of, heard_columns, learn_on_validation, ranker_tables
+    from recsys_assets.ml.ranker import candidates_of, heard_columns, learn_on_validation, ranker_tables
     from recsys_core.ranking import rerank
 
     t0 = time.perf_counter()
@@ -197,9 +197,8 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
 
     # Not kept (its gain on its own validation is within the noise): the retrieval order is served.
     result = result_of(reranked if fitted.useful else candidates)
-    epochs = [sum(1 for h in fitted.history if h["fold"] == f) for f in range(FOLDS)]
     return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,
-            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": epochs,
+            "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": fitted.epochs_per_fold,
             "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful,
             "ndcg@10_if_applied": result_of(reranked).metrics["ndcg@10"]}  # fmt: skip
 

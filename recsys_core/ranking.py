@@ -138,7 +138,8 @@ class DcnRanker:
         return DcnRanker(self.mean, self.std, **{k: getattr(self, k)[m : m + 1] for k in _MEMBER_WEIGHTS})
 
     def score(self, x: np.ndarray) -> np.ndarray:
-        """Scores of features ``x`` (... × ``len(FEATURES)``): one per candidate, higher first."""
+        """Scores of features ``x`` (lists × ``len(FEATURES)``, or users × lists × ``len(FEATURES)``): one
+        per candidate, higher first."""
         x0 = ((x - self.mean) / self.std)[None]  # 1 × ... × F, against the members' axis
         axes = (1,) * (x.ndim - 1)  # a member's weights broadcast over the leading axes of x
 

@@ -134,6 +134,11 @@ class TrainedRanker:
         """Whether the gain is more than the validation users' noise: the stage is kept only then."""
         return self.gain_ci[0] > 0
 
+    @property
+    def epochs_per_fold(self) -> list[int]:
+        """How many epochs each fold's network trained (its best one is kept)."""
+        return [sum(1 for h in self.history if h["fold"] == f) for f in range(FOLDS)]
+
 
 def fold_of(user_ids: np.ndarray, folds: int = FOLDS) -> np.ndarray:
     """Each user's fold of the cross-fit, by a hash of the id (the same user, the same fold, every run)."""
@@ -319,7 +324,7 @@ def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protoco
         "val_ndcg@10": round(fitted.val_ndcg, 5),
         "retrieval_val_ndcg@10": round(fitted.val_ndcg_retrieval, 5),
         "gain_ci": [round(v, 5) for v in fitted.gain_ci],
-        "epochs": [sum(1 for h in fitted.history if h["fold"] == f) for f in range(FOLDS)],
+        "epochs": fitted.epochs_per_fold,
         "validation_users": len(val_set.users),
     }
     if not fitted.useful:
