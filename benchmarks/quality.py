@@ -156,6 +156,7 @@ def suite(protocol: str, seeds: tuple[int, ...], names: list[str], extra: list[s
                     "ranker_gain_ci": r["models"].get("ranked", {}).get("ranker_gain_ci"),
                     "ranked_if_applied": r["models"].get("ranked", {}).get("ndcg@10_if_applied"),
                     "ranker_seconds": r["models"].get("ranked", {}).get("train_seconds"),
+                    "ranker_ease_lambda": r["models"].get("ranked", {}).get("ranker_ease_lambda"),
                 }
                 for seed, r in zip(seeds, runs, strict=True)
             ],
@@ -182,7 +183,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     fitted = learn_on_validation(trained, val.train, val_set, tracks, seed,
                                  progress=lambda r: print(f"  ranker {r}", file=sys.stderr))  # fmt: skip
     train_seconds = time.perf_counter() - t0
-    eval_tables = ranker_tables(split.train, tracks, eval_set.items)
+    eval_tables = ranker_tables(split.train, tracks, eval_set.items, fitted.ease_lambda)
     heard = heard_columns(eval_set)
     scores = score(eval_set.users)
     candidates, picked = candidates_of(scores, heard)
@@ -199,7 +200,7 @@ def ranked_metrics(trained, tracks, split, val, val_set, eval_set, score, click_
     result = result_of(reranked if fitted.useful else candidates)
     return {**result.metrics, "train_seconds": train_seconds, "ranker_val_ndcg@10": fitted.val_ndcg,
             "retrieval_val_ndcg@10": fitted.val_ndcg_retrieval, "ranker_epochs": fitted.epochs_per_fold,
-            "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful,
+            "ranker_gain_ci": fitted.gain_ci, "ranker_kept": fitted.useful, "ranker_ease_lambda": fitted.ease_lambda,
             "ndcg@10_if_applied": result_of(reranked).metrics["ndcg@10"]}  # fmt: skip
 
 

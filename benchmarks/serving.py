@@ -100,9 +100,9 @@ def write_version(
 
 
 def add_ranking_stage(directory: Path, items: int, seed: int = 0) -> None:
-    """A ranking stage of random weights and tables, the trained one's sizes (``NEIGHBOURS`` neighbours a
-    track, a 32-unit hidden layer, one network per fold of the cross-fit): reranking costs the same on any
-    values."""
+    """A ranking stage of random weights and tables, the trained one's sizes (``NEIGHBOURS`` cosine and
+    ``NEIGHBOURS`` EASE neighbours a track, every track with both: the worst case; a 32-unit hidden
+    layer, one network per fold of the cross-fit): reranking costs the same on any values."""
     from recsys_assets.ml.ranker import FOLDS, HIDDEN
     from recsys_core.ranking import FEATURES, NEIGHBOURS, DcnRanker, RankerTables, save
 
@@ -120,6 +120,8 @@ def add_ranking_stage(directory: Path, items: int, seed: int = 0) -> None:
         recent_popularity=rng.random(items + 1).astype(np.float32),
         neighbours=rng.integers(1, items + 1, size=(items + 1, NEIGHBOURS)),
         similarity=rng.random((items + 1, NEIGHBOURS)).astype(np.float32), artist=rng.integers(0, 1000, items + 1),
+        ease_neighbours=rng.integers(1, items + 1, size=(items + 1, NEIGHBOURS)),
+        ease_weights=rng.random((items + 1, NEIGHBOURS)).astype(np.float32),
     )  # fmt: skip
     save(directory, net, tables)
 

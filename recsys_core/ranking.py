@@ -11,7 +11,12 @@ see (the pattern of TFRS's DCN ranking examples):
   log counts turned a validation gain of the stage into a 4% loss on the holdout: docs/benchmarks.md);
 - item-to-item co-occurrence with what the user heard: the sum and the largest of the cosine
   similarities (users in common) between the candidate and each heard track, over each track's
-  ``NEIGHBOURS`` nearest (the signal an item-based model such as EASE ranks by);
+  ``NEIGHBOURS`` nearest, for every track of the catalogue;
+- the same sum and largest over EASE's item-to-item weights (each heard track's ``NEIGHBOURS``
+  largest positive ones), where EASE was fitted: the most-listened tracks, up to a cap
+  (``recsys_assets/ml/ranker.py``). EASE's sum is the score an EASE model ranks by, restricted to
+  the heaviest weights; on a sparse catalogue that baseline beat the retrieval, and the stage with
+  cosine similarities only fell short of it (docs/benchmarks.md);
 - the share of the user's plays that went to the candidate's artist;
 - how many tracks the user heard.
 
@@ -39,6 +44,8 @@ FEATURES = (
     "recent_popularity",
     "cooccurrence_sum",
     "cooccurrence_max",
+    "ease_sum",
+    "ease_max",
     "artist_share",
     "log_user_tracks",
 )
@@ -58,6 +65,9 @@ class RankerTables:
         neighbours: each track's most similar tracks, as column numbers (-1: none), ``NEIGHBOURS`` wide.
         similarity: their cosine similarities (users in common / √(listeners × listeners)).
         artist: each track's artist, as a code.
+        ease_neighbours: the tracks with each track's largest positive EASE weights (-1: none; a
+            track where EASE was not fitted has none), ``NEIGHBOURS`` wide.
+        ease_weights: those weights.
     """
 
     popularity: np.ndarray
@@ -65,6 +75,8 @@ class RankerTables:
     neighbours: np.ndarray
     similarity: np.ndarray
     artist: np.ndarray
+    ease_neighbours: np.ndarray
+    ease_weights: np.ndarray
 
     @property
     def n_items(self) -> int:
@@ -91,22 +103,25 @@ def features(tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarr
     total = np.zeros(tables.n_items + 1, dtype=np.float32)  # the last slot takes the -1 padding
     best = np.zeros(tables.n_items + 1, dtype=np.float32)
     n_artists = int(tables.artist.max()) + 1 if tables.n_items else 1
+    item_to_item = ((tables.neighbours, tables.similarity, 4), (tables.ease_neighbours, tables.ease_weights, 6))
     for u in range(n_users):
         rows = heard[u]
+        for neighbours, weights, column in item_to_item:
+            if len(rows):
+                near, values = neighbours[rows].ravel(), weights[rows].ravel()
+                np.add.at(total, near, values)
+                np.maximum.at(best, near, values)
+            out[u, :, column] = np.log1p(total[candidates[u]])
+            out[u, :, column + 1] = best[candidates[u]]
+            if len(rows):
+                total[near] = 0.0
+                best[near] = 0.0
         if len(rows):
-            near, sims = tables.neighbours[rows].ravel(), tables.similarity[rows].ravel()
-            np.add.at(total, near, sims)
-            np.maximum.at(best, near, sims)
             artists = np.bincount(tables.artist[rows], minlength=n_artists) / len(rows)
-            out[u, :, 6] = artists[tables.artist[candidates[u]]]
+            out[u, :, 8] = artists[tables.artist[candidates[u]]]
         else:
-            out[u, :, 6] = 0.0
-        out[u, :, 4] = np.log1p(total[candidates[u]])
-        out[u, :, 5] = best[candidates[u]]
-        out[u, :, 7] = np.log1p(len(rows))
-        if len(rows):
-            total[near] = 0.0
-            best[near] = 0.0
+            out[u, :, 8] = 0.0
+        out[u, :, 9] = np.log1p(len(rows))
     return out
 
 
@@ -178,9 +193,10 @@ def load(directory: Path) -> tuple[DcnRanker, RankerTables] | None:
     if not path.exists():
         return None
     with np.load(path) as stored:
-        if "table_popularity" not in stored:
-            # The stage's first format (one network, log counts for the popularity features) is not
-            # what this code computes: such a version is served in retrieval order, and says so.
+        if "table_ease_weights" not in stored:
+            # The stage's earlier formats (one network and log counts for the popularity features; then
+            # no EASE features) are not what this code computes: such a version is served in
+            # retrieval order, and says so.
             log.warning("%s: a ranking stage of an older format; serving the retrieval order", path)
             return None
         net = DcnRanker(**{k: stored[f"net_{k}"] for k in DcnRanker.__dataclass_fields__})

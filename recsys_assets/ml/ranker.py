@@ -13,6 +13,10 @@ reranked lists; the served ranker is the networks' mean. Every validation user i
 and a quarter to judge, the stage's gain on a sparse catalogue (validation users with a few plays
 each) was noise: +25%, −10%, −14% by seed (docs/benchmarks.md).
 
+Its EASE features weigh the heard tracks by EASE's item-to-item weights, fitted on the same side as
+the other tables, with the λ that scores EASE best on the validation split (``EASE_LAMBDAS``, as the
+evaluation's EASE reference picks its own); the λ is recorded with the stage.
+
 The stage is kept only where it pays: when the lower bound of the 95% bootstrap interval of the
 out-of-fold NDCG@10 gain over the retrieval order, over all the validation users, is above 0
 (``TrainedRanker.useful``). Otherwise the retrieval order is served as it is.
@@ -36,15 +40,27 @@ log = logging.getLogger(__name__)
 
 HIDDEN = 32
 FOLDS = 4  # the cross-fit's folds of the validation users, and the served ranker's networks
+# EASE's weights are fitted over this many most-listened tracks: a dense inverse, whose cost grows as
+# the cube (2 s at 4,000 on 2 cores, 27 s at 9,700), and the stage fits it four times (three λ, the
+# served tables). The tail beyond has the cosine neighbours only.
+EASE_ITEMS = 4000
 
 
 def ranker_tables(
-    pairs: pl.DataFrame, tracks: pl.DataFrame, items: np.ndarray, neighbours: int = NEIGHBOURS
+    pairs: pl.DataFrame,
+    tracks: pl.DataFrame,
+    items: np.ndarray,
+    ease_lambda: float,
+    neighbours: int = NEIGHBOURS,
+    ease_items: int = EASE_ITEMS,
 ) -> RankerTables:
     """The per-track tables of ``pairs`` (``user_id``, ``track_id``, ``played_at``) over the tracks
-    ``items`` (the scores' columns); ``tracks`` gives each track's ``artist_id``."""
+    ``items`` (the scores' columns); ``tracks`` gives each track's ``artist_id``; EASE's weights with
+    λ ``ease_lambda`` over the ``ease_items`` tracks with the most listeners."""
     from scipy import sparse
     from scipy.stats import rankdata
+
+    from recsys_assets.ml.baselines import ease_weights
 
     index = pl.DataFrame({"track_id": pl.Series(items).cast(pl.String), "col": np.arange(len(items))})
     known = pairs.select("user_id", pl.col("track_id").cast(pl.String), "played_at").join(index, on="track_id")
@@ -78,12 +94,26 @@ def ranker_tables(
         tracks.select(pl.col("track_id").cast(pl.String), "artist_id"), on="track_id", how="left", maintain_order="left"
     )["artist_id"]
     artist = artists.fill_null("").rank("dense").to_numpy().astype(np.int64) - 1
+    head = np.argsort(-listeners, kind="stable")[: min(ease_items, int((listeners > 0).sum()))]
+    ease_near = np.full((len(items), neighbours), -1, dtype=np.int64)
+    ease_values = np.zeros((len(items), neighbours), dtype=np.float32)
+    if len(head) > 1:
+        weights = ease_weights(matrix[:, head], ease_lambda)  # row i: what hearing head[i] adds to each track
+        width = min(neighbours, len(head) - 1)
+        top = np.argpartition(-weights, width - 1, axis=1)[:, :width]
+        values = np.take_along_axis(weights, top, axis=1)
+        order = np.argsort(-values, axis=1, kind="stable")
+        top, values = np.take_along_axis(top, order, axis=1), np.take_along_axis(values, order, axis=1)
+        ease_near[head, :width] = np.where(values > 0, head[top], -1)  # a negative weight: not a neighbour
+        ease_values[head, :width] = np.maximum(values, 0.0)
     return RankerTables(
         popularity=(rankdata(listeners) / len(items)).astype(np.float32),
         recent_popularity=(rankdata(recent_counts) / len(items)).astype(np.float32),
         neighbours=near,
         similarity=sims,
         artist=artist,
+        ease_neighbours=ease_near,
+        ease_weights=ease_values,
     )
 
 
@@ -128,6 +158,7 @@ class TrainedRanker:
     gain_ci: tuple[float, float] = (0.0, 0.0)  # the 95% bootstrap interval of the gain, over those users
     out_of_fold: np.ndarray | None = field(default=None, repr=False)  # each list's scores by the fold's network
     folds: np.ndarray | None = field(default=None, repr=False)  # each list's fold
+    ease_lambda: float = 0.0  # the λ of the EASE features' weights, picked on the validation split
 
     @property
     def useful(self) -> bool:
@@ -274,7 +305,11 @@ def relevant_columns(eval_set) -> list[np.ndarray]:
 def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.DataFrame, seed: int,
                         progress: Callable[[dict], None] | None = None) -> TrainedRanker:  # fmt: skip
     """Train the ranker on the validation split: the candidates of ``trained``'s model before its refit
-    (``fit_embeddings``) for the users of ``val_set``, the features from ``fit_pairs`` (the fit part)."""
+    (``fit_embeddings``) for the users of ``val_set``, the features from ``fit_pairs`` (the fit part),
+    with the λ of the EASE features that scores best on the same split (as the EASE baseline picks its
+    own)."""
+    from recsys_assets.ml.baselines import pick_ease_lambda
+    from recsys_assets.ml.metrics import evaluate
     from recsys_assets.ml.two_tower import Vocabulary
 
     fit_users, fit_items = trained.fit_embeddings
@@ -282,7 +317,8 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
     item_rows = Vocabulary.index(pl.Series(val_set.items), trained.vocab.items)
     items_t = np.ascontiguousarray(fit_items[item_rows].T)
     heard, relevant = heard_columns(val_set), relevant_columns(val_set)
-    tables = ranker_tables(fit_pairs, tracks, val_set.items)
+    ease_lambda = pick_ease_lambda(fit_pairs, val_set, EASE_ITEMS, lambda s, on: evaluate(s, on).metrics["ndcg@10"])
+    tables = ranker_tables(fit_pairs, tracks, val_set.items, ease_lambda)
     parts = []
     for start in range(0, len(user_rows), 256):  # users × items scores a chunk at a time
         chunk = slice(start, start + 256)
@@ -291,7 +327,9 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
         parts.append(ranker_examples(scores, heard[chunk], relevant[chunk], tables))
     x = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
-    return train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed, progress=progress)
+    fitted = train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed, progress=progress)
+    fitted.ease_lambda = ease_lambda
+    return fitted
 
 
 def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protocol: str,
@@ -326,7 +364,8 @@ def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protoco
         "gain_ci": [round(v, 5) for v in fitted.gain_ci],
         "epochs": fitted.epochs_per_fold,
         "validation_users": len(val_set.users),
+        "ease_lambda": fitted.ease_lambda,
     }
     if not fitted.useful:
         return None, summary
-    return (fitted.ranker, ranker_tables(train_side, tracks, trained.vocab.items)), summary
+    return (fitted.ranker, ranker_tables(train_side, tracks, trained.vocab.items, fitted.ease_lambda)), summary

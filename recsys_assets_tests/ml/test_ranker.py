@@ -14,7 +14,7 @@ import pytest
 from recsys_assets.ml.metrics import build_eval_set, recommend
 from recsys_assets.ml.ranker import FOLDS, _ndcg10, candidates_of, ranker_examples, ranker_tables, train_ranker
 from recsys_assets_tests.service.versions import tiny_version, write_version
-from recsys_core.ranking import FEATURES, rerank
+from recsys_core.ranking import FEATURES, features, rerank
 from recsys_core.scoring import Ranker
 
 pytestmark = pytest.mark.slow
@@ -53,7 +53,7 @@ def test_the_tables_count_listeners_and_users_in_common() -> None:
         "played_at": [START, START, START, START + timedelta(days=30), START + timedelta(days=30), START],
     })  # fmt: skip
     tracks = pl.DataFrame({"track_id": ["x", "y", "z"], "artist_id": ["p", "p", "q"]})
-    tables = ranker_tables(pairs, tracks, np.array(["x", "y", "z"]), neighbours=2)
+    tables = ranker_tables(pairs, tracks, np.array(["x", "y", "z"]), ease_lambda=1.0, neighbours=2)
     # Listeners 3, 2 and 0, as percentiles of the catalogue; in the last 7 days 1, 1 and 0 (c's x, b's y).
     assert tables.popularity.tolist() == pytest.approx([1, 2 / 3, 1 / 3])
     assert tables.recent_popularity.tolist() == pytest.approx([2.5 / 3, 2.5 / 3, 1 / 3])
@@ -62,6 +62,19 @@ def test_the_tables_count_listeners_and_users_in_common() -> None:
     assert tables.similarity[0, 0] == pytest.approx(2 / np.sqrt(6), rel=1e-6)
     assert tables.neighbours[2].tolist() == [-1, -1]
     assert tables.artist[0] == tables.artist[1] != tables.artist[2]
+    # EASE over x and y (z has no listener): G = XᵀX + λI = [[4, 2], [2, 3]], P = G⁻¹ = [[3, -2], [-2, 4]] / 8,
+    # B[i, j] = -P[i, j] / P[j, j]: hearing x adds 0.5 to y, hearing y adds 2/3 to x.
+    assert tables.ease_neighbours.tolist() == [[1, -1], [0, -1], [-1, -1]]
+    np.testing.assert_allclose(tables.ease_weights, [[0.5, 0], [2 / 3, 0], [0, 0]], rtol=1e-6)
+    # A user who heard x: the candidate y's EASE features are that weight (its sum, log1p, and its largest).
+    x = features(tables, [np.array([0])], np.array([[1, 2]]), np.zeros((1, 2), np.float32))
+    assert x[0, :, FEATURES.index("ease_sum")].tolist() == pytest.approx([np.log1p(0.5), 0])
+    assert x[0, :, FEATURES.index("ease_max")].tolist() == pytest.approx([0.5, 0])
+    # EASE only over the most-listened track: no pair to weigh, no EASE neighbour; the cosine ones remain.
+    head_only = ranker_tables(pairs, tracks, np.array(["x", "y", "z"]), ease_lambda=1.0, neighbours=2, ease_items=1)
+    assert (head_only.ease_neighbours == -1).all()
+    assert (head_only.ease_weights == 0).all()
+    assert head_only.neighbours[0, 0] == 1
 
 
 def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike() -> None:
@@ -72,7 +85,7 @@ def test_the_ranker_learns_what_the_retrieval_misses_and_its_twin_scores_alike()
     heard = [np.array(sorted(column[t] for t in train.filter(pl.col("user_id") == u)["track_id"])) for u in users]
     relevant = [np.array([column[t] for t in holdout.filter(pl.col("user_id") == u)["track_id"]]) for u in users]
     retrieval = np.random.default_rng(1).normal(size=(len(users), len(items))).astype(np.float32)  # knows nothing
-    tables = ranker_tables(train, tracks, items)
+    tables = ranker_tables(train, tracks, items, ease_lambda=100.0)
     x, labels, candidates = ranker_examples(retrieval, heard, relevant, tables, k=60)
     assert x.shape == (240, 60, len(FEATURES))
     assert not any(np.isin(candidates[u], heard[u]).any() for u in range(len(users)))
@@ -119,7 +132,8 @@ def _with_ranking_stage(directory, n_rows: int, seed: int = 0) -> None:
     tables = RankerTables(
         popularity=rng.random(n_rows).astype(np.float32), recent_popularity=rng.random(n_rows).astype(np.float32),
         neighbours=neighbours, similarity=rng.random((n_rows, 5)).astype(np.float32),
-        artist=rng.integers(0, 7, size=n_rows),
+        artist=rng.integers(0, 7, size=n_rows), ease_neighbours=rng.integers(-1, n_rows, size=(n_rows, 5)),
+        ease_weights=rng.random((n_rows, 5)).astype(np.float32),
     )  # fmt: skip
     save(directory, net, tables)
 
@@ -163,14 +177,19 @@ def test_a_ranking_stage_that_does_not_fit_the_version_is_refused(tmp_path) -> N
         Ranker.load(directory, version=1)
 
 
-def test_a_stage_of_the_first_format_is_served_in_retrieval_order(tmp_path, caplog) -> None:
+@pytest.mark.parametrize("earlier", ["first", "without EASE"])
+def test_a_stage_of_an_earlier_format_is_served_in_retrieval_order(tmp_path, caplog, earlier) -> None:
     from recsys_core import ranking
 
     _with_ranking_stage(tmp_path, 11)
     assert ranking.load(tmp_path) is not None
-    with np.load(tmp_path / ranking.RANKER_FILE) as stored:  # one network, log counts: the first format
-        old = {k.replace("table_popularity", "table_log_popularity"): v[0] if k.startswith("net_c") else v
-               for k, v in stored.items() if k != "table_recent_popularity"}  # fmt: skip
+    with np.load(tmp_path / ranking.RANKER_FILE) as stored:
+        if earlier == "first":  # one network, log counts
+            old = {k.replace("table_popularity", "table_log_popularity"): v[0] if k.startswith("net_c") else v
+                   for k, v in stored.items() if k not in ("table_recent_popularity", "table_ease_neighbours",
+                                                           "table_ease_weights")}  # fmt: skip
+        else:  # the cross-fit on percentiles, eight features
+            old = {k: v for k, v in stored.items() if not k.startswith("table_ease")}
     np.savez(tmp_path / ranking.RANKER_FILE, **old)
     assert ranking.load(tmp_path) is None
     assert "older format" in caplog.text
