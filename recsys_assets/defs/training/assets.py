@@ -345,7 +345,8 @@ def _ranker_metrics(stage: dict | None) -> dict[str, float]:
     if not stage or "val_ndcg@10" not in stage:
         return {}
     return {"ranker_kept": float(stage["kept"]), "ranker_val_ndcg_at_10": stage["val_ndcg@10"],
-            "ranker_retrieval_val_ndcg_at_10": stage["retrieval_val_ndcg@10"]}  # fmt: skip
+            "ranker_retrieval_val_ndcg_at_10": stage["retrieval_val_ndcg@10"],
+            "ranker_ease_lambda": stage["ease_lambda"]}  # fmt: skip
 
 
 def _tuning_metrics(tuning: Tuning) -> dict[str, float]:
