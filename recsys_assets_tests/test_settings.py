@@ -105,7 +105,7 @@ def test_training_settings() -> None:
     )
     assert load_settings({"RECSYS_TRAIN_WINDOW_DAYS": "ALL"}).training.window_days is None
     assert defaults.bucket_rows == 2_000_000
-    assert defaults.tuning_budget_seconds == 15
+    assert defaults.tuning_budget_seconds == 10
     assert load_settings({"RECSYS_TUNING_BUDGET_SECONDS": "0"}).training.tuning_budget_seconds == 0
     assert load_settings({"RECSYS_TRAIN_BUCKET_ROWS": "50000"}).training.bucket_rows == 50_000
     for env, message in [
