@@ -49,6 +49,7 @@ FEATURES = (
     "artist_share",
     "log_user_tracks",
 )
+_ARTIST_SHARE, _USER_TRACKS = FEATURES.index("artist_share"), FEATURES.index("log_user_tracks")
 RANKER_FILE = "ranker.npz"
 K_CANDIDATES = 100
 NEIGHBOURS = 50
@@ -103,7 +104,10 @@ def features(tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarr
     total = np.zeros(tables.n_items + 1, dtype=np.float32)  # the last slot takes the -1 padding
     best = np.zeros(tables.n_items + 1, dtype=np.float32)
     n_artists = int(tables.artist.max()) + 1 if tables.n_items else 1
-    item_to_item = ((tables.neighbours, tables.similarity, 4), (tables.ease_neighbours, tables.ease_weights, 6))
+    item_to_item = (
+        (tables.neighbours, tables.similarity, FEATURES.index("cooccurrence_sum")),
+        (tables.ease_neighbours, tables.ease_weights, FEATURES.index("ease_sum")),
+    )  # then its _max
     for u in range(n_users):
         rows = heard[u]
         for neighbours, weights, column in item_to_item:
@@ -118,10 +122,10 @@ def features(tables: RankerTables, heard: list[np.ndarray], candidates: np.ndarr
                 best[near] = 0.0
         if len(rows):
             artists = np.bincount(tables.artist[rows], minlength=n_artists) / len(rows)
-            out[u, :, 8] = artists[tables.artist[candidates[u]]]
+            out[u, :, _ARTIST_SHARE] = artists[tables.artist[candidates[u]]]
         else:
-            out[u, :, 8] = 0.0
-        out[u, :, 9] = np.log1p(len(rows))
+            out[u, :, _ARTIST_SHARE] = 0.0
+        out[u, :, _USER_TRACKS] = np.log1p(len(rows))
     return out
 
 

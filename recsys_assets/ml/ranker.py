@@ -27,7 +27,7 @@ from __future__ import annotations
 import logging
 import zlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import timedelta
 
 import numpy as np
@@ -328,8 +328,7 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
     x = np.concatenate([p[0] for p in parts])
     labels = np.concatenate([p[1] for p in parts])
     fitted = train_ranker(x, labels, val_set.n_relevant, val_set.users, seed=seed, progress=progress)
-    fitted.ease_lambda = ease_lambda
-    return fitted
+    return replace(fitted, ease_lambda=ease_lambda)
 
 
 def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protocol: str,
