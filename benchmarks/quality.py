@@ -354,10 +354,15 @@ def main() -> None:
         params = TwoTowerParams(**{"seed": args.seed, **overrides, **json.loads(args.params)})
         tuning = None
         if args.tune:  # the per-training search on the train side's validation split (never the holdout)
+            from recsys_assets.ml.ranker import served_validation_ndcg
             from recsys_assets.ml.tuning import TUNED, tune
 
+            def judge(model) -> float | None:  # the finalists through the ranking stage, as the asset judges them
+                return served_validation_ndcg(model, split.train, tracks, args.protocol)
+
             tuning = tune(split.train, tracks, args.protocol, params, args.tune,
-                          on_trial=lambda r: print(f"  trial {r}", file=sys.stderr))  # fmt: skip
+                          on_trial=lambda r: print(f"  trial {r}", file=sys.stderr),
+                          judge=judge if args.ranker else None)  # fmt: skip
             params = tuning.params
         t0 = time.perf_counter()
         trained = train_two_tower(
@@ -397,6 +402,8 @@ def main() -> None:
                         "seconds": tuning.seconds,
                         "trials": len(tuning.trials),
                         "best_val_recall@20": tuning.best_value,
+                        "chosen_trial": tuning.chosen_trial,
+                        "finalists": tuning.finalists,
                         "chosen": {k: getattr(params, k) for k in TUNED},
                     }
                 }

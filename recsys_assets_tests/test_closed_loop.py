@@ -136,8 +136,9 @@ def test_the_loop_reacts_by_itself(tmp_path: Path, prep_engine: str) -> None:
         # users (two workers, and a killed one, are service/test_workers.py's).
         "RECSYS_SERVING_WORKERS": "1",
         "RECSYS_RETRAIN_RUN_CONFIG": json.dumps(retrain_config),
-        # Every retrain searches its hyperparameters first (a shorter budget than the default's 30 s):
-        # the retrains after the first start from the champion's values.
+        # Every retrain searches its hyperparameters first (the default's budget, set here so that a
+        # change of the default does not change the test's time): the retrains after the first start
+        # from the champion's values.
         "RECSYS_TUNING_BUDGET_SECONDS": "10",
         "RECSYS_PROMETHEUS_EXTRA_RULES": str(rules),
         # `pytest --prep-engine spark`: the same loop with the preparation on Spark (local, through Pipes).

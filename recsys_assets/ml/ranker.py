@@ -331,6 +331,41 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
     return replace(fitted, ease_lambda=ease_lambda)
 
 
+_IN_BUCKETS = "the train side is cut into user buckets; the ranking stage needs it in memory (RECSYS_TRAIN_BUCKET_ROWS)"
+
+
+def _on_validation(trained, window, tracks: pl.DataFrame, protocol: str,
+                   progress: Callable[[dict], None] | None = None) -> tuple[TrainedRanker | None, dict]:  # fmt: skip
+    """The stage :func:`learn_on_validation` fits for ``trained`` on the validation split of ``window``
+    (cut again, as the training cut it), or ``None`` and why not; and the validation users' count."""
+    from recsys_assets.ml.buckets import UserBuckets
+    from recsys_assets.ml.metrics import build_eval_set
+    from recsys_assets.ml.split import bucket_splits
+
+    if trained.fit_embeddings is None:
+        return None, {"reason": "the model trained without a validation split"}
+    if isinstance(window, UserBuckets) and len(window) > 1:
+        return None, {"reason": _IN_BUCKETS}
+    window = window.collect() if isinstance(window, UserBuckets) else window
+    split = next(bucket_splits(UserBuckets((window,)), protocol))  # the training's own validation split
+    val_set = build_eval_set(split.train, split.holdout)
+    try:
+        fitted = learn_on_validation(trained, split.train, val_set, tracks, trained.params.seed, progress)
+    except ValueError as exc:  # too few validation users with a positive among their candidates
+        return None, {"reason": str(exc)}
+    return fitted, {"validation_users": len(val_set.users)}
+
+
+def served_validation_ndcg(trained, window, tracks: pl.DataFrame, protocol: str) -> float | None:
+    """The validation NDCG@10 of what a version of ``trained`` would serve: the stage's out-of-fold
+    reranking where the stage is kept, else the retrieval order (``None``: no stage can be fitted).
+    The hyperparameter search (ml/tuning.py) judges its finalists by it."""
+    fitted, _ = _on_validation(trained, window, tracks, protocol)
+    if fitted is None:
+        return None
+    return fitted.val_ndcg if fitted.useful else fitted.val_ndcg_retrieval
+
+
 def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protocol: str,
                       progress: Callable[[dict], None] | None = None) -> tuple[tuple | None, dict]:  # fmt: skip
     """The ranking stage of a trained model, for its version: ``(ranker, tables over the version's item
@@ -339,22 +374,13 @@ def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protoco
     ``window``: what the model trained on (its validation split is cut again, as the training cut it);
     ``train_side``: the whole train side, from which the served features are computed."""
     from recsys_assets.ml.buckets import UserBuckets
-    from recsys_assets.ml.metrics import build_eval_set
-    from recsys_assets.ml.split import bucket_splits
 
-    if trained.fit_embeddings is None:
-        return None, {"trained": False, "reason": "the model trained without a validation split"}
-    if any(isinstance(t, UserBuckets) and len(t) > 1 for t in (window, train_side)):
-        return None, {"trained": False, "reason": "the train side is cut into user buckets; the ranking stage "
-                      "needs it in memory (RECSYS_TRAIN_BUCKET_ROWS)"}  # fmt: skip
-    window = window.collect() if isinstance(window, UserBuckets) else window
+    if isinstance(train_side, UserBuckets) and len(train_side) > 1:
+        return None, {"trained": False, "reason": _IN_BUCKETS}
+    fitted, about = _on_validation(trained, window, tracks, protocol, progress)
+    if fitted is None:
+        return None, {"trained": False, **about}
     train_side = train_side.collect() if isinstance(train_side, UserBuckets) else train_side
-    split = next(bucket_splits(UserBuckets((window,)), protocol))  # the training's own validation split
-    val_set = build_eval_set(split.train, split.holdout)
-    try:
-        fitted = learn_on_validation(trained, split.train, val_set, tracks, trained.params.seed, progress)
-    except ValueError as exc:  # too few validation users with a positive among their candidates
-        return None, {"trained": False, "reason": str(exc)}
     summary = {
         "trained": True,
         "kept": fitted.useful,
@@ -362,7 +388,7 @@ def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protoco
         "retrieval_val_ndcg@10": round(fitted.val_ndcg_retrieval, 5),
         "gain_ci": [round(v, 5) for v in fitted.gain_ci],
         "epochs": fitted.epochs_per_fold,
-        "validation_users": len(val_set.users),
+        **about,
         "ease_lambda": fitted.ease_lambda,
     }
     if not fitted.useful:

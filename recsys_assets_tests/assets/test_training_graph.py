@@ -86,13 +86,21 @@ def test_train_evaluate_gate_register_and_a_second_round(recsys_env) -> None:
         assert all(t.info.status in ("FINISHED", "KILLED") for t in trials)
         assert mlflow_run.data.params["max_epochs"] == "4"  # not searched: the config's
         assert int(mlflow_run.data.params["embedding_dim"]) in EMBEDDING_DIMS
-        best = max((t for t in trials if "val_recall_at_20" in t.data.metrics),
-                   key=lambda t: t.data.metrics["val_recall_at_20"])  # fmt: skip
-        for name, value in best.data.params.items():
-            assert mlflow_run.data.params[name] == value
-        assert mlflow_run.data.metrics["tuning_trials"] == len(trials)
         trained = next(m for m in first.get_asset_materialization_events() if m.asset_key.path == ["two_tower_model"])
         searched = trained.materialization.metadata["tuning"].value
+        best = max((t for t in trials if "val_recall_at_20" in t.data.metrics),
+                   key=lambda t: t.data.metrics["val_recall_at_20"])  # fmt: skip
+        finalists = searched["finalists"]
+        if finalists:  # the best trial was not the warm start: both judged through the ranking stage
+            assert [f["trial"] for f in finalists] == [0, trials.index(best)]
+            assert all(f["served_val_ndcg@10"] is not None for f in finalists), finalists
+            assert searched["chosen_trial"] == max(finalists, key=lambda f: f["served_val_ndcg@10"])["trial"]
+        else:  # the warm start was the best, or the best was stopped by the budget (no model to judge)
+            assert searched["chosen_trial"] == trials.index(best)
+        for name, value in trials[searched["chosen_trial"]].data.params.items():
+            assert mlflow_run.data.params[name] == value
+        assert mlflow_run.data.metrics["tuning_trials"] == len(trials)
+        assert mlflow_run.data.metrics["tuning_chosen_trial"] == searched["chosen_trial"]
         assert searched["chosen"]["embedding_dim"] == int(mlflow_run.data.params["embedding_dim"])
         assert sum(searched["trials"].values()) == len(trials)
         assert "| trial |" in trained.materialization.metadata["tuning_trials"].value

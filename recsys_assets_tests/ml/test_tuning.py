@@ -69,3 +69,30 @@ def test_data_too_small_for_any_trial_is_a_clear_error(tiny_world) -> None:
     tiny = global_temporal_split(interactions).train.head(5)
     with pytest.raises(TrainingError, match="no tuning trial could train"):
         tune(tiny, tracks, "global", BASE, budget_seconds=60, max_trials=2)
+
+
+def test_with_a_ranking_stage_the_finalists_are_judged_by_what_each_would_serve(tiny_world) -> None:
+    # The best trial by recall is not always the better one through the ranking stage (ml/tuning.py):
+    # the warm start and the search's best, both trained already, are judged; the judge's choice wins.
+    _, interactions, tracks = tiny_world
+    train = global_temporal_split(interactions).train
+    warm = {"history_length": 0, "embedding_dim": 32, "temperature": 0.3, "learning_rate": 0.01, "l2": 1e-4,
+            "batch_size": 4096, "logq_correction": False}  # fmt: skip
+    judged: list[TwoTowerParams] = []
+
+    def prefer_the_warm_start(trained) -> float:
+        judged.append(trained.params)
+        return 1.0 if trained.params.learning_rate == warm["learning_rate"] else 0.0
+
+    plain = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=4)
+    assert plain.chosen_trial > 0, "the search found a better trial than this poor warm start"
+    result = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=4, judge=prefer_the_warm_start)
+    assert [p.learning_rate for p in judged] == [warm["learning_rate"], plain.params.learning_rate]
+    assert result.chosen_trial == 0
+    assert [f["trial"] for f in result.finalists] == [0, plain.chosen_trial]
+    assert result.params.learning_rate == warm["learning_rate"]
+    assert result.best_value == result.trials[0]["value"]
+
+    judged.clear()
+    undecided = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=4, judge=lambda t: None)
+    assert undecided.chosen_trial == plain.chosen_trial  # a judge that cannot say leaves the search's choice

@@ -17,6 +17,7 @@ from recsys_assets.data.store import copy_tree, remove_tree, write_parquet_atomi
 from recsys_assets.metadata import figure, markdown_table, plot_markdown
 from recsys_assets.ml.buckets import UserBuckets
 from recsys_assets.ml.distribute import placement
+from recsys_assets.ml.ranker import served_validation_ndcg
 from recsys_assets.ml.split import PROTOCOLS, data_hash, recent, temporal_split
 from recsys_assets.ml.train_worker import default_result, train_and_export
 from recsys_assets.ml.tuning import TUNED, Tuning, tune
@@ -181,7 +182,11 @@ def _search(
         registry.log_run(run_id, params=trial["params"], metrics=metrics)
         registry.end_run(run_id, status={"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"))
 
-    return tune(train, tracks, protocol, params, budget_seconds, warm_start=warm, on_trial=record)
+    def judge(trained) -> float | None:  # the finalists, through the ranking stage (ml/tuning.py)
+        return served_validation_ndcg(trained, train, tracks, protocol)
+
+    return tune(train, tracks, protocol, params, budget_seconds, warm_start=warm, on_trial=record,
+                judge=judge if params.ranker else None)  # fmt: skip
 
 
 def _loss_plot(history: list[dict]):
@@ -351,7 +356,7 @@ def _ranker_metrics(stage: dict | None) -> dict[str, float]:
 
 def _tuning_metrics(tuning: Tuning) -> dict[str, float]:
     return {"tuning_seconds": tuning.seconds, "tuning_trials": len(tuning.trials),
-            "tuning_best_val_recall_at_20": tuning.best_value}  # fmt: skip
+            "tuning_best_val_recall_at_20": tuning.best_value, "tuning_chosen_trial": tuning.chosen_trial}  # fmt: skip
 
 
 def _tuning_metadata(tuning: Tuning, budget: int) -> dict:
@@ -360,6 +365,8 @@ def _tuning_metadata(tuning: Tuning, budget: int) -> dict:
         "tuning": dg.MetadataValue.json({
             "chosen": {k: getattr(tuning.params, k) for k in TUNED},
             "best_val_recall@20": tuning.best_value,
+            "chosen_trial": tuning.chosen_trial,
+            "finalists": tuning.finalists,
             "seconds": round(tuning.seconds, 1),
             "budget_seconds": budget,
             "trials": dict(Counter(t["state"] for t in tuning.trials)),
