@@ -11,8 +11,8 @@ import numpy as np
 import polars as pl
 import pytest
 
-from recsys_assets.ml.metrics import build_eval_set, recommend
 from recsys_assets.ml.buckets import UserBuckets
+from recsys_assets.ml.metrics import build_eval_set, recommend
 from recsys_assets.ml.ranker import (
     FOLDS,
     _ndcg10,
