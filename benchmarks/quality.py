@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 
 import recsys_assets  # noqa: F401  (environment first)
@@ -357,9 +358,8 @@ def main() -> None:
             from recsys_assets.ml.ranker import served_validation_ndcg
             from recsys_assets.ml.tuning import TUNED, tune
 
-            def judge(model) -> float | None:  # the finalists through the ranking stage, as the asset judges them
-                return served_validation_ndcg(model, split.train, tracks, args.protocol)
-
+            # With the ranking stage the finalists are judged by what each would serve, as the asset does.
+            judge = partial(served_validation_ndcg, window=split.train, tracks=tracks, protocol=args.protocol)
             tuning = tune(split.train, tracks, args.protocol, params, args.tune,
                           on_trial=lambda r: print(f"  trial {r}", file=sys.stderr),
                           judge=judge if args.ranker else None)  # fmt: skip

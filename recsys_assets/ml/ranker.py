@@ -331,7 +331,9 @@ def learn_on_validation(trained, fit_pairs: pl.DataFrame, val_set, tracks: pl.Da
     return replace(fitted, ease_lambda=ease_lambda)
 
 
-_IN_BUCKETS = "the train side is cut into user buckets; the ranking stage needs it in memory (RECSYS_TRAIN_BUCKET_ROWS)"
+_BUCKETS_REASON = (
+    "the train side is cut into user buckets; the ranking stage needs it in memory (RECSYS_TRAIN_BUCKET_ROWS)"
+)
 
 
 def _on_validation(trained, window, tracks: pl.DataFrame, protocol: str,
@@ -345,7 +347,7 @@ def _on_validation(trained, window, tracks: pl.DataFrame, protocol: str,
     if trained.fit_embeddings is None:
         return None, {"reason": "the model trained without a validation split"}
     if isinstance(window, UserBuckets) and len(window) > 1:
-        return None, {"reason": _IN_BUCKETS}
+        return None, {"reason": _BUCKETS_REASON}
     window = window.collect() if isinstance(window, UserBuckets) else window
     split = next(bucket_splits(UserBuckets((window,)), protocol))  # the training's own validation split
     val_set = build_eval_set(split.train, split.holdout)
@@ -376,7 +378,7 @@ def fit_ranking_stage(trained, window, train_side, tracks: pl.DataFrame, protoco
     from recsys_assets.ml.buckets import UserBuckets
 
     if isinstance(train_side, UserBuckets) and len(train_side) > 1:
-        return None, {"trained": False, "reason": _IN_BUCKETS}
+        return None, {"trained": False, "reason": _BUCKETS_REASON}
     fitted, about = _on_validation(trained, window, tracks, protocol, progress)
     if fitted is None:
         return None, {"trained": False, **about}

@@ -157,7 +157,7 @@ def tune(
     trials: list[dict] = []
     finalists: dict[int, tuple[float, TrainedTwoTower]] = {}  # the warm start's model and the best other
 
-    def keep(number: int, value: float, trained: TrainedTwoTower) -> None:
+    def keep_finalist(number: int, value: float, trained: TrainedTwoTower) -> None:
         if judge is None:
             return
         best_other = next((n for n in finalists if n), None)
@@ -189,7 +189,7 @@ def tune(
             try:
                 trained = train_two_tower(train, tracks, protocol, params, progress=progress)
                 value = max(h["val_recall@20"] for h in trained.history if "val_recall@20" in h)
-                keep(trial.number, value, trained)
+                keep_finalist(trial.number, value, trained)
             except _OutOfTime:
                 value = max(scores)
             state = "complete"
@@ -219,5 +219,4 @@ def tune(
         log.info("the finalists through the ranking stage: %s", judged)
         if all(j["served_val_ndcg@10"] is not None for j in judged):
             best = study.trials[max(judged, key=lambda j: j["served_val_ndcg@10"])["trial"]]
-    finalists.clear()
     return Tuning(replace(base, **best.params), best.value, trials, time.perf_counter() - started, best.number, judged)

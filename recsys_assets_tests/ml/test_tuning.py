@@ -93,6 +93,5 @@ def test_with_a_ranking_stage_the_finalists_are_judged_by_what_each_would_serve(
     assert result.params.learning_rate == warm["learning_rate"]
     assert result.best_value == result.trials[0]["value"]
 
-    judged.clear()
     undecided = tune(train, tracks, "global", BASE, 600, warm_start=warm, max_trials=4, judge=lambda t: None)
     assert undecided.chosen_trial == plain.chosen_trial  # a judge that cannot say leaves the search's choice

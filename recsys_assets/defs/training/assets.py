@@ -6,6 +6,7 @@
 import json
 import shutil
 from collections import Counter
+from functools import partial
 from pathlib import Path
 
 import dagster as dg
@@ -182,11 +183,9 @@ def _search(
         registry.log_run(run_id, params=trial["params"], metrics=metrics)
         registry.end_run(run_id, status={"complete": "FINISHED", "pruned": "KILLED"}.get(trial["state"], "FAILED"))
 
-    def judge(trained) -> float | None:  # the finalists, through the ranking stage (ml/tuning.py)
-        return served_validation_ndcg(trained, train, tracks, protocol)
-
-    return tune(train, tracks, protocol, params, budget_seconds, warm_start=warm, on_trial=record,
-                judge=judge if params.ranker else None)  # fmt: skip
+    # With the ranking stage the finalists are judged by what each would serve (ml/tuning.py).
+    judge = partial(served_validation_ndcg, window=train, tracks=tracks, protocol=protocol) if params.ranker else None
+    return tune(train, tracks, protocol, params, budget_seconds, warm_start=warm, on_trial=record, judge=judge)
 
 
 def _loss_plot(history: list[dict]):
